@@ -1,0 +1,36 @@
+"""The `dgpt` command line: one sub-command per stage, each defined beside the code it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command name -> (module, function adding its parser); imported lazily so `dgpt --help` is fast
+SUBCOMMANDS = {
+    "train": ("dgpt_core.train_cli", "add_train_parser"),
+    "generate": ("dgpt_core.generate_cli", "add_generate_parser"),
+    "chat": ("dgpt_core.generate_cli", "add_chat_parser"),
+    "prepare": ("dgpt_core.data.cli", "add_prepare_parser"),
+}
+
+
+def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgpt", description="diffusionGPT: masked-diffusion chat models")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in names or SUBCOMMANDS:
+        module, function = SUBCOMMANDS[name]
+        getattr(importlib.import_module(module), function)(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser([command] if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

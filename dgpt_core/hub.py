@@ -1,0 +1,53 @@
+"""Fail fast and clearly when a Hugging Face Hub resource is asked for without Hub access."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+from urllib.parse import urlparse
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def is_offline() -> bool:
+    """True when the environment declares offline mode (any of the HF offline variables)."""
+    return any(os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"} for var in _OFFLINE_VARS)
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One bounded TCP probe of the Hub endpoint; DNS included, so it never hangs past `timeout`."""
+    if is_offline():
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def hub_error_message(kind: str, name: str) -> str:
+    return (
+        f"Cannot load the {kind} '{name}' from the Hugging Face Hub: the Hub is not reachable "
+        f"(or HF_HUB_OFFLINE is set). To run offline, use the embedded default (presets 'tiny' "
+        f"or 'ci', e.g. `dgpt run --preset tiny`) or point the config at a local path "
+        f"(a folder saved with save_pretrained/save_to_disk, or .txt/.jsonl/.parquet files)."
+    )
+
+
+def require_hub(kind: str, name: str) -> None:
+    """Raise a clear RuntimeError within seconds when `name` would need the unreachable Hub."""
+    if not hub_reachable():
+        raise RuntimeError(hub_error_message(kind, name))

@@ -1,0 +1,76 @@
+"""The diffusion training objective: ELBO-weighted masked loss plus the unweighted edit loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .collator import IGNORE_INDEX
+from .model import logits_at
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, suppressed_id: int) -> torch.Tensor:
+    """-log p(target) under softmax over the vocabulary without `suppressed_id` (the mask token).
+
+    Equal to cross-entropy on logits whose suppressed column is -inf, but without writing that
+    column: log sum_{v != m} e^z_v = lse + log(1 - p_m), so no (tokens, vocab) copy of the logits
+    and of their gradient is made.
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    p_suppressed = torch.exp(logits[:, suppressed_id] - lse)
+    return lse - target_logit + torch.log1p(-p_suppressed.clamp(max=1.0 - 1e-6))
+
+
+@dataclass
+class LossParts:
+    """The total loss and its two terms, all divided by the same normaliser."""
+
+    total: torch.Tensor
+    masked: torch.Tensor
+    edit: torch.Tensor
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    mask_id: int,
+    normalization: str = "token",
+    normalizer: torch.Tensor | float | None = None,
+    edit_loss_weight: float = 1.0,
+) -> LossParts:
+    """MDLM loss w(t) * CE on masked positions plus `edit_loss_weight` * CE on edit positions.
+
+    normalization "token": summed loss / `normalizer` (default: the batch's eligible-token count);
+    "sequence": each sequence's sum divided by its eligible-token count, summed over sequences, then
+    divided by `normalizer` (default: the batch size). Passing the count over a whole
+    gradient-accumulation window as `normalizer` makes accumulated micro-batches equal one big batch.
+    """
+    masked, edits = batch["masked_positions"], batch["edit_positions"]
+    scored = masked | edits
+    labels = batch["labels"]
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], scored)
+    nll = token_nll(logits, labels[scored], mask_id)
+
+    rows = scored.nonzero(as_tuple=True)[0]
+    is_masked = masked[scored]
+    weight = torch.where(is_masked, batch["loss_weight"].to(nll.dtype)[rows], edit_loss_weight)
+    weighted = nll * weight
+    masked_term = torch.where(is_masked, weighted, 0.0)
+    edit_term = weighted - masked_term
+
+    eligible_per_row = (labels != IGNORE_INDEX).sum(dim=1)
+    if normalization == "token":
+        denom = normalizer if normalizer is not None else eligible_per_row.sum().clamp(min=1)
+        masked_sum, edit_sum = masked_term.sum(), edit_term.sum()
+    elif normalization == "sequence":
+        denom = normalizer if normalizer is not None else labels.shape[0]
+        per_token_scale = 1.0 / eligible_per_row.clamp(min=1).to(nll.dtype)[rows]
+        masked_sum, edit_sum = (masked_term * per_token_scale).sum(), (edit_term * per_token_scale).sum()
+    else:
+        raise ValueError(f"unknown loss normalization {normalization!r}")
+    masked_loss, edit_loss = masked_sum / denom, edit_sum / denom
+    return LossParts(total=masked_loss + edit_loss, masked=masked_loss, edit=edit_loss)

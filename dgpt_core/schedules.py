@@ -1,0 +1,68 @@
+"""Noise schedules alpha(t), their ELBO weights, and the sampling of diffusion times t."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """alpha(t) is the probability that a token is still clean at time t in [0, 1].
+
+    The ELBO weight is w(t) = -alpha'(t) / (1 - alpha(t)); the masked-token loss is w(t) * CE.
+    """
+
+    name: str
+    eps: float = 1e-3
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.name == "linear":
+            return 1.0 - t
+        if self.name == "loglinear":
+            return 1.0 - (1.0 - self.eps) * t
+        if self.name == "cosine":
+            return 1.0 - torch.cos(0.5 * math.pi * (1.0 - t))
+        raise ValueError(f"unknown noise schedule {self.name!r}")
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is masked at time t: 1 - alpha(t)."""
+        return 1.0 - self.alpha(t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """ELBO weight w(t) = -alpha'(t) / (1 - alpha(t))."""
+        if self.name == "linear":
+            return 1.0 / t
+        if self.name == "loglinear":
+            return 1.0 / t  # (1 - eps) / ((1 - eps) t)
+        if self.name == "cosine":
+            return 0.5 * math.pi * torch.tan(0.5 * math.pi * (1.0 - t))
+        raise ValueError(f"unknown noise schedule {self.name!r}")
+
+
+def get_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:
+    schedule = NoiseSchedule(name, eps)
+    schedule.alpha(torch.zeros(1))  # validates the name
+    return schedule
+
+
+def sample_t(
+    batch_size: int,
+    generator: torch.Generator,
+    eps: float = 1e-3,
+    method: str = "stratified",
+) -> torch.Tensor:
+    """Diffusion times in [eps, 1] for a batch.
+
+    stratified (MDLM's low-discrepancy sampler): t_i = eps + (1 - eps) * ((u + i / n) mod 1) with one
+    shared u, so every batch covers [eps, 1] evenly; uniform: i.i.d. draws, clamped to [eps, 1].
+    """
+    if method == "stratified":
+        u = torch.rand((), generator=generator, dtype=torch.float64)
+        t = (u + torch.arange(batch_size, dtype=torch.float64) / batch_size) % 1.0
+        return (eps + (1.0 - eps) * t).float()
+    if method == "uniform":
+        return torch.rand(batch_size, generator=generator).clamp(min=eps, max=1.0)
+    raise ValueError(f"unknown t sampling method {method!r}")

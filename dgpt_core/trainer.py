@@ -1,0 +1,178 @@
+"""`DiffusionTrainer`: the HF Trainer with the diffusion loss, so DeepSpeed, accelerate,
+checkpointing and tracking callbacks work unchanged."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .collator import IGNORE_INDEX, DiffusionCollator
+from .config import DiffusionConfig, TrainingConfig
+from .loss import diffusion_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm; raised instead of silently skipping it."""
+
+
+class CurriculumCallback(TrainerCallback):
+    """Tells the collator how far training has progressed, which drives the edit-stage curriculum.
+    Derived from global_step, so a resumed run is back in the same curriculum state."""
+
+    def __init__(self, collator: DiffusionCollator):
+        self.collator = collator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.collator.set_progress(state.global_step / max(state.max_steps, 1))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.collator.set_progress(state.global_step / max(state.max_steps, 1))
+
+
+class _LogWindowCallback(TrainerCallback):
+    """Starts the throughput clock once the engine is set up, not when the trainer is built."""
+
+    def __init__(self, trainer: DiffusionTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._reset_log_accumulators()
+
+
+def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments from the typed config, with the settings the diffusion trainer relies on."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or cfg.max_steps,
+        save_total_limit=cfg.save_total_limit,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available() and not cfg.use_cpu,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        deepspeed=cfg.deepspeed,
+        use_cpu=cfg.use_cpu,
+        remove_unused_columns=False,  # eligible_mask is not a model argument
+        logging_nan_inf_filter=False,  # a NaN must surface, not be replaced by the running mean
+        report_to="none",
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class DiffusionTrainer(Trainer):
+    """Trainer whose loss is the ELBO-weighted masked loss plus the edit loss.
+
+    The loss of each micro-batch is divided by the normaliser of the whole gradient-accumulation
+    window (and of all processes), so 2 x batch 4 gives the same update as 1 x batch 8.
+    Logs per step: loss, masked_loss, edit_loss, mean_t, edit_prob, edit_stage, tokens_per_second.
+    """
+
+    def __init__(self, *args: Any, diffusion_config: DiffusionConfig, mask_token_id: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.diffusion_config = diffusion_config
+        self.mask_token_id = mask_token_id
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        if isinstance(self.data_collator, DiffusionCollator):
+            self.add_callback(CurriculumCallback(self.data_collator))
+        self.add_callback(_LogWindowCallback(self))
+        self._reset_log_accumulators()
+
+    def _reset_log_accumulators(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._micro_steps = 0
+        self._tokens = 0
+        self._log_clock = time.perf_counter()
+        self._log_step = self.state.global_step if hasattr(self, "state") else 0
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        if self.diffusion_config.loss_normalization == "token":
+            count = sum((batch["labels"] != IGNORE_INDEX).sum() for batch in batch_samples)
+        else:
+            count = torch.tensor(sum(batch["labels"].shape[0] for batch in batch_samples))
+        count = count.to(device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        parts = diffusion_loss(
+            model,
+            inputs,
+            mask_id=self.mask_token_id,
+            normalization=self.diffusion_config.loss_normalization,
+            normalizer=num_items_in_batch,
+            edit_loss_weight=self.diffusion_config.edit_loss_weight,
+        )
+        loss = parts.total
+        if num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP/ZeRO average gradients over processes
+        if model.training:
+            self._accumulate_logs(inputs, parts)
+        return (loss, None) if return_outputs else loss
+
+    def _accumulate_logs(self, inputs: dict[str, torch.Tensor], parts) -> None:
+        values = {
+            "masked_loss": parts.masked.detach(),
+            "edit_loss": parts.edit.detach(),
+            "mean_t": inputs["t"].float().mean(),
+            "edit_prob": inputs["edit_prob"].float(),
+            "edit_stage": inputs["edit_active"].float(),
+        }
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._micro_steps += 1
+        self._tokens += int(inputs["attention_mask"].sum())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.state.global_step}; "
+                "lower the learning rate, check the data, or use fp32/bf16 instead of fp16"
+            )
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteLossError(f"non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step}")
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._micro_steps:
+            steps = max(self.state.global_step - self._log_step, 1)
+            # masked/edit losses are per optimizer step (window-normalised), the rest per micro-batch
+            for key in ("masked_loss", "edit_loss"):
+                logs[key] = round(float(self._sums[key]) / steps, 6)
+            for key in ("mean_t", "edit_prob", "edit_stage"):
+                logs[key] = round(float(self._sums[key]) / self._micro_steps, 6)
+            elapsed = time.perf_counter() - self._log_clock
+            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
+            self._reset_log_accumulators()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
