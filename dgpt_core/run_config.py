@@ -1,0 +1,99 @@
+"""The run configuration: every stage's settings in one typed tree, loaded from a preset YAML
+plus `--set key.path=value` overrides, and saved resolved beside every output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .config import DiffusionConfig, ModelConfig, StrictConfig, TrainingConfig
+from .data.config import DataConfig, TokenizerConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class StageConfig(TrainingConfig):
+    """A training stage (pretraining or SFT): the loop settings plus its diffusion objective."""
+
+    enabled: bool = True
+    """Run this stage; a disabled SFT stage publishes the pretrained model, a disabled pretraining
+    stage starts SFT from `init_from` or a fresh model."""
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    """Noise schedule, edit corruption and curriculum of this stage."""
+    init_from: str | None = None
+    """Start from this saved model folder instead of the previous stage's model (SFT) or a fresh
+    model (pretraining)."""
+
+
+class RunConfig(StrictConfig):
+    """A whole pipeline run: data -> tokenizer -> pretrain -> SFT (-> eval -> publish)."""
+
+    preset: str = "custom"
+    """Name of the preset this config was resolved from."""
+    output_dir: str = "runs"
+    """Root folder of run outputs (stage folders, checkpoints, reports)."""
+    seed: int = 0
+    """Global seed; stage seeds default to it."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Data sources and the pretraining / SFT dataset builders."""
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    """Trained BPE or pretrained tokenizer."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The ModernBERT backbone."""
+    pretrain: StageConfig = Field(default_factory=StageConfig)
+    """Pretraining on packed plain text (every token eligible)."""
+    sft: StageConfig = Field(default_factory=lambda: StageConfig(diffusion=DiffusionConfig(edit_start=0.0)))
+    """Chat SFT (only the final assistant answer and its padding eligible)."""
+
+
+def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """tree['a']['b'] = value for dotted 'a.b' (intermediate dicts are created)."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'sft.learning_rate=1e-4' -> ('sft.learning_rate', 0.0001); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form key.path=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def resolve_preset_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} and path.exists():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"unknown preset {name_or_path!r}: use one of {known} or a path to a YAML file")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_run_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """A preset (name in dgpt_core/presets or a YAML path) with overrides applied and validated."""
+    path = resolve_preset_path(name_or_path)
+    tree = yaml.safe_load(path.read_text()) or {}
+    tree.setdefault("preset", path.stem)
+    for item in overrides or []:
+        set_by_path(tree, *parse_override(item))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ValueError(f"invalid config from {path} with overrides {overrides or []}:\n{err}") from None
+
+
+load_preset = load_run_config

@@ -1,0 +1,107 @@
+"""One training stage (pretraining or SFT) as a plain function: datasets and tokenizer folders in,
+a saved `text-diffusion` model folder out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import ModernBertForMaskedLM, TrainerCallback, set_seed
+
+from .collator import DiffusionCollator
+from .export import save_model_folder
+from .model import build_model, count_parameters
+from .run_config import RunConfig
+from .tokenizer import load_tokenizer, special_token_ids
+from .trainer import DiffusionTrainer, training_arguments
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class StageResult:
+    """What a training stage produced."""
+
+    model_dir: Path
+    """The saved model folder (loads with pipeline("text-diffusion", trust_remote_code=True))."""
+    metrics: dict[str, Any]
+    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, eval_loss."""
+
+
+def load_stage_datasets(dataset_dir: str | Path) -> datasets.DatasetDict:
+    """The train / validation splits a data stage wrote with save_to_disk."""
+    data = datasets.load_from_disk(str(dataset_dir))
+    if "train" not in data:
+        raise ValueError(f"{dataset_dir} has no 'train' split (found {list(data)})")
+    return data
+
+
+def train_stage(
+    run: RunConfig,
+    stage: str,
+    dataset_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    init_model_dir: str | Path | None = None,
+    resume: bool = False,
+    report_to: str | list[str] = "none",
+    callbacks: list[TrainerCallback] | None = None,
+    show_progress: bool = True,
+) -> StageResult:
+    """Train `stage` ("pretrain" or "sft") of `run` and save the model to out_dir/model.
+
+    The model starts from `init_model_dir` (or the stage's `init_from`), else it is built fresh
+    from run.model. Checkpoints go to out_dir/checkpoints; `resume` continues from the last one.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
+    cfg = getattr(run, stage)
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    data = load_stage_datasets(dataset_dir)
+    args = training_arguments(
+        cfg, out_dir / "checkpoints", report_to=report_to, disable_tqdm=not show_progress,
+        eval_strategy="no",
+    )
+    set_seed(cfg.seed)
+    start = init_model_dir or cfg.init_from
+    # built after TrainingArguments so a ZeRO-3 config creates the parameters inside zero.Init
+    model = ModernBertForMaskedLM.from_pretrained(start) if start else build_model(run.model, tokenizer)
+    collator = DiffusionCollator.from_tokenizer(cfg.diffusion, tokenizer, run.model.max_seq_len)
+    trainer = DiffusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        data_collator=collator,
+        diffusion_config=cfg.diffusion,
+        mask_token_id=special_token_ids(tokenizer)["mask"],
+        callbacks=callbacks,
+    )
+    checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
+    output = trainer.train(resume_from_checkpoint=True if checkpoint else None)
+    metrics: dict[str, Any] = dict(output.metrics)
+    metrics["parameters"] = count_parameters(model)
+    metrics["steps"] = trainer.state.global_step
+    if "validation" in data and len(data["validation"]):
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+    model_dir = out_dir / "model"
+    if trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 3:
+        trainer.save_model(str(model_dir))  # gathers the ZeRO-3 shards into full weights
+        model = ModernBertForMaskedLM.from_pretrained(model_dir)
+    if trainer.is_world_process_zero():
+        save_model_folder(model, tokenizer, model_dir)
+        run.save_yaml(model_dir / "run_config.yaml")
+        (model_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return StageResult(model_dir=model_dir, metrics=metrics)

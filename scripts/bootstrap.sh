@@ -1,0 +1,42 @@
+# Sourced by scripts/run.sh and scripts/test.sh: make sure an environment with the project exists.
+# - uses the active virtualenv, else creates/uses ./.venv
+# - installs torch first (TORCH_SPEC, default the CPU build torch==2.13.0; set e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" on CUDA machines)
+# - installs the project (editable, with dev extras) when pyproject.toml changed since the last install
+# - exports the offline / quiet environment and keeps caches inside the project
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv"
+    python3 -m venv .venv
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+
+PIP="python -m pip --disable-pip-version-check -q"
+if ! python -c "import torch" >/dev/null 2>&1; then
+  echo "[bootstrap] installing ${TORCH_SPEC:=torch==2.13.0}"
+  # shellcheck disable=SC2086
+  $PIP install $TORCH_SPEC 2> >(grep -v "^WARNING: Location" >&2)
+fi
+STAMP="$VIRTUAL_ENV/.diffusiongpt-installed"
+WANT="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[bootstrap] installing diffusiongpt and its dependencies"
+  $PIP install -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+  echo "$WANT" > "$STAMP"
+fi
+
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}" HF_EVALUATE_OFFLINE="${HF_EVALUATE_OFFLINE:-1}"
+export HF_UPDATE_DOWNLOAD_COUNTS=0 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+export HF_HOME="${HF_HOME:-$ROOT/.cache/huggingface}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}"
+export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.cache/prefect}"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
