@@ -81,8 +81,10 @@ class DiffusionCollator:
         # position of each id inside replacement_ids (-1 for special ids), to draw a *different* token
         self._replacement_index = torch.full((max(vocab_bound, mask_id, pad_id, delete_id) + 1,), -1)
         self._replacement_index[self.replacement_ids] = torch.arange(len(self.replacement_ids))
-        # shared memory: a TrainerCallback in the main process updates it and workers see the value
-        self.progress = torch.zeros(1).share_memory_()
+        # Curriculum clock in shared memory, so DataLoader workers see what the trainer sets:
+        # [manual progress, batches consumed before this epoch, max_steps, accumulation, epoch generation]
+        self._clock = torch.zeros(5, dtype=torch.float64).share_memory_()
+        self._generation_seen, self._batches_collated = -1.0, 0
 
     @classmethod
     def from_tokenizer(cls, cfg: DiffusionConfig, tokenizer: Any, max_length: int, **kwargs: Any) -> DiffusionCollator:
@@ -100,11 +102,30 @@ class DiffusionCollator:
         )
 
     def set_progress(self, fraction: float) -> None:
-        self.progress[0] = float(fraction)
+        """Fix the curriculum at `fraction` of training for every following batch (manual use)."""
+        self._clock[0] = float(fraction)
+        self._clock[2] = 0.0
 
-    @property
-    def state(self) -> EditState:
-        return edit_state(self.cfg, float(self.progress[0]))
+    def start_epoch(self, steps_done: int, max_steps: int, accumulation: int) -> None:
+        """Let each batch compute its own training step: the next batch collated is the first of
+        optimizer step `steps_done + 1`. Called by the trainer when training or an epoch starts;
+        exact with prefetching, DataLoader workers and resumed runs alike."""
+        generation = float(self._clock[4]) + 1.0
+        self._clock.copy_(torch.tensor([0.0, steps_done * accumulation, max_steps, accumulation, generation]))
+
+    def batch_progress(self) -> float:
+        """Fraction of training done when the batch being collated is used (advances the clock)."""
+        manual, base, max_steps, accumulation, generation = self._clock.tolist()
+        if max_steps <= 0:
+            return manual
+        if generation != self._generation_seen:
+            self._generation_seen, self._batches_collated = generation, 0
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        # the default batch sampler hands batches to workers round-robin
+        batch_number = int(base) + self._batches_collated * workers + worker_id
+        self._batches_collated += 1
+        return min(batch_number // int(accumulation) / max_steps, 1.0)
 
     def pad(self, features: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-pad to the longest example: (input_ids, attention_mask, eligible) tensors."""
@@ -136,7 +157,8 @@ class DiffusionCollator:
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask, eligible = self.pad(features)
-        return self.corrupt(input_ids, attention_mask, eligible, self.state, self.generator_for(input_ids))
+        state = edit_state(self.cfg, self.batch_progress())
+        return self.corrupt(input_ids, attention_mask, eligible, state, self.generator_for(input_ids))
 
     def corrupt(
         self,

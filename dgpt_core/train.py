@@ -18,7 +18,7 @@ from .export import save_model_folder
 from .model import build_model, count_parameters
 from .run_config import RunConfig
 from .tokenizer import load_tokenizer, special_token_ids
-from .trainer import DiffusionTrainer, training_arguments
+from .trainer import DiffusionTrainer, latest_complete_checkpoint, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,10 @@ def train_stage(
         mask_token_id=special_token_ids(tokenizer)["mask"],
         callbacks=callbacks,
     )
-    checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
-    output = trainer.train(resume_from_checkpoint=True if checkpoint else None)
+    checkpoint = latest_complete_checkpoint(out_dir / "checkpoints") if resume else None
+    if checkpoint:
+        log.info("resuming %s from %s", stage, checkpoint)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics: dict[str, Any] = dict(output.metrics)
     metrics["parameters"] = count_parameters(model)
     metrics["steps"] = trainer.state.global_step

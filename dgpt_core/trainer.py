@@ -21,17 +21,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CurriculumCallback(TrainerCallback):
-    """Tells the collator how far training has progressed, which drives the edit-stage curriculum.
-    Derived from global_step, so a resumed run is back in the same curriculum state."""
+    """Starts the collator's curriculum clock at the current step, so every batch knows the step
+    it is trained at (the edit-stage switch and annealing follow it); on resume the clock restarts
+    at the checkpoint's step, so the curriculum state is restored with it."""
 
     def __init__(self, collator: DiffusionCollator):
         self.collator = collator
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.collator.set_progress(state.global_step / max(state.max_steps, 1))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.collator.set_progress(state.global_step / max(state.max_steps, 1))
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.start_epoch(state.global_step, state.max_steps, args.gradient_accumulation_steps)
 
 
 class _LogWindowCallback(TrainerCallback):
@@ -42,6 +40,26 @@ class _LogWindowCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._reset_log_accumulators()
+
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Writes a marker into each checkpoint folder once it is fully saved; resuming only trusts
+    marked checkpoints (the Trainer's own resume takes the highest checkpoint-N, complete or not)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE_MARKER).write_text(f'{{"global_step": {state.global_step}}}\n')
+
+
+def latest_complete_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The highest-step checkpoint-N folder under `checkpoint_dir` that carries the marker."""
+    folders = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
+    return max(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
 def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
@@ -94,6 +112,7 @@ class DiffusionTrainer(Trainer):
         if isinstance(self.data_collator, DiffusionCollator):
             self.add_callback(CurriculumCallback(self.data_collator))
         self.add_callback(_LogWindowCallback(self))
+        self.add_callback(CheckpointMarkerCallback())
         self._reset_log_accumulators()
 
     def _reset_log_accumulators(self) -> None:

@@ -1,0 +1,419 @@
+"""Named data sources, their column mappings, loading (Hub, local, embedded) and validation.
+
+Every source yields rows with a stable `key` (used by the seeded held-out split, so the same rows
+are held out in every stage) and, for chat, messages validated here: unknown roles, non-string or
+empty content and conversations without an assistant turn become `Failure` records naming the
+file, row and field. Hub names are checked with `require_hub` first, so offline they fail within
+seconds with a message that says how to run offline.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..hub import hub_error_message, require_hub
+from . import chitchat, skills
+from .config import DataConfig, SourceSpec
+
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # local loads would otherwise ping the Hub
+
+ROLES = ("system", "user", "assistant")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+Kind = Literal["text", "chat"]
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """Defaults for a named source."""
+
+    kind: Kind
+    hub_id: str | None = None
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    text_field: str = "text"
+    messages_field: str = "messages"
+    drop_reasoning: bool = False
+    builtin: str | None = None
+    description: str = ""
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    "chitchat": RegistryEntry("chat", builtin="chitchat", description="PyPI chitchat-dataset, ~7k human small-talk chats (offline)"),
+    "skills": RegistryEntry("chat", builtin="skills", description="synthetic exactly-checkable skills (offline)"),
+    "roneneldan/TinyStories": RegistryEntry("text", "roneneldan/TinyStories", description="short simple stories"),
+    "HuggingFaceFW/fineweb": RegistryEntry("text", "HuggingFaceFW/fineweb", config="sample-10BT", streaming=True),
+    "HuggingFaceFW/fineweb-edu": RegistryEntry("text", "HuggingFaceFW/fineweb-edu", config="sample-10BT", streaming=True),
+    "HuggingFaceTB/smol-smoltalk": RegistryEntry("chat", "HuggingFaceTB/smol-smoltalk"),
+    "HuggingFaceTB/everyday-conversations-llama3.1-2k": RegistryEntry(
+        "chat", "HuggingFaceTB/everyday-conversations-llama3.1-2k", split="train_sft"
+    ),
+    "nvidia/Nemotron-Instruction-Following-Chat-v1": RegistryEntry(
+        "chat", "nvidia/Nemotron-Instruction-Following-Chat-v1", split="chat_if", drop_reasoning=True
+    ),
+}
+ALIASES = {
+    "tinystories": "roneneldan/TinyStories",
+    "fineweb": "HuggingFaceFW/fineweb",
+    "fineweb-edu": "HuggingFaceFW/fineweb-edu",
+    "smol-smoltalk": "HuggingFaceTB/smol-smoltalk",
+    "everyday-conversations": "HuggingFaceTB/everyday-conversations-llama3.1-2k",
+    "nemotron-if-chat": "nvidia/Nemotron-Instruction-Following-Chat-v1",
+}
+
+
+class DataValidationError(ValueError):
+    """Invalid rows in a source whose on_invalid is `error`; the message names file, row and field."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One invalid row: where it is and what is wrong with it."""
+
+    source: str
+    row: int
+    field: str
+    reason: str
+    file: str | None = None
+    value: str = ""
+
+    def describe(self) -> str:
+        where = f"{self.file}: " if self.file else f"{self.source}: "
+        return f"{where}row {self.row}: field {self.field!r}: {self.reason}" + (f" ({self.value})" if self.value else "")
+
+
+@dataclass
+class Resolved:
+    """A SourceSpec with the registry defaults applied."""
+
+    spec: SourceSpec
+    label: str
+    kind: Kind | None
+    origin: Literal["builtin", "hub", "local"]
+    hub_id: str | None = None
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    text_field: str = "text"
+    messages_field: str = "messages"
+    drop_reasoning: bool = False
+    on_invalid: Literal["error", "drop"] = "drop"
+    builtin: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def is_local(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.endswith(LOCAL_SUFFIXES)
+        or any(ch in name for ch in "*?[")
+        or Path(name).exists()
+    )
+
+
+def resolve(spec: SourceSpec) -> Resolved:
+    """Apply registry defaults; a local path is expanded to its files (or a save_to_disk folder)."""
+    name = ALIASES.get(spec.name, spec.name)
+    if name in REGISTRY:
+        entry = REGISTRY[name]
+        origin: Literal["builtin", "hub", "local"] = "builtin" if entry.builtin else "hub"
+    elif is_local(spec.name):
+        entry, origin = RegistryEntry("text"), "local"
+    else:  # any other Hub dataset id, with the mapping given in the spec
+        entry, origin = RegistryEntry("text", hub_id=name), "hub"
+    res = Resolved(
+        spec=spec,
+        label=spec.name if origin == "local" else name,
+        kind=entry.kind if origin != "local" else None,
+        origin=origin,
+        hub_id=entry.hub_id,
+        config=spec.config if spec.config is not None else entry.config,
+        split=spec.split or entry.split,
+        streaming=spec.streaming if spec.streaming is not None else entry.streaming,
+        text_field=spec.text_field or entry.text_field,
+        messages_field=spec.messages_field or entry.messages_field,
+        drop_reasoning=spec.drop_reasoning if spec.drop_reasoning is not None else entry.drop_reasoning,
+        on_invalid=spec.on_invalid or ("error" if origin == "local" else "drop"),
+        builtin=entry.builtin,
+    )
+    if name not in REGISTRY and origin == "hub" and spec.messages_field:
+        res.kind = "chat"
+    if origin == "local":
+        path = os.path.expanduser(spec.name)
+        if Path(path).is_dir():
+            res.files = [path]
+        else:
+            res.files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
+            missing = [f for f in res.files if not Path(f).is_file()]
+            if not res.files or missing:
+                raise FileNotFoundError(f"data source {spec.name!r}: no such file {missing or path}")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out split
+
+
+def is_heldout(label: str, key: str, seed: int, fraction: float) -> bool:
+    """Seeded, stable assignment of a row to the validation split (same in every stage)."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}|{label}|{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# raw rows
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    datasets.disable_progress_bars()
+
+
+def _hub_rows(res: Resolved) -> Iterator[dict]:
+    require_hub("dataset", res.hub_id or res.label)
+    _quiet_datasets()
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(res.hub_id, res.config, split=res.split, streaming=res.streaming)
+    except (OSError, ConnectionError) as err:
+        if "offline" in str(err).lower() or "connect" in str(err).lower():
+            raise RuntimeError(hub_error_message("dataset", res.hub_id or res.label)) from None
+        raise
+    yield from ds
+
+
+def _txt_docs(path: str, unit: str) -> Iterator[str]:
+    text = Path(path).read_text(encoding="utf-8")
+    if unit == "file":
+        yield text
+    elif unit == "line":
+        yield from text.splitlines()
+    else:
+        yield from re.split(r"\n\s*\n", text)
+
+
+def _local_rows(res: Resolved) -> Iterator[tuple[str, int, Any]]:
+    """(file, row number, row) for every row of every local file; rows are 1-based line numbers
+    for .jsonl/.txt(line) and 0-based indices otherwise."""
+    for path in res.files:
+        if Path(path).is_dir():
+            _quiet_datasets()
+            import datasets
+
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if res.split not in ds:
+                    raise ValueError(f"{path}: no split {res.split!r} (has {list(ds)})")
+                ds = ds[res.split]
+            for i, row in enumerate(ds):
+                yield path, i, row
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield path, lineno, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield path, lineno, _BadRow(f"invalid JSON: {err.msg}")
+        elif path.endswith(".json"):
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            rows = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+            for i, row in enumerate(rows):
+                yield path, i, row
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            i = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    yield path, i, row
+                    i += 1
+        else:  # plain text
+            offset = 1 if res.spec.txt_unit == "line" else 0
+            for i, doc in enumerate(_txt_docs(path, res.spec.txt_unit)):
+                yield path, i + offset, {"text": doc}
+
+
+@dataclass(frozen=True)
+class _BadRow:
+    error: str
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and normalisation
+
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+def validate_conversation(
+    raw: Any, res: Resolved, row: int, file: str | None = None, require_assistant: bool = True
+) -> tuple[list[dict[str, str]] | None, list[Failure]]:
+    """Normalised `[{"role", "content"}]` (roles mapped, reasoning dropped) or the failures.
+    `require_assistant=False` accepts chats without an assistant turn (pretraining text)."""
+
+    def fail(fld: str, reason: str, value: Any = "") -> Failure:
+        text = value if isinstance(value, str) else repr(value)
+        return Failure(res.label, row, fld, reason, file, text[:80])
+
+    if isinstance(raw, _BadRow):
+        return None, [fail("<row>", raw.error)]
+    fld = res.messages_field
+    messages = raw.get(fld) if isinstance(raw, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return None, [fail(fld, "missing or empty message list", messages)]
+    out: list[dict[str, str]] = []
+    failures: list[Failure] = []
+    key_role, key_content = res.spec.role_key, res.spec.content_key
+    for i, msg in enumerate(messages):
+        where = f"{fld}[{i}]"
+        if not isinstance(msg, dict):
+            failures.append(fail(where, "message is not an object", msg))
+            continue
+        role = msg.get(key_role)
+        role = res.spec.role_map.get(role, role) if isinstance(role, str) else role
+        content = msg.get(key_content)
+        if role not in ROLES:
+            failures.append(fail(f"{where}.{key_role}", "unknown role", role))
+        if not isinstance(content, str):
+            failures.append(fail(f"{where}.{key_content}", "non-string content", content))
+            continue
+        if res.drop_reasoning and role == "assistant":
+            content = _THINK.sub("", content)
+        if not content.strip():
+            failures.append(fail(f"{where}.{key_content}", "empty content", content))
+            continue
+        out.append({"role": role, "content": content})
+    if require_assistant and not failures and not any(m["role"] == "assistant" for m in out):
+        failures.append(fail(fld, "no assistant turn"))
+    return (None, failures) if failures else (out, [])
+
+
+def render_chat_text(messages: list[dict[str, str]]) -> str:
+    """A conversation as plain pretraining text: `user: ...` / `assistant: ...` lines."""
+    return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages)
+
+
+@dataclass
+class LoadStats:
+    """What a source produced (rows read, in split, invalid)."""
+
+    rows: int = 0
+    kept: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+
+def _rows(res: Resolved) -> Iterator[tuple[str | None, int, str, Any]]:
+    """(file, row, split key, raw row) of a non-skills source, up to max_items rows."""
+    if res.builtin == "chitchat":
+        rows: Iterator[tuple[str | None, int, str, Any]] = (
+            (None, c["row"], c["id"], c) for c in chitchat.iter_conversations()
+        )
+    elif res.origin == "hub":
+        rows = ((None, i, str(i), r) for i, r in enumerate(_hub_rows(res)))
+    else:
+        rows = ((f, i, f"{f}:{i}", r) for f, i, r in _local_rows(res))
+    for n, item in enumerate(rows):
+        if res.spec.max_items is not None and n >= res.spec.max_items:
+            return
+        yield item
+
+
+def iter_chat_routed(
+    res: Resolved, cfg: DataConfig, stats: LoadStats, require_assistant: bool = True
+) -> Iterator[tuple[str, dict]]:
+    """(split, conversation) for every valid conversation, split being "train" or "validation"
+    (the skills source gives its own train and validation items, never test). Conversations are
+    `{"messages", "skill", "row"}`; invalid rows go to `stats.failures`."""
+    if res.builtin == "skills":
+        for split in ("train", "validation"):
+            for conv in skills.iter_skill_conversations(cfg.skills, split):
+                stats.rows += 1
+                stats.kept += 1
+                yield split, conv
+        return
+    for file, row, key, raw in _rows(res):
+        stats.rows += 1
+        messages, failures = validate_conversation(raw, res, row, file, require_assistant)
+        if failures:
+            stats.failures.extend(failures)
+            continue
+        stats.kept += 1
+        split = "validation" if is_heldout(res.label, key, cfg.seed, cfg.validation_fraction) else "train"
+        yield split, {"messages": messages, "skill": "", "row": row}
+
+
+def iter_text_routed(res: Resolved, cfg: DataConfig, stats: LoadStats) -> Iterator[tuple[str, str]]:
+    """(split, document); chat rows (a messages field and no text field) are rendered with
+    `render_chat_text`."""
+    if res.builtin is not None:
+        for split, conv in iter_chat_routed(res, cfg, stats, require_assistant=False):
+            yield split, render_chat_text(conv["messages"])
+        return
+    for file, row, key, raw in _rows(res):
+        stats.rows += 1
+        if isinstance(raw, dict) and res.messages_field in raw and res.text_field not in raw:
+            messages, failures = validate_conversation(raw, res, row, file, require_assistant=False)
+            if failures:
+                stats.failures.extend(failures)
+                continue
+            text: Any = render_chat_text(messages or [])
+        else:
+            text = raw.get(res.text_field) if isinstance(raw, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                reason = "empty text" if isinstance(text, str) else f"missing or non-string field {res.text_field!r}"
+                stats.failures.append(Failure(res.label, row, res.text_field, reason, file))
+                continue
+        stats.kept += 1
+        yield ("validation" if is_heldout(res.label, key, cfg.seed, cfg.validation_fraction) else "train"), text
+
+
+def iter_chat(res: Resolved, cfg: DataConfig, split: str, stats: LoadStats) -> Iterator[dict]:
+    """Valid conversations of one split ("train" or "validation"; "test" only for skills)."""
+    if res.builtin == "skills" and split == "test":
+        for conv in skills.iter_skill_conversations(cfg.skills, "test"):
+            stats.rows += 1
+            stats.kept += 1
+            yield conv
+        return
+    for sp, conv in iter_chat_routed(res, cfg, stats):
+        if sp == split:
+            yield conv
+
+
+def iter_text(res: Resolved, cfg: DataConfig, split: str, stats: LoadStats) -> Iterator[str]:
+    """Documents of one split ("train" or "validation")."""
+    for sp, text in iter_text_routed(res, cfg, stats):
+        if sp == split:
+            yield text
+
+
+def raise_on_errors(res: Resolved, stats: LoadStats, limit: int = 20) -> None:
+    """Raise DataValidationError listing the failures when the source's on_invalid is `error`."""
+    if res.on_invalid == "error" and stats.failures:
+        lines = [f.describe() for f in stats.failures[:limit]]
+        more = len(stats.failures) - len(lines)
+        raise DataValidationError(
+            f"{len(stats.failures)} invalid row(s) in source {res.label!r} (set on_invalid: drop to skip them):\n  "
+            + "\n  ".join(lines)
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+
+
+def describe_registry() -> str:
+    lines = [f"{name:52s} {e.kind:5s} {e.description or (e.hub_id or '')}" for name, e in REGISTRY.items()]
+    lines += [f"{alias:52s} -> {target}" for alias, target in ALIASES.items()]
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""`dgpt train`: data stages, pretraining and SFT in one process, then a few sample chats.
+
+    dgpt train --preset tiny [--set sft.max_steps=500 ...] [--output-dir DIR] [--stages pretrain,sft]
+
+The orchestrated pipeline (`dgpt run`, Prefect) adds caching, tracking, eval and publishing around
+the same stage functions; this command is the plain path, e.g. for a notebook-like quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="prepare data, pretrain and SFT a model", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. sft.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--output-dir", default=None, help="run folder (default: <output_dir>/<preset>)")
+    parser.add_argument("--stages", default="pretrain,sft", help="comma-separated subset of pretrain,sft")
+    parser.add_argument("--samples", type=int, default=4, help="held-out skills prompts to answer at the end")
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .data.stages import prepare_all
+    from .run_config import load_run_config
+    from .train import STAGES, train_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    run = load_run_config(args.preset, args.overrides)
+    root = Path(args.output_dir or Path(run.output_dir) / run.preset)
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(STAGES))
+    if unknown:
+        print(f"dgpt train: unknown stages {unknown}; choose from {list(STAGES)}", file=sys.stderr)
+        return 2
+    run.save_yaml(root / "run_config.yaml")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    folders = prepare_all(run.data, run.tokenizer, run.model.max_seq_len, root / "data")
+    timings["data"] = time.perf_counter() - start
+
+    model_dir = None
+    for stage in STAGES:
+        if stage not in wanted or not getattr(run, stage).enabled:
+            continue
+        print(f"\n=== {stage} ===", file=sys.stderr)
+        start = time.perf_counter()
+        result = train_stage(run, stage, folders[stage], folders["tokenizer"], root / stage, init_model_dir=model_dir)
+        timings[stage] = time.perf_counter() - start
+        model_dir = result.model_dir
+        print(f"{stage}: {json.dumps({k: result.metrics.get(k) for k in ('train_loss', 'eval_loss', 'steps')})}")
+
+    if model_dir is not None and args.samples and "sft" in folders:
+        show_samples(model_dir, folders["sft"] / "skills_test.jsonl", args.samples, run.data.sft.answer_canvas or 32)
+    print(f"\nmodel: {model_dir}\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+    return 0
+
+
+def show_samples(model_dir: Path, skills_jsonl: Path, count: int, canvas: int) -> None:
+    """Answer a few held-out skills prompts with the saved pipeline folder and print them."""
+    from transformers import pipeline
+
+    from .data.skills import check_answer, read_skills_jsonl
+
+    if not skills_jsonl.exists():
+        return
+    items = read_skills_jsonl(skills_jsonl)[:count]
+    generator = pipeline("text-diffusion", model=str(model_dir), trust_remote_code=True)
+    for item in items:
+        out = generator(item.prompt_messages, max_new_tokens=canvas, steps=canvas, strategy="confidence", seed=0)[0]
+        mark = "ok " if check_answer(item, out["generated_text"]) else "bad"
+        print(f"[{mark}] {item.prompt!r} -> {out['generated_text']!r} (expected {item.answer!r}, nfe {out['nfe']})")
