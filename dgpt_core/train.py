@@ -4,6 +4,7 @@ a saved `text-diffusion` model folder out."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,39 @@ def train_stage(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return StageResult(model_dir=model_dir, metrics=metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one training process, for `deepspeed` / `torchrun` launches:
+
+    torchrun --nproc_per_node 2 -m dgpt_core.train --run-config run_config.yaml --stage pretrain \\
+        --dataset-dir D --tokenizer-dir T --out-dir O [--init-model-dir M] [--resume]
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dgpt_core.train", description=main.__doc__)
+    parser.add_argument("--run-config", required=True, help="resolved RunConfig YAML")
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--dataset-dir", required=True)
+    parser.add_argument("--tokenizer-dir", required=True)
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--init-model-dir", default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-to", default="none", help="transformers report_to (e.g. mlflow)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run = RunConfig.from_yaml(args.run_config)
+    result = train_stage(
+        run, args.stage, args.dataset_dir, args.tokenizer_dir, args.out_dir,
+        init_model_dir=args.init_model_dir, resume=args.resume, report_to=args.report_to,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        (Path(args.out_dir) / "stage_result.json").write_text(
+            json.dumps({"model_dir": str(result.model_dir), "metrics": result.metrics}, indent=2, default=float)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

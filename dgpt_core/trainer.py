@@ -179,14 +179,21 @@ class DiffusionTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._micro_steps:
+            keys = ("masked_loss", "edit_loss", "mean_t", "edit_prob", "edit_stage")
+            totals = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64).cpu() for k in keys]
+                                 + [torch.tensor(float(self._tokens)), torch.tensor(float(self._micro_steps))])
+            if self.args.world_size > 1:  # every rank logs; sum the parts like the Trainer sums the loss
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+            sums = dict(zip(keys, totals[:5].tolist()))
+            tokens, micro_steps = totals[5].item(), totals[6].item()
             steps = max(self.state.global_step - self._log_step, 1)
             # masked/edit losses are per optimizer step (window-normalised), the rest per micro-batch
             for key in ("masked_loss", "edit_loss"):
-                logs[key] = round(float(self._sums[key]) / steps, 6)
+                logs[key] = round(sums[key] / steps, 6)
             for key in ("mean_t", "edit_prob", "edit_stage"):
-                logs[key] = round(float(self._sums[key]) / self._micro_steps, 6)
+                logs[key] = round(sums[key] / micro_steps, 6)
             elapsed = time.perf_counter() - self._log_clock
-            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
+            logs["tokens_per_second"] = round(tokens / max(elapsed, 1e-9), 1)
             self._reset_log_accumulators()
         super().log(logs, start_time)
 

@@ -1,0 +1,482 @@
+"""Reverse-process samplers for masked discrete diffusion language models.
+
+`generate` / `stream`: ancestral MDLM sampling, LLaDA/Dream-style count-based unmasking by a
+score, Seed-Diffusion editing of visible tokens (with deletion), and semi-autoregressive blocks
+with a sliding window. Imports only torch and the standard library: the file is copied beside
+the weights of exported model folders and imported there by the `text-diffusion` pipeline.
+
+Prompts are left-padded (attention mask 0), so every row's context ends at the same column and
+the canvas follows it; rotary positions make this exact. Tokens are drawn only where the canvas
+can change (masked positions, plus visible generated ones when editing), by float64 inverse-CDF
+draws from one seedable `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+Strategy = Literal["random", "confidence", "margin", "entropy"]
+PositionSelection = Literal["topk", "sample"]
+LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""`(step, x, logits) -> logits`; x is the model input window (batch, context + block), logits
+cover the block only (batch, block, vocab)."""
+TokensHook = Callable[[int, torch.Tensor], torch.Tensor]
+"""`(step, x) -> x` after each update; changes to the context part of x are ignored."""
+Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids of the special tokens the sampler needs; `None` where the tokenizer lacks the token."""
+
+    mask: int
+    pad: int
+    eos: int
+    im_end: int | None = None
+    delete: int | None = None
+    im_start: int | None = None
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any) -> TokenIds:
+        """Look the literal special tokens up in any tokenizer with `convert_tokens_to_ids`."""
+        ids: dict[str, int | None] = {}
+        for field in dataclasses.fields(cls):
+            token = "<|endoftext|>" if field.name == "eos" else f"<|{field.name}|>"
+            idx = tok.convert_tokens_to_ids(token)
+            ids[field.name] = None if idx is None or tok.convert_ids_to_tokens(idx) != token else int(idx)
+        missing = [name for name in ("mask", "pad", "eos") if ids[name] is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        return cls(**ids)
+
+    @property
+    def default_stops(self) -> tuple[int, ...]:
+        return tuple(i for i in (self.im_end, self.eos) if i is not None)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Options of the reverse process."""
+
+    strategy: Strategy = "random"
+    """random: ancestral MDLM (each mask revealed with prob (t - s) / t); confidence / margin /
+    entropy: reveal a count of masks per step (spread evenly over the remaining steps), chosen
+    by p(token), p1 - p2 or -H(p)."""
+    position_selection: PositionSelection = "topk"
+    """Score strategies: reveal the top-k scores, or sample positions from
+    softmax(score / position_temperature) without replacement."""
+    position_temperature: float = 1.0
+    """Temperature of position sampling (position_selection="sample")."""
+    steps: int = 32
+    """Denoising steps (per block in semi-autoregressive mode)."""
+    max_new_tokens: int = 64
+    """Canvas length: the number of new tokens (all blocks together)."""
+    temperature: float = 1.0
+    """Token temperature; 0 = greedy argmax."""
+    top_p: float = 1.0
+    """Nucleus filtering of the token distribution (1.0 = off)."""
+    seed: int | None = None
+    """Seed of the single generator behind every random draw (None = nondeterministic)."""
+    edit: bool = False
+    """Seed-Diffusion editing: visible generated tokens (never the prompt) may be replaced, or
+    deleted when the model predicts <|delete|>; never on the last step of a block."""
+    edit_threshold: float = 0.9
+    """A visible token is replaced only when the new token's probability is at least this."""
+    edit_rate: float = 0.1
+    """At most ceil(edit_rate * visible) tokens per row are edited per step (largest gain first)."""
+    stop_token_ids: tuple[int, ...] | None = None
+    """The answer ends before the first of these (None = <|im_end|> and end-of-text; () = none)."""
+    block_size: int | None = None
+    """None: denoise the whole canvas at once; n: semi-autoregressive blocks of n tokens."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "strategy": self.strategy in get_args(Strategy),
+            "position_selection": self.position_selection in get_args(PositionSelection),
+            "position_temperature": self.position_temperature > 0,
+            "steps": self.steps >= 1,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "edit_threshold": 0 <= self.edit_threshold <= 1,
+            "edit_rate": 0 < self.edit_rate <= 1,
+            "block_size": self.block_size is None or self.block_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid sampler options: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
+            )
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+
+    def stop_ids(self, token_ids: TokenIds) -> tuple[int, ...]:
+        """The stop tokens in effect: `stop_token_ids`, or the defaults of `token_ids` when None."""
+        return token_ids.default_stops if self.stop_token_ids is None else self.stop_token_ids
+
+    def replace(self, **overrides: Any) -> SamplerConfig:
+        """A copy with some fields changed; unknown names raise TypeError."""
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+@dataclass
+class SamplerState:
+    """One intermediate state of `stream`."""
+
+    step: int
+    """Denoising steps done so far (0 = the initial all-mask canvas)."""
+    block: int
+    """Index of the block being denoised."""
+    canvas: torch.Tensor
+    """(batch, n) generated tokens so far, masks included; pad for rows that already stopped."""
+    nfe: int
+    """Model forward passes so far."""
+    done: bool
+    """True on the last state."""
+
+
+@dataclass
+class SampleResult:
+    """Outcome of `generate`."""
+
+    answers: list[list[int]]
+    """Per row: the generated ids up to (excluding) the first stop token."""
+    stopped: list[bool]
+    """Per row: whether a stop token was generated."""
+    nfe: int
+    """Model forward passes."""
+    canvas: torch.Tensor
+    """(batch, prompt_width + n): the left-padded prompts followed by every generated token."""
+    prompt_width: int
+    """Columns of `canvas` taken by the left-padded prompts."""
+
+
+def left_pad(
+    prompts: Prompts, pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id prompts into (ids, attention_mask), both (batch, longest)."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.reshape(1, -1) if prompts.dim() == 1 else prompts
+        ids = ids.to(device=device, dtype=torch.long)
+        return ids, torch.ones_like(ids)
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts given")
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - lengths[:, None]).long()
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_stop(generated: torch.Tensor, stop_ids: Sequence[int]) -> tuple[list[list[int]], list[bool]]:
+    """Each row up to its first stop token (excluded), and whether it had one."""
+    is_stop = torch.isin(
+        generated, torch.as_tensor(list(stop_ids), device=generated.device, dtype=torch.long)
+    )
+    stopped = is_stop.any(1)
+    ends = torch.where(stopped, is_stop.int().argmax(1), generated.shape[1]).tolist()
+    rows = generated.tolist()
+    return [row[:end] for row, end in zip(rows, ends)], stopped.tolist()
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Prompts,
+    token_ids: TokenIds,
+    config: SamplerConfig | None = None,
+    *,
+    logits_hook: LogitsHook | None = None,
+    tokens_hook: TokensHook | None = None,
+    **overrides: Any,
+) -> SampleResult:
+    """Sample answers for a batch of token-id prompts; `overrides` replace `config` fields."""
+    cfg = (config or SamplerConfig()).replace(**overrides)
+    (state,) = collections.deque(
+        stream(model, prompts, token_ids, cfg, logits_hook=logits_hook, tokens_hook=tokens_hook), maxlen=1
+    )
+    prompt_ids, _ = left_pad(prompts, token_ids.pad, state.canvas.device)
+    answers, stopped = cut_at_stop(state.canvas, cfg.stop_ids(token_ids))
+    canvas = torch.cat([prompt_ids, state.canvas], 1)
+    return SampleResult(answers, stopped, state.nfe, canvas, prompt_ids.shape[1])
+
+
+@torch.inference_mode()
+def stream(
+    model: torch.nn.Module,
+    prompts: Prompts,
+    token_ids: TokenIds,
+    config: SamplerConfig | None = None,
+    *,
+    logits_hook: LogitsHook | None = None,
+    tokens_hook: TokensHook | None = None,
+    **overrides: Any,
+) -> Iterator[SamplerState]:
+    """Yield the initial canvas, then the state after every denoising step; the last has done=True.
+
+    Full canvas: steps + 1 states. Semi-autoregressive: 1 + steps per block run; a row stops
+    after the first block that contains a stop token, and the run ends when every row stopped
+    or the canvas length is reached.
+    """
+    cfg = (config or SamplerConfig()).replace(**overrides)
+    device = next(model.parameters()).device
+    ctx, ctx_mask = left_pad(prompts, token_ids.pad, device)
+    batch = ctx.shape[0]
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    block = cfg.block_size or cfg.max_new_tokens
+    if max_len is not None and min(block, cfg.max_new_tokens) > max_len:
+        raise ValueError(
+            f"a block of {min(block, cfg.max_new_tokens)} tokens exceeds the model's maximum length {max_len}; "
+            f"set block_size <= {max_len} for semi-autoregressive generation"
+        )
+    gen = torch.Generator(device=device)
+    gen.seed() if cfg.seed is None else gen.manual_seed(cfg.seed)
+    never = [i for i in (token_ids.mask, token_ids.pad, token_ids.im_start) if i is not None]
+    run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), logits_hook, tokens_hook)
+    stop_ids = torch.tensor(cfg.stop_ids(token_ids), dtype=torch.long, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = torch.empty((batch, 0), dtype=torch.long, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        step = nfe = 0
+        for b, start in enumerate(range(0, cfg.max_new_tokens, block)):
+            size = min(block, cfg.max_new_tokens - start)
+            rows = active.nonzero().squeeze(1)
+            window = _window(ctx[rows], ctx_mask[rows], None if max_len is None else max_len - size)
+            if b == 0:
+                yield SamplerState(0, 0, ctx.new_full((batch, size), token_ids.mask), 0, False)
+            for j, (blk, block_nfe) in enumerate(_denoise_block(run, *window, size, step)):
+                step += 1
+                finished = torch.isin(blk, stop_ids).any(1)
+                done = j == cfg.steps - 1 and (start + size >= cfg.max_new_tokens or bool(finished.all()))
+                canvas = torch.cat([out, _expand_rows(blk, rows, batch, token_ids.pad)], 1)
+                yield SamplerState(step, b, canvas, nfe + block_nfe, done)
+            nfe += block_nfe
+            out = canvas
+            ctx = torch.cat([ctx, canvas[:, -size:]], 1)
+            ctx_mask = torch.cat([ctx_mask, active.long()[:, None].expand(batch, size)], 1)
+            active[rows[finished]] = False
+            if not active.any():
+                break
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Run:
+    """What every step of one `stream` call needs."""
+
+    model: torch.nn.Module
+    cfg: SamplerConfig
+    ids: TokenIds
+    gen: torch.Generator
+    never: torch.Tensor
+    """Ids never drawn: mask, pad, im_start."""
+    logits_hook: LogitsHook | None
+    tokens_hook: TokensHook | None
+
+
+def _denoise_block(
+    run: _Run, context: torch.Tensor, context_mask: torch.Tensor, size: int, first_step: int
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Denoise `size` masks after the context in cfg.steps steps; after each step yield the block
+    (rows, size) and the forward passes so far."""
+    rows, width = context.shape
+    x = torch.cat([context, context.new_full((rows, size), run.ids.mask)], 1)
+    attn = torch.cat([context_mask, context_mask.new_ones((rows, size))], 1)
+    forward = _Forward(run, attn, width)
+    steps = run.cfg.steps
+    for j in range(steps):
+        editing = run.cfg.edit and j < steps - 1
+        new = _denoise_step(
+            run, x[:, width:], functools.partial(forward, first_step + j, x), steps - j, editing
+        )
+        x = torch.cat([context, new], 1)
+        if run.tokens_hook is not None:
+            x = torch.cat([context, run.tokens_hook(first_step + j, x)[:, width:]], 1)
+        yield x[:, width:], forward.nfe
+
+
+class _Forward:
+    """Logits at the block positions that need a draw.
+
+    The model runs only when asked and its input changed since the last run (ancestral steps that
+    reveal nothing need none); `nfe` counts the runs. For ModernBERT without a logits hook, the
+    vocabulary projection runs on the requested positions alone."""
+
+    def __init__(self, run: _Run, attn: torch.Tensor, width: int) -> None:
+        self.run, self.attn, self.width = run, attn, width
+        config = getattr(run.model, "config", None)
+        self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
+        self.nfe = 0
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
+
+    def __call__(self, step: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        model = self.run.model
+        if self.cached is None or not torch.equal(self.cached[0], x):
+            if self.split:
+                out = model.model(input_ids=x, attention_mask=self.attn).last_hidden_state[:, self.width :]
+            else:
+                out = model(input_ids=x, attention_mask=self.attn).logits[:, self.width :]
+            self.cached = (x.clone(), out)
+            self.nfe += 1
+        out = self.cached[1]
+        if self.split:
+            return model.decoder(model.head(out[positions]))
+        hook = self.run.logits_hook
+        return (out if hook is None else hook(step, x, out))[positions]
+
+
+def _expand_rows(current: torch.Tensor, rows: torch.Tensor, batch: int, pad_id: int) -> torch.Tensor:
+    """The block of the active `rows` placed into a (batch, size) tensor, pad in the other rows."""
+    full = current.new_full((batch, current.shape[1]), pad_id)
+    full[rows] = current
+    return full
+
+
+def _window(ids: torch.Tensor, mask: torch.Tensor, max_ctx: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop columns that are padding in every row, then keep at most the last `max_ctx` columns."""
+    if ids.shape[1]:
+        lead = int((mask.cumsum(1) == 0).sum(1).min())
+        ids, mask = ids[:, lead:], mask[:, lead:]
+    if max_ctx is not None and ids.shape[1] > max_ctx:
+        cut = ids.shape[1] - max_ctx
+        ids, mask = ids[:, cut:], mask[:, cut:]
+    return ids, mask
+
+
+def _denoise_step(
+    run: _Run,
+    blk: torch.Tensor,
+    get_logits: Callable[[torch.Tensor], torch.Tensor],
+    remaining: int,
+    editing: bool,
+) -> torch.Tensor:
+    """One reverse step t -> s on the block (batch, size); `remaining` counts this step too."""
+    cfg, ids, gen = run.cfg, run.ids, run.gen
+    masked = blk == ids.mask
+    reveal = None
+    if cfg.strategy == "random":
+        # ancestral, linear schedule: t = remaining / steps, s = t - 1 / steps, (t - s) / t = 1 / remaining;
+        # positions are chosen independently of the tokens, so tokens are drawn for them alone
+        u = torch.rand(masked.shape, generator=gen, dtype=torch.float64, device=blk.device)
+        reveal = masked & (u * remaining < 1)
+    cand = torch.ones_like(masked) if editing else (masked if reveal is None else reveal)
+    if not bool(cand.any()):
+        return blk
+    lg = get_logits(cand).float()
+    cand_masked = masked[cand]
+    lg.index_fill_(1, run.never, float("-inf"))
+    if ids.delete is not None:
+        lg[:, ids.delete].masked_fill_(cand_masked, float("-inf"))
+    tok, probs = _draw(lg, cfg.temperature, cfg.top_p, gen)
+    conf = probs.gather(1, tok[:, None]).squeeze(1)
+    drawn = blk.clone()
+    drawn[cand] = tok
+
+    if reveal is None:
+        score = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
+        score[cand] = _score(cfg.strategy, probs, conf).double()
+        count = (masked.sum(1) + remaining - 1) // remaining
+        sample = cfg.position_selection == "sample"
+        reveal = masked & _select(
+            score.masked_fill(~masked, float("-inf")), count, sample, cfg.position_temperature, gen
+        )
+    update = reveal
+
+    if editing:
+        current = blk[cand]
+        gain_c = (conf - probs.gather(1, current[:, None]).squeeze(1)).double()
+        eligible = ~cand_masked & (tok != current) & (conf >= cfg.edit_threshold)
+        gain = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
+        gain[cand] = gain_c.masked_fill(~eligible, float("-inf"))
+        cap = torch.ceil((~masked).sum(1) * cfg.edit_rate).long()
+        edits = _select(gain, cap, False, 1.0, gen) & torch.isfinite(gain)
+        update = update | edits
+
+    new = torch.where(update, drawn, blk)
+    if editing and ids.delete is not None:
+        deleted = edits & (drawn == ids.delete)
+        if bool(deleted.any()):
+            new = delete_shift(new, deleted, ids.mask)
+    return new
+
+
+def _draw(
+    lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of float32 logits; returns (tokens, the distribution drawn from)."""
+    if temperature == 0:
+        probs = lg.softmax(-1)
+        return probs.argmax(-1), probs
+    probs = (lg if temperature == 1 else lg / temperature).softmax(-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return _categorical(probs, gen), probs
+
+
+def _categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> torch.Tensor:
+    """One exact inverse-CDF draw per row, the CDF and the uniform in float64.
+
+    As precise as float64 Gumbel-max (bucket widths are relative, so no tail is truncated) but
+    one random number per row instead of one per vocabulary entry: a float64 Gumbel draw cost
+    most of a step at a 4k vocabulary, and a flat float64 cumsum over the vocabulary is slow on
+    CPU, so the CDF runs over chunk sums, then within the chosen chunk."""
+    rows, vocab = probs.shape
+    padded = torch.nn.functional.pad(probs, (0, -vocab % chunk)) if vocab % chunk else probs
+    blocks = padded.view(rows, -1, chunk)
+    sums = blocks.sum(-1).double()
+    cdf = sums.cumsum(-1)
+    u = torch.rand((rows, 1), generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    rest = u - (cdf - sums).gather(1, block)
+    inner = blocks.gather(1, block[:, :, None].expand(rows, 1, chunk)).squeeze(1).double().cumsum(-1)
+    tok = (block * chunk + torch.searchsorted(inner, rest, right=True).clamp_(max=chunk - 1)).squeeze(1)
+    tok = tok.clamp_(max=vocab - 1)
+    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0  # float64 rounding at a bucket edge (~1e-16)
+    if bool(bad.any()):
+        tok[bad] = probs[bad].argmax(-1)
+    return tok
+
+
+def _score(strategy: str, probs: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+    if strategy == "confidence":
+        return conf
+    if strategy == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    return (probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(-1)  # -H; 2-3x faster than entr
+
+
+def _select(
+    score: torch.Tensor, count: torch.Tensor, sample: bool, temperature: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Per row, a bool mask of the `count` highest scores, or `count` positions sampled without
+    replacement from softmax(score / temperature) (Gumbel-top-k)."""
+    if sample:
+        noise = torch.empty_like(score).exponential_(generator=gen)
+        score = score / temperature - noise.log()
+    order = score.argsort(dim=1, descending=True)
+    take = torch.arange(score.shape[1], device=score.device)[None, :] < count[:, None]
+    return torch.zeros_like(take).scatter_(1, order, take)
+
+
+def delete_shift(blk: torch.Tensor, deleted: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Remove the `deleted` positions of each row, shift the rest left and fill the tail with masks."""
+    order = torch.argsort(deleted.to(torch.uint8), dim=1, stable=True)
+    shifted = blk.gather(1, order)
+    size = blk.shape[1]
+    tail = torch.arange(size, device=blk.device)[None, :] >= size - deleted.sum(1, keepdim=True)
+    return shifted.masked_fill(tail, mask_id)

@@ -1,0 +1,189 @@
+"""The text-diffusion pipeline, the exported model folder (loaded in a fresh process) and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from dgpt_core.config import ModelConfig
+from dgpt_core.export import save_model_folder
+from dgpt_core.generate_cli import add_chat_parser, add_generate_parser
+from dgpt_core.model import build_model
+from dgpt_core.pipeline import TextDiffusionPipeline, render
+from dgpt_core.tokenizer import train_bpe_tokenizer
+
+WORDS = "the cat dog sat on a mat hello world how are you fine thanks red blue one two three".split()
+DEFAULTS = {"strategy": "confidence", "steps": 4, "max_new_tokens": 8}
+CHAT = [{"role": "user", "content": "hello how are you"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) for _ in range(300)]
+    return train_bpe_tokenizer(texts, vocab_size=256)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
+    return build_model(cfg, tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(model, tokenizer) -> TextDiffusionPipeline:
+    return transformers.pipeline("text-diffusion", model=model, tokenizer=tokenizer, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(model, tokenizer, tmp_path_factory) -> Path:
+    return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("export") / "model", DEFAULTS)
+
+
+def test_string_input(pipe):
+    out = pipe("the cat", steps=4, max_new_tokens=8, seed=0)
+    assert isinstance(pipe, TextDiffusionPipeline)
+    assert len(out) == 1 and set(out[0]) == {"generated_text", "nfe", "stopped"}
+    assert isinstance(out[0]["generated_text"], str) and 1 <= out[0]["nfe"] <= 4
+
+
+def test_chat_goes_through_the_template(pipe, tokenizer):
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = pipe.preprocess([CHAT])["prompt_ids"][0]
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(pipe(CHAT, steps=2, max_new_tokens=4, seed=0)) == 1
+
+
+def test_batch_of_strings_and_chats(pipe):
+    outs = pipe(
+        ["the cat", CHAT, "one two three four five"], strategy="margin", steps=2, max_new_tokens=6, seed=0
+    )
+    assert len(outs) == 3 and all(len(o) == 1 and "generated_text" in o[0] for o in outs)
+    assert pipe(["a", "b", "c"], batch_size=2, steps=2, max_new_tokens=4, seed=0)[2][0]["nfe"] >= 1
+
+
+def test_stream_ends_in_the_final_text(pipe):
+    options = {"strategy": "confidence", "steps": 3, "max_new_tokens": 6, "seed": 0, "stop_token_ids": []}
+    updates = list(pipe("the dog", stream=True, **options))
+    assert [u["step"] for u in updates] == [0, 1, 2, 3] and updates[-1]["done"]
+    assert updates[0]["generated_text"] == "░" * 6 and updates[0]["token_ids"] == [pipe.token_ids.mask] * 6
+    assert updates[-1]["generated_text"] == pipe("the dog", **options)[0]["generated_text"]
+    batch = list(pipe(["a", "b"], stream=True, mask_symbol="_", **options))
+    assert batch[0]["generated_text"] == ["_" * 6] * 2
+
+
+def test_render_shows_masks_and_cuts_at_stop(tokenizer, pipe):
+    ids = pipe.token_ids
+    cat, dog = (
+        tokenizer("cat", add_special_tokens=False)["input_ids"],
+        tokenizer(" dog", add_special_tokens=False)["input_ids"],
+    )
+    canvas = [*cat, ids.mask, ids.mask, *dog, ids.im_end, *cat]
+    assert render(tokenizer, canvas, ids.mask, ids.default_stops) == "cat░░ dog"
+
+
+def test_unknown_option_is_an_error(pipe):
+    with pytest.raises(TypeError, match="temprature"):
+        pipe("the cat", temprature=0.5)
+    with pytest.raises(TypeError):
+        save_model_folder(pipe.model, pipe.tokenizer, "/nonexistent/never", {"bogus": 1})
+
+
+def test_folder_contents(folder):
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pipeline.py", "sampling.py"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"]["text-diffusion"]["impl"] == "pipeline.TextDiffusionPipeline"
+    assert config["sampler_defaults"] == DEFAULTS
+    source = Path(__file__).parents[1] / "dgpt_core"
+    assert (folder / "sampling.py").read_text() == (source / "sampling.py").read_text()
+
+
+def test_fresh_process_pipeline_from_folder(folder, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json, sys, transformers
+        pipe = transformers.pipeline("text-diffusion", model={str(folder)!r}, trust_remote_code=True)
+        out = pipe("the cat", seed=0)
+        chat = pipe([{{"role": "user", "content": "hello"}}], seed=0, strategy="random")
+        states = list(pipe("the dog", stream=True, seed=0))
+        print(json.dumps({{"module": type(pipe).__module__, "dgpt_core": "dgpt_core" in sys.modules,
+                           "out": out, "chat": chat, "n_states": len(states)}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith("transformers_modules") and not result["dgpt_core"]
+    assert result["out"][0]["nfe"] == DEFAULTS["steps"] and isinstance(
+        result["out"][0]["generated_text"], str
+    )
+    assert set(result["chat"][0]) == {"generated_text", "nfe", "stopped"}
+    assert result["n_states"] == DEFAULTS["steps"] + 1
+
+
+def _cli() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgpt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    add_chat_parser(sub)
+    return parser
+
+
+def test_cli_generate(folder, capsys):
+    args = _cli().parse_args(
+        ["generate", str(folder), "--prompt", "hi", "--prompt", "the cat", "--seed", "0"]
+    )
+    assert args.func(args) == 0
+    assert capsys.readouterr().err.count("[nfe=4 stopped=") == 2  # one answer per prompt
+    args = _cli().parse_args(
+        [
+            "generate",
+            str(folder),
+            "--prompt",
+            "hi",
+            "--raw",
+            "--stream",
+            "--block-size",
+            "4",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
+    assert args.func(args) == 0
+
+
+def test_cli_chat_keeps_history(folder, monkeypatch, capsys):
+    seen = []
+    original = TextDiffusionPipeline.preprocess
+
+    def spy(self, inputs):
+        seen.append([list(i) for i in inputs])
+        return original(self, inputs)
+
+    monkeypatch.setattr(TextDiffusionPipeline, "preprocess", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhow are you\n/reset\nbye\n/exit\n"))
+    args = _cli().parse_args(["chat", str(folder), "--steps", "2", "--system", "be brief"])
+    assert args.func(args) == 0
+    roles = [[m["role"] for m in chat] for (chat,) in seen]
+    assert roles == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
+    assert capsys.readouterr().out.count("bot> ") == 3
