@@ -12,6 +12,9 @@ SUBCOMMANDS = {
     "generate": ("dgpt_core.generate_cli", "add_generate_parser"),
     "chat": ("dgpt_core.generate_cli", "add_chat_parser"),
     "prepare": ("dgpt_core.data.cli", "add_prepare_parser"),
+    "eval": ("eval.cli", "add_eval_parser"),
+    "run": ("flows.cli", "add_run_parser"),
+    "publish": ("deploy.publish_cli", "add_publish_parser"),
 }
 
 

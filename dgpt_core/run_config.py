@@ -4,10 +4,13 @@ plus `--set key.path=value` overrides, and saved resolved beside every output.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
+
+from deploy.config import PublishConfig
+from eval.config import EvalConfig
 
 from .config import DiffusionConfig, ModelConfig, StrictConfig, TrainingConfig
 from .data.config import DataConfig, TokenizerConfig
@@ -26,6 +29,35 @@ class StageConfig(TrainingConfig):
     init_from: str | None = None
     """Start from this saved model folder instead of the previous stage's model (SFT) or a fresh
     model (pretraining)."""
+    num_processes: int = Field(1, gt=0)
+    """Training processes per node (GPUs, or CPU processes with use_cpu); 1 trains in-process."""
+    num_nodes: int = Field(1, gt=0)
+    """Nodes for multi-node training (torchrun rendezvous or a DeepSpeed hostfile)."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """Launcher used when more than one process is asked for."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile (multi-node with launcher=deepspeed)."""
+    rdzv_endpoint: str | None = None
+    """torchrun rendezvous host:port shared by all nodes (multi-node with launcher=torchrun)."""
+
+
+class TrackingConfig(StrictConfig):
+    """MLflow tracking of pipeline runs."""
+
+    enabled: bool = True
+    """Log runs, metrics, artifacts and the final model to MLflow."""
+    tracking_uri: str | None = None
+    """Tracking URI; MLFLOW_TRACKING_URI wins, None = a SQLite file in the output root."""
+    experiment: str = "diffusiongpt"
+    """Experiment holding every run of the project."""
+    registered_model_name: str = "diffusiongpt"
+    """Model-registry name of the final (SFT) model."""
+    model_alias: str = "candidate"
+    """Alias pointed at the newest registered version (MLflow reserves "latest")."""
+    system_metrics: bool = True
+    """Sample CPU/GPU/memory into each stage run while it runs."""
+    system_metrics_interval: float = Field(5.0, gt=0)
+    """Seconds between system-metric samples."""
 
 
 class RunConfig(StrictConfig):
@@ -47,6 +79,16 @@ class RunConfig(StrictConfig):
     """Pretraining on packed plain text (every token eligible)."""
     sft: StageConfig = Field(default_factory=lambda: StageConfig(diffusion=DiffusionConfig(edit_start=0.0)))
     """Chat SFT (only the final assistant answer and its padding eligible)."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """The eval suite run on the pipeline's models."""
+    eval_models: list[Literal["untrained", "pretrain", "sft"]] = Field(
+        default_factory=lambda: ["untrained", "pretrain", "sft"])
+    """Models the eval stage scores: the freshly initialised model (a floor), the pretrained
+    model and the SFT model."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow tracking."""
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    """Hugging Face Hub upload of the SFT model (a verified dry run without repo id or token)."""
 
 
 def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -4,8 +4,8 @@ a saved `text-diffusion` model folder out."""
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,7 @@ def train_stage(
     metrics: dict[str, Any] = dict(output.metrics)
     metrics["parameters"] = count_parameters(model)
     metrics["steps"] = trainer.state.global_step
+    metrics["tokens_seen"] = trainer.state.num_input_tokens_seen
     if "validation" in data and len(data["validation"]):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 

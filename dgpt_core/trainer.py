@@ -90,6 +90,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides:
         remove_unused_columns=False,  # eligible_mask is not a model argument
         logging_nan_inf_filter=False,  # a NaN must surface, not be replaced by the running mean
         report_to="none",
+        include_num_input_tokens_seen="non_padding",
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)

@@ -1,0 +1,123 @@
+"""`dgpt eval MODEL_DIR [--out DIR] [--tasks ...] [--strategies ...] [--limit N]`.
+
+Registered in dgpt_core.cli.SUBCOMMANDS as "eval": ("eval.cli", "add_eval_parser"); also runs
+as `python -m eval.cli MODEL_DIR ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+_QUIET_ENV = {
+    "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a saved model folder (perplexity bounds, lm-eval tasks, repetition)",
+        description="Evaluate a saved model folder: ELBO perplexity bounds, held-out skills and "
+        "chitchat through lm-eval, strategy comparison; writes metrics.json, report.md and plots.",
+    )
+    p.add_argument("model_dir", help="a saved model folder (safetensors + config + tokenizer)")
+    p.add_argument("--out", default=None, help="output folder (default: <model_dir>/../eval)")
+    p.add_argument("--config", default=None, help="EvalConfig YAML; the flags below override it")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="ppl dgpt_skills dgpt_chitchat_mc dgpt_heldout_text repetition, or lm-eval task names")
+    p.add_argument("--strategies", nargs="+", default=None, help="random confidence margin entropy")
+    p.add_argument("--limit", type=int, default=None, help="items per task (per skill for dgpt_skills)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--steps-grid", type=int, nargs="*", default=None, help="steps of the quality-vs-steps sweep")
+    p.add_argument("--block-size", type=int, default=None, help="semi-autoregressive block length")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo draws of loglikelihood")
+    p.add_argument("--model-kind", choices=["auto", "pretrain", "sft"], default=None)
+    p.add_argument("--skills-jsonl", default=None, help="held-out skills JSONL")
+    p.add_argument("--pretrain-data", default=None, help="pretraining data folder (validation split)")
+    p.add_argument("--sft-data", default=None, help="SFT data folder (validation split, skills_test.jsonl)")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=run_eval_command)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import EvalConfig
+
+    data = EvalConfig.from_yaml(args.config).model_dump() if args.config else {}
+    flags = {
+        "tasks": args.tasks, "strategies": args.strategies, "limit": args.limit, "steps": args.steps,
+        "steps_grid": args.steps_grid, "block_size": args.block_size, "seed": args.seed, "mc_num": args.mc_num,
+        "model_kind": args.model_kind, "skills_jsonl": args.skills_jsonl,
+        "pretrain_data_dir": args.pretrain_data, "sft_data_dir": args.sft_data,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_plots:
+        data["plots"] = False
+    return EvalConfig.model_validate(data)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        print(f"error: {model_dir} is not a saved model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else model_dir.resolve().parent / "eval"
+    from .benchmarks import check_standard_tasks
+
+    try:
+        check_standard_tasks(cfg.standard_tasks())
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .suite import run_eval
+
+    metrics = run_eval(model_dir, out, cfg)
+    print(summary(metrics))
+    print(f"wrote {out / 'metrics.json'}, {out / 'report.md'}")
+    return 0
+
+
+def summary(metrics: dict) -> str:
+    """A few headline numbers for the terminal."""
+    lines = []
+    ppl = metrics.get("ppl_bound") or {}
+    if ppl:
+        lines.append(f"ppl bound (text): {ppl['value']:.3f} +- {ppl['stderr']:.3f} over {ppl['n_tokens']} tokens")
+        if "conditional" in ppl:
+            c = ppl["conditional"]
+            lines.append(f"ppl bound (answers | prompts): {c['value']:.3f} +- {c['stderr']:.3f} over {c['n_tokens']} tokens")
+    for strategy, row in (metrics.get("benchmarks", {}).get("dgpt_skills") or {}).items():
+        lines.append(f"skills exact match [{strategy}]: {row['exact_match']:.3f} (NFE/call {row['nfe']:.1f})")
+    mc = metrics.get("benchmarks", {}).get("dgpt_chitchat_mc")
+    if mc:
+        lines.append(f"chitchat MC: acc {mc.get('acc', float('nan')):.3f}, acc_norm {mc.get('acc_norm', float('nan')):.3f}")
+    for strategy, row in (metrics.get("repetition") or {}).items():
+        lines.append(f"repetition [{strategy}]: distinct-2 {row['distinct_2']:.3f}, rep-4 {row['rep_4']:.3f}, "
+                     f"loops {row['loop_rate']:.2f}, stop {row['stop_rate']:.2f}")
+    lines.append(f"wall time: {metrics.get('meta', {}).get('wall_time_s')} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dgpt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""lm-eval model adapter for our masked-diffusion models: `lm_eval --model dgpt`.
+
+    lm = DiffusionLM(pretrained="runs/x/sft/model", strategy="confidence", steps=16)
+    lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=...)
+
+- generate_until: the sampler (strategy, steps, block size, temperature, seed) on a fixed canvas
+  (the adapter's `canvas`, else the task's max_gen_toks capped at `max_canvas`); every `until`
+  string is honoured (special tokens among them also stop the sampler);
+- loglikelihood: LLaDA's Monte-Carlo masked estimate over the continuation only (`mc_num`
+  draws), and is_greedy from greedy decoding of the continuation's length (confidence order,
+  argmax tokens, one token per step);
+- loglikelihood_rolling: minus the ELBO bound of the text (fixed t grid, seeded masks).
+
+Likelihood masks are seeded by the request content, so a number never depends on batching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.schedules import get_schedule
+
+from .likelihood import elbo_nll, greedy_matches, mc_nll, split_windows, stable_seed, windows_to_rows
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value in (None, "", "None", "none") else int(value)
+
+
+@register_model("dgpt", "diffusiongpt")
+class DiffusionLM(LM):
+    """A ModernBertForMaskedLM trained by dgpt_core, behind lm-eval's three request types."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        strategy: str = "confidence",
+        steps: int = 16,
+        block_size: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        canvas: int | None = None,
+        max_canvas: int = 256,
+        mc_num: int = 16,
+        greedy_check: bool = True,
+        t_points: int = 16,
+        mask_draws: int = 2,
+        schedule: str = "linear",
+        t_eps: float = 1e-3,
+        batch_size: int | str | None = 32,
+        device: str | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise ValueError("DiffusionLM needs `pretrained` (a saved model folder) or `model` + `tokenizer`")
+            from transformers import ModernBertForMaskedLM
+
+            from dgpt_core.tokenizer import load_tokenizer
+
+            model = ModernBertForMaskedLM.from_pretrained(pretrained)
+            tokenizer = tokenizer or load_tokenizer(pretrained)
+        if tokenizer is None:
+            raise ValueError("DiffusionLM needs the model's tokenizer")
+        self.model = model.to(device) if device else model
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self.ids = TokenIds.from_tokenizer(tokenizer)
+        self.name = str(pretrained or type(model).__name__)
+        self.max_len = int(getattr(model.config, "max_position_embeddings", 512))
+        self.sampler = SamplerConfig(
+            strategy=strategy, steps=int(steps), block_size=_int_or_none(block_size),
+            temperature=float(temperature), top_p=float(top_p), seed=int(seed),
+        )
+        self.seed = int(seed)
+        self.canvas = _int_or_none(canvas)
+        self.max_canvas = int(max_canvas)
+        self.mc_num = int(mc_num)
+        self.greedy_check = str(greedy_check).lower() not in {"false", "0", "no"}
+        self.t_points, self.mask_draws = int(t_points), int(mask_draws)
+        self.schedule = get_schedule(schedule, float(t_eps))
+        bs = _int_or_none(batch_size) if not str(batch_size).startswith("auto") else None
+        self.batch_size = bs or 32
+        self.stats: dict[str, float] = defaultdict(float)
+        """Totals over generate_until calls: batches, requests, nfe, seconds, stopped, answer_tokens."""
+        self.generations: list[dict[str, Any]] = []
+        """Every generate_until result: task, context, output, stopped, answer_tokens."""
+
+    # ------------------------------------------------------------------------------------------
+    # text <-> ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Continuation ids as they are inside the joint text (lm-eval's convention), trailing
+        spaces of the context moved to the continuation."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        if whole[: len(ctx)] == ctx:
+            return ctx, whole[len(ctx) :]
+        return ctx, self.encode(continuation)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "dgpt").replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # generate_until
+
+    def _canvas(self, gen_kwargs: dict[str, Any]) -> int:
+        if self.canvas is not None:
+            return self.canvas
+        asked = gen_kwargs.get("max_gen_toks") or gen_kwargs.get("max_new_tokens") or self.max_canvas
+        return max(1, min(int(asked), self.max_canvas))
+
+    def _stops(self, until: list[str]) -> tuple[int, ...]:
+        stops = list(self.ids.default_stops)
+        for text in until:
+            idx = self.tokenizer.convert_tokens_to_ids(text) if text in self.tokenizer.all_special_tokens else None
+            if isinstance(idx, int) and idx not in stops:
+                stops.append(idx)
+        return tuple(stops)
+
+    @staticmethod
+    def cut_until(text: str, until: list[str]) -> str:
+        """The text before the first occurrence of any `until` string."""
+        cut = len(text)
+        for stop in until:
+            if stop:
+                at = text.find(stop)
+                if at != -1:
+                    cut = min(cut, at)
+        return text[:cut]
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple[int, tuple[str, ...]], list[int]] = defaultdict(list)
+        parsed = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args[0], dict(req.args[1] or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            parsed.append((context, until))
+            groups[(self._canvas(gen_kwargs), tuple(until))].append(i)
+        for (canvas, until), members in groups.items():
+            config = self.sampler.replace(max_new_tokens=canvas, stop_token_ids=self._stops(list(until)))
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start : start + self.batch_size]
+                prompts = [self.encode(parsed[i][0]) or [self.ids.eos] for i in batch]
+                t0 = time.perf_counter()
+                result = generate(self.model, prompts, self.ids, config)
+                seconds = time.perf_counter() - t0
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(batch)
+                self.stats["nfe"] += result.nfe
+                self.stats["seconds"] += seconds
+                for i, answer, stopped in zip(batch, result.answers, result.stopped):
+                    text = self.cut_until(self.tokenizer.decode(answer, skip_special_tokens=False), list(until))
+                    out[i] = text
+                    self.stats["stopped"] += float(stopped)
+                    self.stats["answer_tokens"] += len(answer)
+                    self.generations.append({
+                        "task": getattr(requests[i], "task_name", None), "context": parsed[i][0],
+                        "output": text, "stopped": bool(stopped), "answer_tokens": len(answer),
+                    })
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return [o or "" for o in out]
+
+    # ------------------------------------------------------------------------------------------
+    # likelihoods
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], kind: str) -> list[float]:
+        """-log p(continuation | context) per pair: `mc` (LLaDA) or `elbo` (t grid)."""
+        rows, owner, seeds = [], [], []
+        for p, (ctx, cont) in enumerate(pairs):
+            for w, row in enumerate(windows_to_rows(split_windows(ctx, cont, self.max_len))):
+                rows.append(row)
+                owner.append(p)
+                seeds.append(stable_seed(kind, self.seed, w, *row.ids, "|", *row.targets))
+        common = {"mask_id": self.ids.mask, "pad_id": self.ids.pad, "batch_size": self.batch_size}
+        if kind == "mc":
+            nll = mc_nll(self.model, rows, seeds, mc_num=self.mc_num, **common)
+        else:
+            nll = elbo_nll(self.model, rows, seeds, schedule=self.schedule, t_points=self.t_points,
+                           mask_draws=self.mask_draws, **common)
+        totals = [0.0] * len(pairs)
+        for p, value in zip(owner, nll):
+            totals[p] += value
+        return totals
+
+    def _greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
+        """Whether greedy decoding of len(continuation) tokens after the context gives it."""
+        never = [i for i in (self.ids.mask, self.ids.pad, self.ids.im_start, self.ids.delete) if i is not None]
+        return greedy_matches(self.model, pairs, mask_id=self.ids.mask, pad_id=self.ids.pad, never_ids=never,
+                              max_len=self.max_len, batch_size=self.batch_size)
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self.encode_pair(*req.args) for req in requests]
+        nll = self._score(pairs, "mc")
+        greedy = self._greedy(pairs) if self.greedy_check else [False] * len(pairs)
+        out = []
+        for req, (_, cont), value, flag in zip(requests, pairs, nll, greedy):
+            result = (0.0, True) if not cont else (-float(value), bool(flag))
+            out.append(result)
+            self.cache_hook.add_partial("loglikelihood", req.args, result)
+        return out
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        pairs = [([], self.encode(req.args[0])) for req in requests]
+        nll = self._score(pairs, "elbo")
+        out = []
+        for req, value in zip(requests, nll):
+            out.append(-float(value))
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, out[-1])
+        return out
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"model_name": self.name, "sampler": dataclasses.asdict(self.sampler)}

@@ -1,0 +1,288 @@
+"""The eval suite on one saved model folder: `run_eval(model_dir, out_dir, cfg) -> metrics`.
+
+What runs (EvalConfig.tasks): `ppl` (ELBO perplexity bounds: held-out text; for SFT models also
+answers given prompts), `dgpt_skills` (lm-eval generate_until, exact match per skill and overall,
+per strategy, plus the steps sweep), `dgpt_chitchat_mc` (lm-eval multiple choice),
+`dgpt_heldout_text` (lm-eval loglikelihood_rolling), `repetition` (strategy comparison on plain
+and/or chat prompts) and any standard lm-eval task (needs the Hub; checked before anything runs).
+Everything is seeded: the same settings give the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dgpt_core.data.skills import check_answer
+from dgpt_core.sampling import SamplerConfig, TokenIds
+from dgpt_core.schedules import get_schedule
+
+from . import benchmarks as bm
+from . import data as evdata
+from .config import EvalConfig
+from .ppl import answer_rows, ppl_bound, text_rows
+from .repetition import compare_strategies
+from .report import write_outputs
+
+log = logging.getLogger(__name__)
+
+
+def model_kind(model_dir: str | Path, cfg: EvalConfig) -> str:
+    if cfg.model_kind != "auto":
+        return cfg.model_kind
+    parts = Path(model_dir).resolve().parts
+    if "pretrain" in parts and "sft" not in parts:
+        return "pretrain"
+    return "sft"
+
+
+def load_model(model_dir: str | Path):
+    """(model in eval mode, tokenizer) from a saved model folder."""
+    from transformers import ModernBertForMaskedLM
+
+    from dgpt_core.tokenizer import load_tokenizer
+
+    model = ModernBertForMaskedLM.from_pretrained(str(model_dir))
+    model.eval()
+    return model, load_tokenizer(str(model_dir))
+
+
+def training_schedule(model_dir: str | Path, kind: str) -> str:
+    path = Path(model_dir) / "run_config.yaml"
+    if path.exists():
+        try:
+            from dgpt_core.run_config import RunConfig
+
+            run = RunConfig.from_yaml(path)
+            return getattr(run, kind).diffusion.schedule
+        except Exception:  # noqa: BLE001 - unreadable config: the default schedule
+            pass
+    return "linear"
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cap(n: int, limit: int | None) -> int:
+    return n if limit is None else min(n, limit)
+
+
+class _Suite:
+    def __init__(self, model_dir: str | Path, out_dir: str | Path, cfg: EvalConfig, model=None, tokenizer=None):
+        self.cfg, self.model_dir, self.out_dir = cfg, Path(model_dir), Path(out_dir)
+        self.model, self.tok = (model, tokenizer) if model is not None else load_model(model_dir)
+        self.ids = TokenIds.from_tokenizer(self.tok)
+        self.kind = model_kind(model_dir, cfg)
+        self.max_len = int(self.model.config.max_position_embeddings)
+        self.data_cfg, self.data_source = evdata.data_config_for(model_dir)
+        name = training_schedule(model_dir, self.kind) if cfg.schedule == "auto" else cfg.schedule
+        self.schedule = get_schedule(name, cfg.t_eps)
+        self.notes: list[str] = []
+        self.samples: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------
+
+    def ppl(self) -> dict[str, Any]:
+        cfg = self.cfg
+        n = _cap(cfg.ppl_max_sequences, cfg.limit)
+        common = {"mask_id": self.ids.mask, "pad_id": self.ids.pad, "schedule": self.schedule,
+                  "t_points": cfg.ppl_t_points, "mask_draws": cfg.ppl_mask_draws, "seed": cfg.seed,
+                  "batch_size": cfg.batch_size}
+        seqs, desc = evdata.pretrain_sequences(cfg, self.data_cfg, self.tok, self.max_len, n)
+        result = ppl_bound(self.model, text_rows(seqs), dataset=desc, **common)
+        if self.kind == "sft":
+            examples, desc = evdata.sft_examples(cfg, self.data_cfg, self.tok, self.max_len, n)
+            if examples:
+                rows, counts = answer_rows(examples, self.ids.im_end)
+                result["conditional"] = ppl_bound(self.model, rows, norm_tokens=counts, dataset=desc, **common)
+            else:
+                self.notes.append("no held-out SFT examples: conditional bound skipped")
+        return result
+
+    def adapter(self, strategy: str, steps: int):
+        from .lm_adapter import DiffusionLM
+
+        cfg = self.cfg
+        return DiffusionLM(
+            model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, block_size=cfg.block_size,
+            temperature=cfg.temperature, seed=cfg.seed, canvas=cfg.skills_canvas, max_canvas=cfg.standard_canvas,
+            mc_num=cfg.mc_num, greedy_check=cfg.greedy_check, t_points=cfg.ppl_t_points,
+            mask_draws=cfg.ppl_mask_draws, schedule=self.schedule.name, t_eps=self.schedule.eps,
+            batch_size=cfg.batch_size,
+        )
+
+    def task_data(self) -> dict[str, str]:
+        cfg = self.cfg
+        folder = Path(cfg.cache_dir) if cfg.cache_dir else self.out_dir / "task_data"
+        kwargs: dict[str, Any] = {}
+        if cfg.wants("dgpt_skills"):
+            items, source = evdata.skills_items(cfg, self.data_cfg)
+            self.skills_present = sorted({i.skill for i in items})
+            kwargs["skills"] = evdata.skills_task_rows(items, self.tok, self.kind)
+            self.skill_refs = {r["context"]: r for r in kwargs["skills"]}
+            self.notes.append(f"skills: {len(items)} items from {source}")
+        if cfg.wants("dgpt_chitchat_mc"):
+            kwargs["chitchat"] = evdata.chitchat_task_rows(
+                evdata.chitchat_mc_items(self.data_cfg, cfg), self.tok, self.kind)
+        if cfg.wants("dgpt_heldout_text"):
+            docs, _ = evdata.heldout_documents(self.data_cfg)
+            n = _cap(cfg.ppl_max_sequences, cfg.limit)
+            kwargs["texts"] = list(evdata._interleave(docs))[:n]
+        return bm.write_task_data(folder, **kwargs)
+
+    def skills(self, tm, strategy: str, steps: int) -> tuple[dict[str, float], Any]:
+        lm = self.adapter(strategy, steps)
+        res = bm.run_tasks(lm, bm.skills_tasks(self.skills_present), tm, limit=self.cfg.limit, seed=self.cfg.seed)
+        row = bm.skills_summary(bm.flatten(res))
+        batches = max(1.0, lm.stats["batches"])
+        row.update({"steps": float(steps), "nfe": lm.stats["nfe"] / batches, "seconds": lm.stats["seconds"],
+                    "stop_rate": lm.stats["stopped"] / max(1.0, lm.stats["requests"])})
+        return row, lm
+
+    def skill_samples(self, generations: list[dict[str, Any]]) -> list[dict[str, str]]:
+        """The first generation of each skill (round-robin), up to samples_in_report."""
+        firsts: dict[str, dict[str, Any]] = {}
+        for g in generations:
+            ref = self.skill_refs.get(g["context"])
+            if ref is not None and ref["skill"] not in firsts:
+                firsts[ref["skill"]] = {"skill": ref["skill"], "prompt": ref["prompt"], "answer": ref["answer"],
+                                        "output": g["output"], "correct": str(check_answer(ref, g["output"]))}
+        return list(firsts.values())[: self.cfg.samples_in_report]
+
+    def benchmarks(self, tm) -> dict[str, Any]:
+        cfg, out = self.cfg, {}
+        if cfg.wants("dgpt_skills"):
+            per_strategy, sweep, samples = {}, {}, {}
+            for strategy in cfg.strategies:
+                row, lm = self.skills(tm, strategy, cfg.steps)
+                per_strategy[strategy] = row
+                samples[strategy] = self.skill_samples(lm.generations)
+                points = {cfg.steps: row}
+                for steps in cfg.steps_grid:
+                    if steps not in points:
+                        points[steps] = self.skills(tm, strategy, steps)[0]
+                ordered = sorted(points.items())
+                if cfg.steps_grid:
+                    sweep[strategy] = {"steps": [float(s) for s, _ in ordered],
+                                       "nfe": [p["nfe"] for _, p in ordered],
+                                       "exact_match": [p["exact_match"] for _, p in ordered]}
+            out["dgpt_skills"] = per_strategy
+            if sweep:
+                out["dgpt_skills_steps"] = sweep
+            self.samples["skills"] = samples
+        likelihood_tasks = [t for t in (bm.CHITCHAT_TASK, bm.TEXT_TASK) if cfg.wants(t)]
+        if likelihood_tasks:  # no generation: one run, whatever the strategy
+            lm = self.adapter(cfg.strategies[0], cfg.steps)
+            flat = bm.flatten(bm.run_tasks(lm, likelihood_tasks, tm, limit=cfg.limit, seed=cfg.seed))
+            out.update({k: v for k, v in flat.items() if k in likelihood_tasks})
+        if cfg.standard_tasks():
+            out.update(self.standard())
+        return out
+
+    def standard(self) -> dict[str, Any]:
+        cfg, tm = self.cfg, bm.standard_task_manager()
+        names = cfg.standard_tasks()
+        first = self.adapter(cfg.strategies[0], cfg.steps)
+        res = bm.run_tasks(first, names, tm, limit=cfg.limit, seed=cfg.seed, apply_chat_template=self.kind == "sft")
+        flat, types = bm.flatten(res), bm.output_types(res)
+        gen = [t for t in names if types.get(t) == "generate_until"]
+        out: dict[str, Any] = {t: m for t, m in flat.items() if t not in gen}
+        for t in gen:
+            out[t] = {cfg.strategies[0]: flat.get(t, {})}
+        for strategy in cfg.strategies[1:]:
+            if gen:
+                more = bm.flatten(bm.run_tasks(self.adapter(strategy, cfg.steps), gen, tm, limit=cfg.limit,
+                                               seed=cfg.seed, apply_chat_template=self.kind == "sft"))
+                for t in gen:
+                    out[t][strategy] = more.get(t, {})
+        return out
+
+    def repetition(self) -> dict[str, dict[str, dict[str, float]]]:
+        cfg = self.cfg
+        n = _cap(cfg.repetition_prompts, cfg.limit)
+        temperature = cfg.temperature if cfg.repetition_temperature is None else cfg.repetition_temperature
+        base = SamplerConfig(steps=cfg.steps, block_size=cfg.block_size, temperature=temperature, seed=cfg.seed)
+        modes: dict[str, tuple[list[list[int]], int]] = {}
+        if self.kind == "sft":
+            prompts = evdata.chat_prompts(self.data_cfg, self.tok, n, self.max_len - min(cfg.chat_canvas, self.max_len // 2))
+            modes["chat"] = (prompts, cfg.chat_canvas)
+        modes["plain"] = (evdata.plain_prompts(cfg, self.data_cfg, self.tok, n), cfg.plain_canvas)
+        by_mode, samples = {}, {}
+        for mode, (prompts, canvas) in modes.items():
+            if not prompts:
+                self.notes.append(f"repetition: no {mode} prompts")
+                continue
+            by_mode[mode], samples[mode] = compare_strategies(
+                self.model, self.tok, prompts, cfg.strategies, base.replace(max_new_tokens=canvas),
+                batch_size=cfg.batch_size, keep_samples=cfg.samples_in_report)
+        self.samples.update({f"{mode} generation": s for mode, s in samples.items()})
+        return by_mode
+
+
+def run_eval(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    cfg: EvalConfig | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Evaluate a saved model folder; write metrics.json, samples.json, report.md and plots into
+    out_dir; return the metrics dict (keys ppl_bound, benchmarks, repetition, repetition_by_mode,
+    meta). `model`/`tokenizer` skip loading from the folder (tests, in-process pipelines)."""
+    cfg = cfg or EvalConfig()
+    t0 = time.perf_counter()
+    bm.check_standard_tasks(cfg.standard_tasks())  # fail fast, before loading anything
+    suite = _Suite(model_dir, out_dir, cfg, model, tokenizer)
+    metrics: dict[str, Any] = {"ppl_bound": {}, "benchmarks": {}, "repetition": {}, "repetition_by_mode": {}}
+    if cfg.wants("ppl"):
+        metrics["ppl_bound"] = suite.ppl()
+    if any(cfg.wants(t) for t in ("dgpt_skills", bm.CHITCHAT_TASK, bm.TEXT_TASK)) or cfg.standard_tasks():
+        tm = bm.local_task_manager(suite.task_data())
+        metrics["benchmarks"] = suite.benchmarks(tm)
+    primary = "chat" if suite.kind == "sft" else "plain"
+    if cfg.wants("repetition"):
+        metrics["repetition_by_mode"] = suite.repetition()
+        metrics["repetition"] = metrics["repetition_by_mode"].get(primary, {})
+    metrics["meta"] = {
+        "model": {"path": str(Path(model_dir).resolve()), "kind": suite.kind, "max_seq_len": suite.max_len,
+                  "vocab_size": len(suite.tok), "parameters": sum(p.numel() for p in suite.model.parameters())},
+        "commit": git_commit(),
+        "settings": cfg.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "schedule": suite.schedule.name,
+        "data_config": suite.data_source,
+        "repetition_mode": primary,
+        "versions": _versions(),
+        "notes": suite.notes,
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+    write_outputs(out_dir, metrics, suite.samples, plots=cfg.plots)
+    return metrics
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "lm_eval", "evaluate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

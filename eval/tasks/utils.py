@@ -1,0 +1,62 @@
+"""Loaders and scorers of the local lm-eval tasks (imported by the YAMLs beside this file).
+
+Each task's data is a JSONL file written at eval time (`eval.benchmarks.write_task_data`). Its
+path comes from the TaskManager metadata (`skills_path`, `chitchat_path`, `text_path`) or, for
+the `lm_eval` command line, from `$DGPT_EVAL_DATA_DIR/<task file>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FILES = {"skills_path": "skills.jsonl", "chitchat_path": "chitchat_mc.jsonl", "text_path": "heldout_text.jsonl"}
+ENV_DIR = "DGPT_EVAL_DATA_DIR"
+
+
+def _path(key: str, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    folder = os.environ.get(ENV_DIR)
+    if folder:
+        return Path(folder) / FILES[key]
+    raise FileNotFoundError(
+        f"this dgpt task needs its data file: pass TaskManager(metadata={{'{key}': PATH}}) or set "
+        f"{ENV_DIR} to a folder holding {FILES[key]} (eval.benchmarks.write_task_data writes it)"
+    )
+
+
+def _dataset(rows: list[dict]):
+    import datasets
+
+    if not rows:
+        raise ValueError("the task's data file has no rows")
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_skills(skills_path: str | None = None, skill: str | None = None, **_: object):
+    """The held-out skills records (context, answer, skill), optionally of one skill."""
+    rows = _read(_path("skills_path", skills_path))
+    return _dataset([r for r in rows if skill is None or r["skill"] == skill])
+
+
+def load_chitchat_mc(chitchat_path: str | None = None, **_: object):
+    """The chitchat multiple-choice records (context, choices, label)."""
+    return _dataset(_read(_path("chitchat_path", chitchat_path)))
+
+
+def load_heldout_text(text_path: str | None = None, **_: object):
+    """Held-out pretraining documents (text)."""
+    return _dataset(_read(_path("text_path", text_path)))
+
+
+def process_skills(doc: dict, results: list[str]) -> dict[str, float]:
+    """Exact match as the library defines it (dgpt_core.data.skills.check_answer)."""
+    from dgpt_core.data.skills import check_answer
+
+    return {"exact_match": float(check_answer(doc, results[0]))}

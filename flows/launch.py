@@ -1,0 +1,112 @@
+"""Run a training stage in this process or through torchrun / the deepspeed launcher."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dgpt_core.run_config import RunConfig, StageConfig
+
+
+@contextlib.contextmanager
+def patched_env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env() -> dict[str, str]:
+    """What DeepSpeed needs to run as a one-process group without a launcher (no mpi4py)."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    env["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT", str(free_port()))
+    return env
+
+
+def launcher_command(cfg: StageConfig, module_args: list[str]) -> list[str]:
+    """torchrun or deepspeed command line running `python -m dgpt_core.train` on every process."""
+    if cfg.launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(cfg.num_processes)]
+        if cfg.num_nodes > 1:
+            if not cfg.hostfile:
+                raise ValueError("multi-node training with launcher=deepspeed needs a hostfile")
+            cmd += ["--num_nodes", str(cfg.num_nodes), "--hostfile", cfg.hostfile]
+        else:
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        return [*cmd, "--module", "dgpt_core.train", *module_args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.num_processes)]
+    if cfg.num_nodes > 1:
+        if not cfg.rdzv_endpoint:
+            raise ValueError("multi-node training with launcher=torchrun needs rdzv_endpoint host:port")
+        cmd += ["--nnodes", str(cfg.num_nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", cfg.rdzv_endpoint]
+    else:
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [*cmd, "-m", "dgpt_core.train", *module_args]
+
+
+def run_training_stage(
+    run_config_path: str,
+    stage: str,
+    dataset_dir: str,
+    tokenizer_dir: str,
+    out_dir: str,
+    init_model_dir: str | None,
+    tracking_env: dict[str, str],
+) -> dict[str, Any]:
+    """Train one stage, resuming from its last complete checkpoint; returns model_dir and metrics."""
+    run = RunConfig.from_yaml(run_config_path)
+    cfg: StageConfig = getattr(run, stage)
+    report_to = "mlflow" if tracking_env else "none"
+    if cfg.num_processes * cfg.num_nodes == 1:
+        from dgpt_core.train import train_stage
+
+        env = dict(tracking_env)
+        if cfg.deepspeed:
+            env |= single_process_env()
+        with patched_env(env):
+            try:
+                result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir=init_model_dir,
+                                     resume=True, report_to=report_to)
+            finally:
+                _end_active_mlflow_runs()
+        return {"model_dir": str(result.model_dir), "metrics": result.metrics}
+
+    module_args = ["--run-config", run_config_path, "--stage", stage, "--dataset-dir", dataset_dir,
+                   "--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--resume", "--report-to", report_to]
+    if init_model_dir:
+        module_args += ["--init-model-dir", init_model_dir]
+    cmd = launcher_command(cfg, module_args)
+    print(f"launching {stage}: {shlex.join(cmd)}")
+    subprocess.run(cmd, env={**os.environ, **tracking_env}, check=True)
+    return json.loads((Path(out_dir) / "stage_result.json").read_text())
+
+
+def _end_active_mlflow_runs() -> None:
+    """transformers' MLflowCallback leaves the run it resumed from MLFLOW_RUN_ID active in this
+    process; end it so later stages can start their own."""
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()

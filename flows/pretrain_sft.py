@@ -1,0 +1,275 @@
+"""The `pretrain-sft` flow: data -> pretrain -> SFT -> eval -> publish, with cached stages,
+MLflow tracking and Prefect artifacts.
+
+    dgpt run --preset tiny                                   # locally, Prefect's temporary server
+    prefect deployment run pretrain-sft/full --param preset=fineweb
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import get_run_context
+from prefect.filesystems import LocalFileSystem
+
+from dgpt_core.run_config import RunConfig, load_run_config
+from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
+
+from .caching import stage_key
+from .report_card import write_report_card
+from .tracking import Tracker, git_state
+
+STAGES = ("data", "pretrain", "sft", "eval", "publish")
+UPSTREAM = {"data": (), "pretrain": ("data",), "sft": ("data", "pretrain"), "eval": ("data", "pretrain", "sft"),
+            "publish": ("sft", "eval")}
+
+
+def plan_stages(from_stage: str | None, only: list[str] | None, refresh: list[str] | None) -> tuple[list[str], set[str]]:
+    """(stages to run in order, stages forced to recompute). `only` runs just those stages (their
+    upstream stages run too, normally from the cache); `from_stage` recomputes it and everything
+    after; `refresh` recomputes the named stages."""
+    for name in [*(only or []), *(refresh or []), *([from_stage] if from_stage else [])]:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}: expected one of {STAGES}")
+    forced = set(refresh or [])
+    if only:
+        wanted, stack = set(only), list(only)
+        while stack:
+            for dep in UPSTREAM[stack.pop()]:
+                if dep not in wanted:
+                    wanted.add(dep)
+                    stack.append(dep)
+        return [s for s in STAGES if s in wanted], forced | set(only)
+    if from_stage:
+        forced |= set(STAGES[STAGES.index(from_stage):])
+    return list(STAGES), forced
+
+
+class StageRunner:
+    """Runs cached stage tasks and records per-stage wall time, cache hits and MLflow child runs."""
+
+    def __init__(self, root: Path, forced: set[str], tracker: Tracker | None):
+        basepath = str(root / ".prefect-results")
+        self.storage = LocalFileSystem(basepath=basepath)
+        # Prefect only takes result storage that is saved server-side; one block per output root
+        self.storage.save(f"dgpt-results-{hashlib.sha256(basepath.encode()).hexdigest()[:12]}", overwrite=True)
+        self.forced, self.tracker = forced, tracker
+        self.wall: dict[str, float] = {}
+        self.cache_hits: dict[str, bool] = {}
+        self.child_runs: dict[str, str] = {}
+
+    def child(self, name: str) -> str | None:
+        if self.tracker and name not in self.child_runs:
+            self.child_runs[name] = self.tracker.start_child(name)
+        return self.child_runs.get(name)
+
+    def __call__(self, name: str, stage: str, task, /, **params: Any) -> dict[str, Any]:
+        print(f"\n===== {name} =====")
+        start = time.perf_counter()
+        configured = task.with_options(result_storage=self.storage, refresh_cache=stage in self.forced)
+        state = configured(**params, return_state=True)
+        result = state.result()
+        hit = state.name == "Cached"
+        if hit and not all(Path(p).exists() for p in _paths(result)):
+            print(f"{name}: cached outputs are gone, recomputing")
+            state = task.with_options(result_storage=self.storage, refresh_cache=True)(**params, return_state=True)
+            result, hit = state.result(), False
+        self.wall[name] = round(time.perf_counter() - start, 2)
+        self.cache_hits[name] = hit
+        print(f"{name}: {'cache hit' if hit else 'done'} in {self.wall[name]:.1f}s")
+        return result
+
+
+def _paths(result: dict[str, Any]) -> list[str]:
+    keys = ("model_dir", "metrics_path", "report_path", "folder", "out_dir")
+    found = [result[k] for k in keys if isinstance(result.get(k), str)]
+    return found + list(result.get("folders", {}).values())
+
+
+@flow(name="pretrain-sft", log_prints=True)
+def pretrain_sft(
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    output_dir: str | None = None,
+    run_name: str | None = None,
+    refresh: list[str] | None = None,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline for a preset; returns the run summary (also written to summary.json)."""
+    logger = get_run_logger()
+    run = load_run_config(preset, overrides)
+    root = Path(output_dir or run.output_dir).resolve()
+    flow_run = get_run_context().flow_run
+    run_name = run_name or f"{run.preset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_dir = root / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = str(run.save_yaml(run_dir / "run_config.yaml"))
+    to_run, forced = plan_stages(from_stage, only, refresh)
+    logger.info("run %s: stages %s (forced: %s) -> %s", run_name, to_run, sorted(forced), run_dir)
+
+    tracker = Tracker(run.tracking, root) if run.tracking.enabled else None
+    if tracker:
+        tags = {"prefect.flow_run_id": str(flow_run.id), "preset": run.preset, **git_state()}
+        tracker.start_parent(run_name, tags, run.model_dump(mode="json"))
+        tracker.log_artifact(tracker.parent_id, Path(config_path))
+    runner = StageRunner(root, forced, tracker)
+    progress_id = create_progress_artifact(progress=0.0, key="pretrain-sft-progress", description=run_name)
+    summary: dict[str, Any] = {"run_name": run_name, "preset": run.preset, "status": "running",
+                               "run_dir": str(run_dir), "run_config": config_path,
+                               "flow_run_id": str(flow_run.id), "stages": to_run}
+    started = time.perf_counter()
+    try:
+        results = _run_stages(run, config_path, root, to_run, runner, tracker, progress_id)
+        summary["status"] = "completed"
+    except BaseException:
+        summary["status"] = "failed"
+        raise
+    finally:
+        summary["wall_time_s"] = {**runner.wall, "total": round(time.perf_counter() - started, 2)}
+        summary["cache_hit"] = runner.cache_hits
+        if tracker:
+            summary["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+                                 "parent_run_id": tracker.parent_id, "stage_run_ids": runner.child_runs}
+            for run_id in [*runner.child_runs.values(), tracker.parent_id]:
+                tracker.end(run_id, ok=summary["status"] == "completed")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary.update(results)
+    card = write_report_card(run_dir, run, summary)
+    summary["report_card"] = str(card)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    create_markdown_artifact(key="run-report-card", markdown=card.read_text(), description=run_name)
+    if tracker:
+        tracker.log_artifact(tracker.parent_id, card)
+        tracker.log_artifact(tracker.parent_id, run_dir / "summary.json")
+    _point_latest(root, run_dir)
+    print(f"\nrun folder: {run_dir}\nsummary:    {run_dir / 'summary.json'}\nreport:     {card}")
+    return summary
+
+
+def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str], runner: StageRunner,
+                tracker: Tracker | None, progress_id) -> dict[str, Any]:
+    stages_dir = root / "stages"
+    out: dict[str, Any] = {"models": {}, "evals": {}}
+    done = 0
+
+    def step_done() -> None:
+        nonlocal done
+        done += 1
+        update_progress_artifact(progress_id, progress=100.0 * done / len(to_run))
+
+    data_key = stage_key("data", {"data": run.data.model_dump(mode="json"),
+                                  "tokenizer": run.tokenizer.model_dump(mode="json"),
+                                  "max_seq_len": run.model.max_seq_len})
+    data = runner("data", "data", data_task, key=data_key, run_config_path=config_path,
+                  out_dir=str(stages_dir / data_key))
+    folders = data["folders"]
+    out["data"] = folders
+    if tracker:
+        child = runner.child("data")
+        tracker.log_metrics(child, {name: {"splits": m.get("splits", {}), **_numbers(m)}
+                                    for name, m in data["manifests"].items() if m})
+        for name in ("pretrain", "sft"):
+            if name in folders:
+                tracker.log_artifact(child, Path(folders[name]) / "report.md", f"data_report/{name}")
+    _data_artifact(folders)
+    step_done()
+
+    keys = {"data": data_key}
+    model_section = run.model.model_dump(mode="json")
+    previous_model = None
+    for stage in ("pretrain", "sft"):
+        cfg = getattr(run, stage)
+        if stage not in to_run or not cfg.enabled or stage not in folders:
+            continue
+        upstream = [data_key] + ([keys["pretrain"]] if stage == "sft" and "pretrain" in keys else [])
+        key = stage_key(stage, {"model": model_section, stage: cfg.model_dump(mode="json")}, upstream)
+        child = runner.child(stage)
+        result = runner(stage, stage, train_task, key=key, stage=stage, run_config_path=config_path,
+                        dataset_dir=folders[stage], tokenizer_dir=folders["tokenizer"],
+                        out_dir=str(stages_dir / key), init_model_dir=cfg.init_from or previous_model,
+                        tracking_env=tracker.stage_env(child) if tracker else {})
+        keys[stage], previous_model = key, result["model_dir"]
+        out["models"][stage] = result["model_dir"]
+        out.setdefault("train_metrics", {})[stage] = result["metrics"]
+        if tracker:
+            tracker.log_metrics(child, {"final": result["metrics"]})
+        step_done()
+
+    if "eval" in to_run:
+        if "untrained" in run.eval_models:
+            key = stage_key("pretrain", {"model": model_section, "untrained": True, "seed": run.pretrain.seed}, [data_key])
+            result = runner("untrained-model", "eval", untrained_model_task, key=key, run_config_path=config_path,
+                            tokenizer_dir=folders["tokenizer"], out_dir=str(stages_dir / key))
+            out["models"]["untrained"] = result["model_dir"]
+            keys["untrained"] = key
+        for name in run.eval_models:
+            if name not in out["models"]:
+                continue
+            key = stage_key("eval", {"eval": run.eval.model_dump(mode="json"), "model": name}, [keys[name], data_key])
+            result = runner(f"eval-{name}", "eval", eval_task, key=key, model_dir=out["models"][name],
+                            out_dir=str(stages_dir / key), run_config_path=config_path, data_folders=folders)
+            out["evals"][name] = {k: result[k] for k in ("metrics_path", "report_path", "out_dir")}
+            keys[f"eval-{name}"] = key
+            create_markdown_artifact(key=f"eval-report-{name}", markdown=Path(result["report_path"]).read_text(),
+                                     description=f"eval of the {name} model")
+            if tracker:
+                child = runner.child(f"eval-{name}")
+                tracker.log_metrics(child, {"eval": {name: _eval_headline(result["metrics"])}})
+                tracker.log_metrics(tracker.parent_id, {"eval": {name: _eval_headline(result["metrics"])}})
+                tracker.log_artifact(child, Path(result["out_dir"]), "eval")
+        step_done()
+
+    final_model = out["models"].get("sft") or out["models"].get("pretrain")
+    if tracker and final_model:
+        name, version = tracker.log_text_diffusion_model(runner.child("sft"), Path(final_model))
+        out["registered_model"] = {"name": name, "version": version, "alias": run.tracking.model_alias}
+
+    if "publish" in to_run and final_model:
+        eval_dirs = {name: paths["out_dir"] for name, paths in out["evals"].items() if name != "untrained"}
+        upstream = [keys.get("sft", keys.get("pretrain", "")), *(keys.get(f"eval-{n}", "") for n in sorted(eval_dirs))]
+        # the token's presence decides dry run vs upload, so it is part of the key (never its value)
+        has_token = bool(os.environ.get(run.publish.token_env))
+        key = stage_key("publish", {"publish": run.publish.model_dump(mode="json"), "token": has_token}, upstream)
+        result = runner("publish", "publish", publish_task, key=key, model_dir=final_model,
+                        out_dir=str(stages_dir / key), run_config_path=config_path, eval_dirs=eval_dirs)
+        out["publish"] = result
+        if tracker:
+            child = runner.child("publish")
+            tracker.log_metrics(child, {"publish": {"uploaded": result["uploaded"], "verified": result["verified"],
+                                                    "files": len(result["files"])}})
+        step_done()
+    return out
+
+
+def _numbers(manifest: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in manifest.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _eval_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The comparable numbers of an eval: perplexity bound, benchmarks, repetition."""
+    return {"ppl_bound": metrics.get("ppl_bound", {}), "benchmarks": metrics.get("benchmarks", {}),
+            "repetition": metrics.get("repetition", {})}
+
+
+def _data_artifact(folders: dict[str, str]) -> None:
+    parts = [Path(folders[name], "report.md").read_text() for name in ("pretrain", "sft")
+             if name in folders and Path(folders[name], "report.md").exists()]
+    if parts:
+        create_markdown_artifact(key="data-report", markdown="\n\n".join(parts), description="data stage report")
+
+
+def _point_latest(root: Path, run_dir: Path) -> None:
+    latest = root / "latest"
+    tmp = root / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(latest)
