@@ -36,6 +36,19 @@ class StageResult:
     """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, eval_loss."""
 
 
+def single_process_env() -> dict[str, str]:
+    """What DeepSpeed needs to run as a one-process group without a launcher (else it looks for
+    mpi4py): rank 0 of 1 with a free loopback port. Existing values are kept."""
+    import socket
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(sock.getsockname()[1])
+    return {key: os.environ.get(key, value) for key, value in env.items()}
+
+
 def load_stage_datasets(dataset_dir: str | Path) -> datasets.DatasetDict:
     """The train / validation splits a data stage wrote with save_to_disk."""
     data = datasets.load_from_disk(str(dataset_dir))
@@ -66,6 +79,8 @@ def train_stage(
         raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
     cfg = getattr(run, stage)
     out_dir = Path(out_dir)
+    if cfg.deepspeed and "RANK" not in os.environ:
+        os.environ.update(single_process_env())
     tokenizer = load_tokenizer(tokenizer_dir)
     data = load_stage_datasets(dataset_dir)
     args = training_arguments(
@@ -95,6 +110,7 @@ def train_stage(
     metrics["parameters"] = count_parameters(model)
     metrics["steps"] = trainer.state.global_step
     metrics["tokens_seen"] = trainer.state.num_input_tokens_seen
+    metrics["world_size"] = trainer.args.world_size
     if "validation" in data and len(data["validation"]):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 

@@ -62,6 +62,20 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return max(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "deploy" / "deepspeed"
+
+
+def resolve_deepspeed(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """A DeepSpeed config dict, JSON path, or the name of one shipped in deploy/deepspeed (zero2)."""
+    if not isinstance(value, str) or Path(value).exists():
+        return value
+    shipped = DEEPSPEED_CONFIG_DIR / (value if value.endswith(".json") else f"{value}.json")
+    if shipped.exists():
+        return str(shipped)
+    names = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
+    raise FileNotFoundError(f"DeepSpeed config {value!r} is neither a file nor one of {names}")
+
+
 def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
     """TrainingArguments from the typed config, with the settings the diffusion trainer relies on."""
     kwargs: dict[str, Any] = dict(
@@ -85,7 +99,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides:
         dataloader_pin_memory=torch.cuda.is_available() and not cfg.use_cpu,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        deepspeed=cfg.deepspeed,
+        deepspeed=resolve_deepspeed(cfg.deepspeed),
         use_cpu=cfg.use_cpu,
         remove_unused_columns=False,  # eligible_mask is not a model argument
         logging_nan_inf_filter=False,  # a NaN must surface, not be replaced by the running mean

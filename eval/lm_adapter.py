@@ -106,8 +106,9 @@ class DiffusionLM(LM):
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Continuation ids as they are inside the joint text (lm-eval's convention), trailing
-        spaces of the context moved to the continuation."""
-        spaces = len(context) - len(context.rstrip())
+        spaces of the context moved to the continuation (not newlines: a chat prompt ends with
+        `assistant\n`, which belongs to the prompt)."""
+        spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole, ctx = self.encode(context + continuation), self.encode(context)

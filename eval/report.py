@@ -202,6 +202,7 @@ def render_markdown(metrics: dict[str, Any], samples: dict[str, Any]) -> str:
             ["seed", meta.get("seed")],
             ["steps", meta.get("settings", {}).get("steps")],
             ["wall time (s)", meta.get("wall_time_s")],
+            *[[f"  {part} (s)", sec] for part, sec in meta.get("seconds", {}).items()],
         ]), "",
     ]
     lines += _ppl_section(metrics.get("ppl_bound", {}))

@@ -250,15 +250,22 @@ def run_eval(
     bm.check_standard_tasks(cfg.standard_tasks())  # fail fast, before loading anything
     suite = _Suite(model_dir, out_dir, cfg, model, tokenizer)
     metrics: dict[str, Any] = {"ppl_bound": {}, "benchmarks": {}, "repetition": {}, "repetition_by_mode": {}}
+    timings: dict[str, float] = {"load": time.perf_counter() - t0}
     if cfg.wants("ppl"):
+        start = time.perf_counter()
         metrics["ppl_bound"] = suite.ppl()
+        timings["ppl"] = time.perf_counter() - start
     if any(cfg.wants(t) for t in ("dgpt_skills", bm.CHITCHAT_TASK, bm.TEXT_TASK)) or cfg.standard_tasks():
+        start = time.perf_counter()
         tm = bm.local_task_manager(suite.task_data())
         metrics["benchmarks"] = suite.benchmarks(tm)
+        timings["benchmarks"] = time.perf_counter() - start
     primary = "chat" if suite.kind == "sft" else "plain"
     if cfg.wants("repetition"):
+        start = time.perf_counter()
         metrics["repetition_by_mode"] = suite.repetition()
         metrics["repetition"] = metrics["repetition_by_mode"].get(primary, {})
+        timings["repetition"] = time.perf_counter() - start
     metrics["meta"] = {
         "model": {"path": str(Path(model_dir).resolve()), "kind": suite.kind, "max_seq_len": suite.max_len,
                   "vocab_size": len(suite.tok), "parameters": sum(p.numel() for p in suite.model.parameters())},
@@ -270,6 +277,7 @@ def run_eval(
         "repetition_mode": primary,
         "versions": _versions(),
         "notes": suite.notes,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
     write_outputs(out_dir, metrics, suite.samples, plots=cfg.plots)

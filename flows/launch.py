@@ -37,14 +37,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def single_process_env() -> dict[str, str]:
-    """What DeepSpeed needs to run as a one-process group without a launcher (no mpi4py)."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    env["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    env["MASTER_PORT"] = os.environ.get("MASTER_PORT", str(free_port()))
-    return env
-
-
 def launcher_command(cfg: StageConfig, module_args: list[str]) -> list[str]:
     """torchrun or deepspeed command line running `python -m dgpt_core.train` on every process."""
     if cfg.launcher == "deepspeed":
@@ -82,10 +74,7 @@ def run_training_stage(
     if cfg.num_processes * cfg.num_nodes == 1:
         from dgpt_core.train import train_stage
 
-        env = dict(tracking_env)
-        if cfg.deepspeed:
-            env |= single_process_env()
-        with patched_env(env):
+        with patched_env(dict(tracking_env)):
             try:
                 result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir=init_model_dir,
                                      resume=True, report_to=report_to)

@@ -74,6 +74,9 @@ def test_until_and_encode_pair(tiny_model, tiny_tokenizer):
     lm = _lm(tiny_model, tiny_tokenizer)
     ctx, cont = lm.encode_pair("the red ", "cat")
     assert ctx + cont == lm.encode("the red cat") and cont
+    chat = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ctx, cont = lm.encode_pair(chat, " cat<|im_end|>")
+    assert ctx == lm.encode(chat) and tiny_tokenizer.decode(cont) == " cat<|im_end|>"
     im_end = special_token_ids(tiny_tokenizer)["im_end"]
     assert im_end in lm._stops(["<|im_end|>", "\n"])
 
