@@ -121,6 +121,13 @@ def resolve_preset_path(name_or_path: str | Path) -> Path:
     raise FileNotFoundError(f"unknown preset {name_or_path!r}: use one of {known} or a path to a YAML file")
 
 
+def add_config_arguments(parser: Any) -> None:
+    """--preset and repeatable --set key.path=value on an argparse (sub)parser."""
+    parser.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. sft.learning_rate=1e-4 (repeatable)")
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 

@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+from .run_config import add_config_arguments
+
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="prepare data, pretrain and SFT a model", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. sft.learning_rate=1e-4 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="run folder (default: <output_dir>/<preset>)")
     parser.add_argument("--stages", default="pretrain,sft", help="comma-separated subset of pretrain,sft")
     parser.add_argument("--samples", type=int, default=4, help="held-out skills prompts to answer at the end")

@@ -10,15 +10,14 @@ import argparse
 import json
 import sys
 
+from dgpt_core.run_config import add_config_arguments
 from flows.pretrain_sft import STAGES
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("run", help="run the whole pipeline (Prefect flow pretrain-sft)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. sft.learning_rate=1e-4 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="output root (default: the preset's output_dir)")
     parser.add_argument("--run-name", default=None, help="name of the run folder (default: preset-timestamp)")
     parser.add_argument("--refresh", nargs="+", default=[], choices=STAGES, help="recompute these stages")

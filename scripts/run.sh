@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# The main job: the tiny preset end to end, offline, on CPU. Extra arguments go to `dgpt train`.
+# The main job: the tiny preset through the whole pipeline (data, pretrain, SFT, eval, publish dry
+# run), offline, on CPU. Extra arguments go to `dgpt run` (e.g. --set sft.max_steps=500).
 source "$(dirname "$0")/bootstrap.sh"
-exec dgpt train --preset tiny "$@"
+exec dgpt run --preset tiny "$@"

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..run_config import add_config_arguments
+
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -25,9 +27,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. data.num_proc=2 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="data root (default: <output_dir>/<preset>/data)")
     parser.add_argument("--stage", choices=("all", "tokenizer", "pretrain", "sft"), default="all",
                         help="run one stage (its upstream tokenizer stage must exist or is built)")

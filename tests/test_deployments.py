@@ -1,0 +1,275 @@
+"""prefect.yaml and the deploy/prefect scripts: the file names both deployments with the real flow,
+and the real deployment cycle against a local Prefect server on 127.0.0.1 (server, work pools,
+`prefect deploy --name smoke`, a process worker, `prefect deployment run pretrain-sft/smoke --watch`)
+ends Completed, then everything is stopped by PID."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "deploy" / "prefect"
+ENTRYPOINT = "flows/pretrain_sft.py:pretrain_sft"
+
+QUIET_OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DS_ACCELERATOR": "cpu",
+}
+
+# A short but complete run of the real flow: every stage (data, pretrain, SFT, eval, publish dry
+# run) of the ci preset, with 2 training steps and a reduced eval, passed as deployment parameters.
+SMOKE_OVERRIDES = [
+    "pretrain.max_steps=2",
+    "sft.max_steps=2",
+    "tracking.enabled=false",
+    "eval_models=[sft]",
+    "eval.tasks=[ppl,dgpt_skills]",
+    "eval.strategies=[confidence]",
+    "eval.limit=1",
+    "eval.steps=4",
+    "eval.steps_grid=[4]",
+    "eval.ppl_t_points=2",
+    "eval.ppl_mask_draws=1",
+]
+
+
+def _config() -> dict:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())
+
+
+def _deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _config()["deployments"]}
+
+
+# --------------------------------------------------------------------------- prefect.yaml
+
+
+def test_prefect_yaml_names_both_deployments_of_the_real_flow():
+    from flows.pretrain_sft import pretrain_sft
+
+    deployments = _deployments()
+    assert set(deployments) == {"full", "smoke"}
+    flow_params = set(inspect.signature(pretrain_sft.fn).parameters)
+    for name, dep in deployments.items():
+        path, _, func = dep["entrypoint"].partition(":")
+        assert dep["entrypoint"] == ENTRYPOINT and (ROOT / path).is_file()
+        assert func == "pretrain_sft" and pretrain_sft.name == "pretrain-sft"
+        assert set(dep["parameters"]) <= flow_params, name
+        assert dep["work_pool"]["name"] == {"full": "gpu-pool", "smoke": "cpu-pool"}[name]
+    # the pull step runs the flow from the worker's checkout
+    (step,) = _config()["pull"]
+    assert step == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DGPT_ROOT }}"}}
+
+
+def test_the_full_deployment_is_gpu_production_with_a_guarded_schedule():
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from dgpt_core.run_config import load_run_config
+
+    full = _deployments()["full"]
+    assert full["parameters"]["preset"] == "fineweb"
+    assert load_run_config(full["parameters"]["preset"], full["parameters"]["overrides"]).preset == "fineweb"
+    assert full["concurrency_limit"]["limit"] == 1
+    (schedule,) = full["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # validates the cron expression
+    assert schedule["active"] is False  # a fresh server never starts GPU jobs unasked
+    env = full["work_pool"]["job_variables"]["env"]
+    assert env["DS_ACCELERATOR"] == "cuda" and env["CUDA_VISIBLE_DEVICES"]
+    assert all(isinstance(v, str) for v in env.values())
+
+
+def test_the_smoke_deployment_is_the_ci_preset_offline_on_cpu():
+    from dgpt_core.run_config import load_run_config
+
+    smoke = _deployments()["smoke"]
+    assert smoke["parameters"]["preset"] == "ci"
+    load_run_config("ci", SMOKE_OVERRIDES)  # the test's overrides are valid
+    env = smoke["work_pool"]["job_variables"]["env"]
+    assert env["DS_ACCELERATOR"] == "cpu" and env["HF_HUB_OFFLINE"] == "1"
+    assert smoke["concurrency_limit"] == 1 and not smoke.get("schedules")
+
+
+def test_scripts_are_valid_bash_and_strict():
+    for script in sorted(SCRIPTS.glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        text = script.read_text()
+        assert "set -euo pipefail" in text or "common.sh" in text, script.name
+        if script.name != "common.sh":
+            assert os.access(script, os.X_OK), f"{script.name} is not executable"
+
+
+# --------------------------------------------------------------------------- the real cycle
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive either
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+class LocalPrefect:
+    """The deploy/prefect scripts, run with an isolated state folder, PREFECT_HOME and port."""
+
+    def __init__(self, state: Path):
+        self.state = state
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DGPT_ROOT"}
+        venv_bin = str(Path(sys.executable).parent)
+        env.update(QUIET_OFFLINE)
+        env.update({
+            "PATH": f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
+            "VIRTUAL_ENV": sys.prefix,
+            "DGPT_PREFECT_DIR": str(state),
+            "PREFECT_HOME": str(state / "home"),
+            "DGPT_PREFECT_PORT": str(_free_port()),
+            "DGPT_PREFECT_TIMEOUT": "120",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            # built DeepSpeed ops and HF caches are reused across test runs (git-ignored .cache/)
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+            "HF_HOME": os.environ.get("HF_HOME", str(ROOT / ".cache" / "huggingface")),
+        })
+        self.env = env
+
+    def sh(self, script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["bash", str(SCRIPTS / script), *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{script} {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{self.logs()}"
+        return proc
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {**self.env, "PREFECT_API_URL": self.api_url}
+        return subprocess.run(["prefect", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    @property
+    def api_url(self) -> str:
+        return (self.state / "api_url").read_text().strip()
+
+    def pids(self) -> dict[str, int]:
+        found = {}
+        for path in self.state.glob("*.pid"):
+            text = path.read_text().strip()
+            if text.isdigit():
+                found[path.stem] = int(text)
+        return found
+
+    def logs(self, lines: int = 40) -> str:
+        parts = []
+        for path in sorted(self.state.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name} (last {lines} lines)\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def teardown(self) -> None:
+        """stop.sh; then, whatever it left, SIGKILL by the recorded PIDs (their process groups)."""
+        pids = self.pids()
+        try:
+            subprocess.run(["bash", str(SCRIPTS / "stop.sh")], cwd=ROOT, env=self.env, timeout=120,
+                           capture_output=True)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in pids.values():
+            if _alive(pid):
+                for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
+                    try:
+                        kill(pid)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+
+
+@pytest.fixture
+def local_prefect(tmp_path):
+    stack = LocalPrefect(tmp_path / "prefect")
+    try:
+        yield stack
+    finally:
+        stack.teardown()
+
+
+def test_smoke_deployment_runs_to_completed_through_a_worker(local_prefect, tmp_path):
+    stack = local_prefect
+    started = time.perf_counter()
+    url = stack.sh("server.sh", "start").stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api", url) and url == stack.api_url
+    assert "running" in stack.sh("server.sh", "status").stdout
+    stack.sh("server.sh", "start")  # idempotent: reports the running server
+    assert (stack.state / "home").is_dir()
+
+    stack.sh("pools.sh")
+    pools = stack.cli("work-pool", "ls")
+    assert pools.returncode == 0 and "cpu-pool" in pools.stdout and "gpu-pool" in pools.stdout
+
+    stack.sh("deploy.sh", "smoke")
+    stack.sh("worker.sh", "cpu-pool")
+    pids = stack.pids()
+    assert set(pids) == {"server", "worker-cpu-pool"} and all(map(_alive, pids.values()))
+
+    out_dir = tmp_path / "runs"
+    run = stack.cli("deployment", "run", "pretrain-sft/smoke", "--watch", "--watch-timeout", "540",
+                    "--param", f"output_dir={out_dir}", "--param", f"overrides={json.dumps(SMOKE_OVERRIDES)}",
+                    "--param", "run_name=smoke")
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{stack.logs(80)}"
+    assert "Flow run finished successfully in 'Completed'" in run.stdout
+
+    # the flow run as the server recorded it: Completed, from the smoke deployment, on cpu-pool
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    query = (
+        "import json, sys, uuid\n"
+        "from prefect import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    fr = c.read_flow_run(uuid.UUID(sys.argv[1]))\n"
+        "    dep = c.read_deployment(fr.deployment_id)\n"
+        "    print(json.dumps({'state': fr.state.type.value, 'deployment': dep.name,\n"
+        "                      'pool': fr.work_pool_name, 'params': fr.parameters}))\n"
+    )
+    record = subprocess.run([sys.executable, "-c", query, flow_run_id], cwd=ROOT, capture_output=True, text=True,
+                            env={**stack.env, "PREFECT_API_URL": stack.api_url}, timeout=120)
+    assert record.returncode == 0, record.stderr
+    flow_run = json.loads(record.stdout.strip().splitlines()[-1])
+    assert flow_run["state"] == "COMPLETED"
+    assert flow_run["deployment"] == "smoke" and flow_run["pool"] == "cpu-pool"
+    assert flow_run["params"]["preset"] == "ci" and flow_run["params"]["overrides"] == SMOKE_OVERRIDES
+
+    # the worker ran it from the checkout (pull step) and the flow wrote its run summary
+    worker_log = (stack.state / "worker-cpu-pool.log").read_text(errors="replace")
+    assert "set_working_directory' completed successfully" in worker_log
+    summary = json.loads((out_dir / "smoke" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["preset"] == "ci"
+    assert summary["flow_run_id"] == flow_run_id
+    assert {"data", "pretrain", "sft", "eval-sft", "publish"} <= set(summary["wall_time_s"])
+
+    # stop.sh stops the worker and the server by PID
+    stack.sh("stop.sh", timeout=120)
+    assert not any(map(_alive, pids.values()))
+    assert not stack.pids()
+    print(f"deployment cycle: {time.perf_counter() - started:.1f}s")
