@@ -79,11 +79,15 @@ def test_pretrain_kind_plain_only(tmp_path, tiny_model, tiny_tokenizer):
 
 
 def test_standard_task_fails_fast_offline(tmp_path, sft_folder, capsys):
-    start = time.perf_counter()
-    code = main([str(sft_folder), "--out", str(tmp_path / "e"), "--tasks", "hellaswag", "dgpt_skills"])
-    assert code == 2 and time.perf_counter() - start < 5
-    err = capsys.readouterr().err
-    assert "hellaswag" in err and "Hub" in err
+    from dgpt_core.cli import SUBCOMMANDS
+    from dgpt_core.cli import main as dgpt_main
+
+    args = [str(sft_folder), "--out", str(tmp_path / "e"), "--tasks", "hellaswag", "dgpt_skills"]
+    for entry in ([main] + ([lambda a: dgpt_main(["eval", *a])] if "eval" in SUBCOMMANDS else [])):
+        start = time.perf_counter()
+        assert entry(args) == 2 and time.perf_counter() - start < 5
+        err = capsys.readouterr().err
+        assert "hellaswag" in err and "Hub" in err
     with pytest.raises(RuntimeError, match="arc_easy"):
         run_eval(sft_folder, tmp_path / "e2", EvalConfig(tasks=["arc_easy"]))
 
