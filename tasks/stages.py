@@ -18,7 +18,7 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True)
 
 
-@task(name="data", **CACHED)
+@task(name="data", log_prints=False, **CACHED)  # datasets prints dill disassembly while fingerprinting
 def data_task(key: str, run_config_path: str, out_dir: str) -> dict[str, Any]:
     """Tokenizer, pretraining text and SFT examples (dgpt_core.data.stages.prepare_all)."""
     from dgpt_core.data.manifest import read_manifest
