@@ -7,6 +7,7 @@ MLflow tracking and Prefect artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,7 +76,11 @@ class StageRunner:
         print(f"\n===== {name} =====")
         start = time.perf_counter()
         configured = task.with_options(result_storage=self.storage, refresh_cache=stage in self.forced)
-        state = configured(**params, return_state=True)
+        child = self.child(name)
+        # training processes sample system metrics themselves (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING)
+        sampling = self.tracker and "tracking_env" not in params
+        with self.tracker.system_metrics(child) if sampling else contextlib.nullcontext():
+            state = configured(**params, return_state=True)
         result = state.result()
         hit = state.name == "Cached"
         if hit and not all(Path(p).exists() for p in _paths(result)):
