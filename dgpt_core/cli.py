@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": ("eval.cli", "add_eval_parser"),
     "run": ("flows.cli", "add_run_parser"),
     "publish": ("deploy.publish_cli", "add_publish_parser"),
+    "bench": ("bench.cli", "add_bench_parser"),
 }
 
 

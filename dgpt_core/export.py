@@ -1,8 +1,8 @@
 """Save a trained model as one self-contained folder for the `text-diffusion` pipeline.
 
 The folder holds the safetensors weights, config.json (with `custom_pipelines` and optional
-`sampler_defaults`), the tokenizer files with the chat template, and copies of `pipeline.py` and
-`sampling.py`, so that in any process with torch and transformers
+`sampler_defaults`), the tokenizer files with the chat template, and copies of `pipeline.py`,
+`sampling.py` and `sampling_ops.py`, so that in any process with torch and transformers
 
     transformers.pipeline("text-diffusion", model=folder, trust_remote_code=True)
 
@@ -23,7 +23,7 @@ from .model import unwrap
 from .pipeline import DEFAULTS_KEY, TASK
 from .sampling import SamplerConfig
 
-PIPELINE_FILES = ("pipeline.py", "sampling.py")
+PIPELINE_FILES = ("pipeline.py", "sampling.py", "sampling_ops.py")
 CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline.TextDiffusionPipeline", "pt": ["AutoModelForMaskedLM"], "type": "text"},
 }

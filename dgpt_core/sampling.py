@@ -23,7 +23,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-Strategy = Literal["random", "confidence", "margin", "entropy"]
+from .sampling_ops import after_stop, delete_shift, draw, score_positions, select_positions, threshold_commit
+
+Strategy = Literal["random", "confidence", "margin", "entropy", "threshold"]
 PositionSelection = Literal["topk", "sample"]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """`(step, x, logits) -> logits`; x is the model input window (batch, context + block), logits
@@ -69,14 +71,20 @@ class SamplerConfig:
     strategy: Strategy = "random"
     """random: ancestral MDLM (each mask revealed with prob (t - s) / t); confidence / margin /
     entropy: reveal a count of masks per step (spread evenly over the remaining steps), chosen
-    by p(token), p1 - p2 or -H(p)."""
+    by p(token), p1 - p2 or -H(p); threshold: Fast-dLLM parallel decoding, reveal every mask
+    whose p(token) >= `threshold` (at least the best one, and at least the count that finishes
+    within `steps`), so the number of steps adapts to the model's certainty."""
     position_selection: PositionSelection = "topk"
     """Score strategies: reveal the top-k scores, or sample positions from
     softmax(score / position_temperature) without replacement."""
     position_temperature: float = 1.0
     """Temperature of position sampling (position_selection="sample")."""
+    threshold: float = 0.9
+    """Confidence a mask needs to be revealed in parallel (strategy="threshold")."""
     steps: int = 32
-    """Denoising steps (per block in semi-autoregressive mode)."""
+    """Denoising steps (per block in semi-autoregressive mode); a cap: a block ends as soon as no
+    mask is left (without editing), and for strategy="threshold" also once every row has a stop
+    token with no mask before it (the masks after it become pad)."""
     max_new_tokens: int = 64
     """Canvas length: the number of new tokens (all blocks together)."""
     temperature: float = 1.0
@@ -102,6 +110,7 @@ class SamplerConfig:
             "strategy": self.strategy in get_args(Strategy),
             "position_selection": self.position_selection in get_args(PositionSelection),
             "position_temperature": self.position_temperature > 0,
+            "threshold": 0 < self.threshold <= 1,
             "steps": self.steps >= 1,
             "max_new_tokens": self.max_new_tokens >= 1,
             "temperature": self.temperature >= 0,
@@ -221,9 +230,10 @@ def stream(
 ) -> Iterator[SamplerState]:
     """Yield the initial canvas, then the state after every denoising step; the last has done=True.
 
-    Full canvas: steps + 1 states. Semi-autoregressive: 1 + steps per block run; a row stops
-    after the first block that contains a stop token, and the run ends when every row stopped
-    or the canvas length is reached.
+    Full canvas: at most steps + 1 states (a block ends early when nothing is left to decode,
+    see `SamplerConfig.steps`). Semi-autoregressive: at most steps states per block run; a row
+    stops after the first block that contains a stop token, and the run ends when every row
+    stopped or the canvas length is reached.
     """
     cfg = (config or SamplerConfig()).replace(**overrides)
     device = next(model.parameters()).device
@@ -239,8 +249,8 @@ def stream(
     gen = torch.Generator(device=device)
     gen.seed() if cfg.seed is None else gen.manual_seed(cfg.seed)
     never = [i for i in (token_ids.mask, token_ids.pad, token_ids.im_start) if i is not None]
-    run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), logits_hook, tokens_hook)
     stop_ids = torch.tensor(cfg.stop_ids(token_ids), dtype=torch.long, device=device)
+    run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), stop_ids, logits_hook, tokens_hook)
 
     was_training = model.training
     model.eval()
@@ -254,10 +264,10 @@ def stream(
             window = _window(ctx[rows], ctx_mask[rows], None if max_len is None else max_len - size)
             if b == 0:
                 yield SamplerState(0, 0, ctx.new_full((batch, size), token_ids.mask), 0, False)
-            for j, (blk, block_nfe) in enumerate(_denoise_block(run, *window, size, step)):
+            for blk, block_nfe, last in _denoise_block(run, *window, size, step):
                 step += 1
                 finished = torch.isin(blk, stop_ids).any(1)
-                done = j == cfg.steps - 1 and (start + size >= cfg.max_new_tokens or bool(finished.all()))
+                done = last and (start + size >= cfg.max_new_tokens or bool(finished.all()))
                 canvas = torch.cat([out, _expand_rows(blk, rows, batch, token_ids.pad)], 1)
                 yield SamplerState(step, b, canvas, nfe + block_nfe, done)
             nfe += block_nfe
@@ -281,29 +291,45 @@ class _Run:
     gen: torch.Generator
     never: torch.Tensor
     """Ids never drawn: mask, pad, im_start."""
+    stops: torch.Tensor
+    """Stop token ids in effect."""
     logits_hook: LogitsHook | None
     tokens_hook: TokensHook | None
 
 
 def _denoise_block(
     run: _Run, context: torch.Tensor, context_mask: torch.Tensor, size: int, first_step: int
-) -> Iterator[tuple[torch.Tensor, int]]:
-    """Denoise `size` masks after the context in cfg.steps steps; after each step yield the block
-    (rows, size) and the forward passes so far."""
+) -> Iterator[tuple[torch.Tensor, int, bool]]:
+    """Denoise `size` masks after the context in at most cfg.steps steps; after each step yield
+    the block (rows, size), the forward passes so far and whether the block is finished.
+    With strategy="threshold" (and no editing) a row leaves the forward batch once it is finished."""
+    cfg, mask_id = run.cfg, run.ids.mask
     rows, width = context.shape
-    x = torch.cat([context, context.new_full((rows, size), run.ids.mask)], 1)
+    blk = context.new_full((rows, size), mask_id)
     attn = torch.cat([context_mask, context_mask.new_ones((rows, size))], 1)
-    forward = _Forward(run, attn, width)
-    steps = run.cfg.steps
-    for j in range(steps):
-        editing = run.cfg.edit and j < steps - 1
-        new = _denoise_step(
-            run, x[:, width:], functools.partial(forward, first_step + j, x), steps - j, editing
-        )
-        x = torch.cat([context, new], 1)
+    forward = _Forward(run, width)
+    compact = cfg.strategy == "threshold" and not cfg.edit
+    live = torch.arange(rows, device=context.device)
+    for j in range(cfg.steps):
+        editing = cfg.edit and j < cfg.steps - 1
+        current = blk[live] if compact else blk
+        x = torch.cat([context[live] if compact else context, current], 1)
+        get_logits = functools.partial(forward, first_step + j, x, attn[live] if compact else attn)
+        new = _denoise_step(run, current, get_logits, cfg.steps - j, editing)
+        blk = blk.index_put((live,), new) if compact else new
         if run.tokens_hook is not None:
-            x = torch.cat([context, run.tokens_hook(first_step + j, x)[:, width:]], 1)
-        yield x[:, width:], forward.nfe
+            blk = run.tokens_hook(first_step + j, torch.cat([context, blk], 1))[:, width:]
+        pending = blk == mask_id
+        if cfg.strategy == "threshold":  # masks after a row's stop token are not needed
+            pending &= ~after_stop(blk, run.stops)
+        unfinished = pending.any(1)
+        last = j == cfg.steps - 1 or (not cfg.edit and not bool(unfinished.any()))
+        if last and cfg.strategy == "threshold":
+            blk = blk.masked_fill(blk == mask_id, run.ids.pad)
+        yield blk, forward.nfe, last
+        if last:
+            return
+        live = unfinished.nonzero().squeeze(1)
 
 
 class _Forward:
@@ -313,20 +339,20 @@ class _Forward:
     reveal nothing need none); `nfe` counts the runs. For ModernBERT without a logits hook, the
     vocabulary projection runs on the requested positions alone."""
 
-    def __init__(self, run: _Run, attn: torch.Tensor, width: int) -> None:
-        self.run, self.attn, self.width = run, attn, width
+    def __init__(self, run: _Run, width: int) -> None:
+        self.run, self.width = run, width
         config = getattr(run.model, "config", None)
         self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
 
-    def __call__(self, step: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: int, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         model = self.run.model
         if self.cached is None or not torch.equal(self.cached[0], x):
             if self.split:
-                out = model.model(input_ids=x, attention_mask=self.attn).last_hidden_state[:, self.width :]
+                out = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, self.width :]
             else:
-                out = model(input_ids=x, attention_mask=self.attn).logits[:, self.width :]
+                out = model(input_ids=x, attention_mask=attn).logits[:, self.width :]
             self.cached = (x.clone(), out)
             self.nfe += 1
         out = self.cached[1]
@@ -378,19 +404,22 @@ def _denoise_step(
     lg.index_fill_(1, run.never, float("-inf"))
     if ids.delete is not None:
         lg[:, ids.delete].masked_fill_(cand_masked, float("-inf"))
-    tok, probs = _draw(lg, cfg.temperature, cfg.top_p, gen)
+    tok, probs = draw(lg, cfg.temperature, cfg.top_p, gen)
     conf = probs.gather(1, tok[:, None]).squeeze(1)
     drawn = blk.clone()
     drawn[cand] = tok
 
     if reveal is None:
         score = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
-        score[cand] = _score(cfg.strategy, probs, conf).double()
-        count = (masked.sum(1) + remaining - 1) // remaining
-        sample = cfg.position_selection == "sample"
-        reveal = masked & _select(
-            score.masked_fill(~masked, float("-inf")), count, sample, cfg.position_temperature, gen
-        )
+        score[cand] = score_positions(cfg.strategy, probs, conf).double()
+        score = score.masked_fill(~masked, float("-inf"))
+        count = (masked.sum(1) + remaining - 1) // remaining  # what finishes within the steps left
+        if cfg.strategy == "threshold":
+            chosen = threshold_commit(score, count, cfg.threshold)
+        else:
+            sample = cfg.position_selection == "sample"
+            chosen = select_positions(score, count, sample, cfg.position_temperature, gen)
+        reveal = masked & chosen
     update = reveal
 
     if editing:
@@ -400,7 +429,7 @@ def _denoise_step(
         gain = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
         gain[cand] = gain_c.masked_fill(~eligible, float("-inf"))
         cap = torch.ceil((~masked).sum(1) * cfg.edit_rate).long()
-        edits = _select(gain, cap, False, 1.0, gen) & torch.isfinite(gain)
+        edits = select_positions(gain, cap) & torch.isfinite(gain)
         update = update | edits
 
     new = torch.where(update, drawn, blk)
@@ -409,74 +438,3 @@ def _denoise_step(
         if bool(deleted.any()):
             new = delete_shift(new, deleted, ids.mask)
     return new
-
-
-def _draw(
-    lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of float32 logits; returns (tokens, the distribution drawn from)."""
-    if temperature == 0:
-        probs = lg.softmax(-1)
-        return probs.argmax(-1), probs
-    probs = (lg if temperature == 1 else lg / temperature).softmax(-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return _categorical(probs, gen), probs
-
-
-def _categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> torch.Tensor:
-    """One exact inverse-CDF draw per row, the CDF and the uniform in float64.
-
-    As precise as float64 Gumbel-max (bucket widths are relative, so no tail is truncated) but
-    one random number per row instead of one per vocabulary entry: a float64 Gumbel draw cost
-    most of a step at a 4k vocabulary, and a flat float64 cumsum over the vocabulary is slow on
-    CPU, so the CDF runs over chunk sums, then within the chosen chunk."""
-    rows, vocab = probs.shape
-    padded = torch.nn.functional.pad(probs, (0, -vocab % chunk)) if vocab % chunk else probs
-    blocks = padded.view(rows, -1, chunk)
-    sums = blocks.sum(-1).double()
-    cdf = sums.cumsum(-1)
-    u = torch.rand((rows, 1), generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
-    rest = u - (cdf - sums).gather(1, block)
-    inner = blocks.gather(1, block[:, :, None].expand(rows, 1, chunk)).squeeze(1).double().cumsum(-1)
-    tok = (block * chunk + torch.searchsorted(inner, rest, right=True).clamp_(max=chunk - 1)).squeeze(1)
-    tok = tok.clamp_(max=vocab - 1)
-    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0  # float64 rounding at a bucket edge (~1e-16)
-    if bool(bad.any()):
-        tok[bad] = probs[bad].argmax(-1)
-    return tok
-
-
-def _score(strategy: str, probs: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
-    if strategy == "confidence":
-        return conf
-    if strategy == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    return (probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(-1)  # -H; 2-3x faster than entr
-
-
-def _select(
-    score: torch.Tensor, count: torch.Tensor, sample: bool, temperature: float, gen: torch.Generator
-) -> torch.Tensor:
-    """Per row, a bool mask of the `count` highest scores, or `count` positions sampled without
-    replacement from softmax(score / temperature) (Gumbel-top-k)."""
-    if sample:
-        noise = torch.empty_like(score).exponential_(generator=gen)
-        score = score / temperature - noise.log()
-    order = score.argsort(dim=1, descending=True)
-    take = torch.arange(score.shape[1], device=score.device)[None, :] < count[:, None]
-    return torch.zeros_like(take).scatter_(1, order, take)
-
-
-def delete_shift(blk: torch.Tensor, deleted: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Remove the `deleted` positions of each row, shift the rest left and fill the tail with masks."""
-    order = torch.argsort(deleted.to(torch.uint8), dim=1, stable=True)
-    shifted = blk.gather(1, order)
-    size = blk.shape[1]
-    tail = torch.arange(size, device=blk.device)[None, :] >= size - deleted.sum(1, keepdim=True)
-    return shifted.masked_fill(tail, mask_id)

@@ -22,7 +22,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pretrain": ("dgpt_core",),
     "sft": ("dgpt_core",),
     "eval": ("dgpt_core", "eval"),
-    "publish": ("deploy", "dgpt_core/export.py", "dgpt_core/pipeline.py", "dgpt_core/sampling.py"),
+    "publish": ("deploy", "dgpt_core/export.py", "dgpt_core/pipeline.py", "dgpt_core/sampling.py",
+                "dgpt_core/sampling_ops.py"),
 }
 _HASHED_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".jinja"}
 

@@ -19,6 +19,7 @@ from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 import dgpt_core.sampling as sampling
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.sampling_ops import draw
 
 
 def main() -> None:
@@ -100,7 +101,7 @@ def main() -> None:
         _timed(lambda: torch.distributions.Categorical(logits=logits).sample()) for _ in range(args.repeats)
     )
     ours = min(
-        _timed(lambda: sampling._draw(logits.flatten(0, 1), 1.0, 1.0, gen)) for _ in range(args.repeats)
+        _timed(lambda: draw(logits.flatten(0, 1), 1.0, 1.0, gen)) for _ in range(args.repeats)
     )
     print(
         f"draw for all {args.batch}x{args.canvas} positions: Categorical {1e3 * best:.2f} ms, "

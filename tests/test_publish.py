@@ -35,6 +35,7 @@ MODEL_FILES = {
     "chat_template.jinja",
     "pipeline.py",
     "sampling.py",
+    "sampling_ops.py",
     "run_config.yaml",
     "train_metrics.json",
 }

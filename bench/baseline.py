@@ -1,0 +1,185 @@
+"""The baseline users would pick instead: a GPT-2 causal LM with our parameter count.
+
+It is trained through the transformers Trainer on the same prepared data as the diffusion run
+(the pretraining split, then the SFT split with the loss on the answer canvas only), for the same
+steps, batch sizes and learning-rate schedules as the run config (times `baseline_budget`).
+Then, beside the diffusion model:
+
+- `ppl`: its exact perplexity on held-out pretraining text (an end-of-text token prepended, so
+  every token is scored) and on held-out SFT answers given their prompts (`answer_ppl`), where
+  the diffusion model reports its ELBO upper bounds on the same tokens;
+- `exact_match` on the skills test items, greedy generation with a KV cache;
+- `tokens_per_s` of that generation, timed alternately with our threshold decoding.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+
+from dgpt_core.config import ModelConfig
+from dgpt_core.model import count_parameters
+from dgpt_core.sampling import SamplerConfig, TokenIds, cut_at_stop, left_pad
+from dgpt_core.schedules import get_schedule
+from dgpt_core.train import load_stage_datasets
+from dgpt_core.trainer import training_arguments
+from eval.ppl import answer_rows, ppl_bound, text_rows
+
+from .common import BenchSizes, Subject, alternate, median_ratio, per_skill
+from .sample import decode_items, diffusion_decoder, skill_prompts
+
+IGNORE = -100
+
+
+def matched_config(shape: ModelConfig, vocab_size: int, target_params: int, ids: TokenIds) -> GPT2Config:
+    """GPT-2 of the same width, depth and heads; the MLP width solved so the parameter count matches."""
+    h, layers = shape.hidden_size, shape.num_layers
+
+    def config(inner: int) -> GPT2Config:
+        return GPT2Config(
+            vocab_size=vocab_size, n_positions=shape.max_seq_len + 1, n_embd=h, n_layer=layers,
+            n_head=shape.num_heads, n_inner=inner, resid_pdrop=shape.dropout, embd_pdrop=shape.dropout,
+            attn_pdrop=shape.dropout, bos_token_id=ids.eos, eos_token_id=ids.eos, pad_token_id=ids.pad,
+        )
+
+    with torch.device("meta"):
+        at_4h = sum(p.numel() for p in GPT2LMHeadModel(config(4 * h)).parameters())
+    per_unit = (2 * h + 1) * layers  # c_fc weight + bias and c_proj weight per inner unit and layer
+    return config(max(1, 4 * h + round((target_params - at_4h) / per_unit)))
+
+
+class CausalCollator:
+    """Right-pads rows; labels are the tokens at eligible positions (all tokens without an
+    `eligible_mask`), -100 elsewhere; the model shifts them."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [torch.tensor(f["input_ids"], dtype=torch.long) for f in features]
+        keep = [torch.tensor(f["eligible_mask"], dtype=torch.bool) if f.get("eligible_mask") is not None
+                else torch.ones(len(r), dtype=torch.bool) for r, f in zip(ids, features)]
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_id)
+        eligible = pad_sequence(keep, batch_first=True, padding_value=False)
+        attention = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in ids], batch_first=True)
+        return {"input_ids": input_ids, "attention_mask": attention,
+                "labels": input_ids.masked_fill(~eligible, IGNORE)}
+
+
+def train_baseline(subject: Subject, out_dir: Path, budget: float) -> tuple[GPT2LMHeadModel, dict[str, Any]]:
+    """Pretraining then SFT of the matched GPT-2, as the run config trains the diffusion model."""
+    run, ids = subject.run, TokenIds.from_tokenizer(subject.tokenizer)
+    target = count_parameters(subject.model)
+    torch.manual_seed(run.seed)
+    model = GPT2LMHeadModel(matched_config(run.model, len(subject.tokenizer), target, ids))
+    info: dict[str, Any] = {"parameters": count_parameters(model), "diffusion_parameters": target,
+                            "budget_fraction": budget, "stages": {}}
+    for stage in ("pretrain", "sft"):
+        cfg = getattr(run, stage)
+        if not cfg.enabled or not (subject.data_dir / stage).exists():
+            continue
+        steps = max(1, round(cfg.max_steps * budget))
+        args = training_arguments(
+            cfg.model_copy(update={"max_steps": steps}), out_dir / "baseline_checkpoints" / stage,
+            deepspeed=None, save_strategy="no", logging_steps=max(1, steps), disable_tqdm=True, use_cpu=True,
+        )
+        data = load_stage_datasets(subject.data_dir / stage)["train"]
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=CausalCollator(ids.pad))
+        result = trainer.train()
+        info["stages"][stage] = {"steps": steps, "batch": cfg.per_device_batch_size,
+                                 "tokens": int(trainer.state.num_input_tokens_seen),
+                                 "seconds": result.metrics["train_runtime"], "loss": result.metrics["train_loss"]}
+    return model.eval(), info
+
+
+@torch.inference_mode()
+def causal_nll(model: GPT2LMHeadModel, rows: list[list[int]], targets: list[list[int]], bos: int,
+               batch_size: int = 16) -> tuple[float, int]:
+    """Exact summed -log p of the target positions of each row (given everything before), and their count."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = [[bos] + r for r in rows[start : start + batch_size]]
+        ids = pad_sequence([torch.tensor(r) for r in chunk], batch_first=True, padding_value=bos)
+        attention = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in chunk], batch_first=True)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        for i, t in enumerate(targets[start : start + batch_size]):
+            scored[i, [p + 1 for p in t]] = True  # +1: the prepended bos
+        logp = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        total += float(nll[scored[:, 1:]].sum())
+        count += int(scored.sum())
+    return total, count
+
+
+def perplexities(subject: Subject, ar: GPT2LMHeadModel, sizes: BenchSizes) -> dict[str, dict[str, float]]:
+    """Held-out text and held-out answers: AR exact perplexity and our ELBO bound."""
+    import datasets
+
+    run, ids = subject.run, TokenIds.from_tokenizer(subject.tokenizer)
+    n = sizes.ppl_sequences
+    schedule = get_schedule(run.sft.diffusion.schedule, run.eval.t_eps)
+    common = {"mask_id": ids.mask, "pad_id": ids.pad, "schedule": schedule, "t_points": run.eval.ppl_t_points,
+              "mask_draws": run.eval.ppl_mask_draws, "seed": 0, "batch_size": 32}
+    out: dict[str, dict[str, float]] = {"ar": {}, "ours": {}}
+    text = datasets.load_from_disk(str(subject.data_dir / "pretrain"))["validation"]
+    seqs = [list(s) for s in text.select(range(min(n, len(text))))["input_ids"]]
+    total, count = causal_nll(ar, seqs, [list(range(len(s))) for s in seqs], ids.eos)
+    out["ar"]["ppl"] = math.exp(total / count)
+    out["ours"]["ppl"] = ppl_bound(subject.model, text_rows(seqs), **common)["value"]
+    sft = datasets.load_from_disk(str(subject.data_dir / "sft"))["validation"]
+    part = sft.select(range(min(n, len(sft))))
+    rows, counts = answer_rows(list(zip(part["input_ids"], part["eligible_mask"])), ids.im_end)
+    if rows:
+        total, count = causal_nll(ar, [r.ids for r in rows], [r.targets[:c] for r, c in zip(rows, counts)], ids.eos)
+        out["ar"]["answer_ppl"] = math.exp(total / count)
+        out["ours"]["answer_ppl"] = ppl_bound(subject.model, rows, norm_tokens=counts, **common)["value"]
+    return out
+
+
+def baseline_suite(subject: Subject, sizes: BenchSizes, out_dir: Path) -> dict[str, Any]:
+    ar, info = train_baseline(subject, out_dir, sizes.baseline_budget)
+    ppl = perplexities(subject, ar, sizes)
+    items = per_skill(subject.skills, sizes.skills_per_skill)
+    prompts = skill_prompts(subject, items)
+    ids = TokenIds.from_tokenizer(subject.tokenizer)
+    canvas = subject.run.eval.skills_canvas or 24
+    stops = list(SamplerConfig().stop_ids(ids))
+    ours_cfg = SamplerConfig(strategy="threshold", threshold=0.9, steps=canvas, max_new_tokens=canvas,
+                             temperature=0.0, seed=0)
+    results: dict[str, Any] = {}
+
+    @torch.inference_mode()
+    def ar_decode(batch: list[list[int]]) -> tuple[list[list[int]], list[bool], float]:
+        prompt_ids, mask = left_pad(batch, ids.pad)
+        out = ar.generate(input_ids=prompt_ids, attention_mask=mask, max_new_tokens=canvas, do_sample=False,
+                          eos_token_id=stops, pad_token_id=ids.pad, use_cache=True)
+        new = out[:, prompt_ids.shape[1] :]
+        answers, stopped = cut_at_stop(new, stops)
+        return answers, stopped, new.shape[1]  # one forward per generated position
+
+    decoders = {"ar": ar_decode, "ours": diffusion_decoder(subject.model, ids, ours_cfg)}
+
+    def runner(key: str) -> Callable[[], None]:
+        def run() -> None:
+            results[key] = decode_items(items, prompts, sizes.batch_size, decoders[key], subject.tokenizer)
+
+        return run
+
+    seconds = alternate({key: runner(key) for key in decoders}, sizes.reps)
+    tps = {k: [results[k].tokens / s for s in seconds[k]] for k in seconds}
+    summary = {}
+    for key in ("ar", "ours"):
+        summary[key] = {**ppl[key], "exact_match": results[key].exact_match, "loop_rate": results[key].loop_rate,
+                        "nfe": results[key].nfe, "tokens_per_s": statistics.median(tps[key])}
+    summary["ar"].update({"parameters": info["parameters"], "training": info})
+    summary["ours"].update({"parameters": info["diffusion_parameters"], "method": "threshold@0.9",
+                            "ppl_is_upper_bound": True})
+    summary["ours_vs_ar_tokens_per_s"] = median_ratio(tps["ours"], tps["ar"])
+    return summary

@@ -1,0 +1,108 @@
+"""`dgpt bench`: run the benchmark suites on a model folder and write bench.json / bench.md.
+
+    dgpt bench --model runs/tiny/sft/model --out runs/tiny/bench            # every suite
+    dgpt bench --suite sample --model DIR --preset tiny
+    dgpt bench --preset ci --out /tmp/bench                                 # random weights, seconds
+
+`--preset` picks the measurement sizes (bench/common.SIZES) and, without `--model`, the run config
+whose shape a random-weight model takes and whose data is prepared into `<out>/data`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import SIZES, load_subject
+
+SUITES = ("train", "sample", "baseline")
+
+
+def run_bench(
+    out_dir: str | Path,
+    *,
+    suites: tuple[str, ...] = SUITES,
+    model_dir: str | Path | None = None,
+    preset: str = "tiny",
+    data_dir: str | Path | None = None,
+    skills_jsonl: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    plots: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run `suites` and write bench.json, bench.md and the plots into out_dir; returns bench.json's
+    content. Suites not run this time are kept from an existing bench.json in out_dir, so the
+    suites can run one command at a time."""
+    from .baseline import baseline_suite
+    from .report import write_report
+    from .sample import sample_suite
+    from .train import train_suite
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = dataclasses.replace(SIZES[preset], **(overrides or {}))
+    start = time.perf_counter()
+    subject = load_subject(model_dir, preset, out, data_dir, skills_jsonl)
+    previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
+    result: dict[str, Any] = {k: v for k, v in previous.items() if k in SUITES and k not in suites}
+    seconds: dict[str, float] = {k: v for k, v in previous.get("meta", {}).get("seconds", {}).items()
+                                 if k in result}
+    for suite in suites:
+        began = time.perf_counter()
+        if suite == "train":
+            result["train"] = train_suite(subject.run, len(subject.tokenizer), sizes)
+        elif suite == "sample":
+            result["sample"] = sample_suite(subject, sizes)
+        else:
+            result["baseline"] = baseline_suite(subject, sizes, out)
+        seconds[suite] = round(time.perf_counter() - began, 1)
+    result["meta"] = {
+        "model": subject.description,
+        "command": "; ".join(c for c in (previous.get("meta", {}).get("command", "") if result else "", command) if c),
+        "preset": preset,
+        "sizes": dataclasses.asdict(sizes),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "notes": subject.notes,
+        "seconds": {**seconds, "this_run": round(time.perf_counter() - start, 1)},
+    }
+    write_report(out, result, plots=plots)
+    return result
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="benchmark training, sampling and an AR baseline",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument("--model", default=None, help="saved model folder (default: random weights of --preset)")
+    parser.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    parser.add_argument("--preset", choices=sorted(SIZES), default="tiny", help="measurement sizes (default: tiny)")
+    parser.add_argument("--data", default=None, help="prepared data root (tokenizer/, pretrain/, sft/)")
+    parser.add_argument("--skills-jsonl", default=None, help="skills test items (default: <data>/sft/skills_test.jsonl)")
+    parser.add_argument("--reps", type=int, default=None, help="alternating repetitions per comparison")
+    parser.add_argument("--baseline-budget", type=float, default=None,
+                        help="fraction of the run's training steps for the AR baseline (default 1.0)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="generation lengths of the length plot")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.set_defaults(func=_main)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    given = {"reps": args.reps, "baseline_budget": args.baseline_budget,
+             "lengths": tuple(args.lengths) if args.lengths else None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    run_bench(args.out, suites=suites, model_dir=args.model, preset=args.preset, data_dir=args.data,
+              skills_jsonl=args.skills_jsonl, overrides=overrides, plots=not args.no_plots,
+              command="dgpt " + shlex.join(sys.argv[1:]))
+    print(Path(args.out) / "bench.md")
+    return 0

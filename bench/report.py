@@ -1,0 +1,148 @@
+"""bench.json, bench.md and the PNG plots of a `dgpt bench` run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eval.report import table, write_json
+
+TARGETS = {
+    "decoding_nfe_speedup": 3.0,
+    "decoding_tokens_per_s_speedup": 2.5,
+    "sampler_overhead_share_max": 0.15,
+    "train_throughput_ratio_min": 0.97,
+    "collator_share_max": 0.02,
+}
+
+
+def plot_methods(sweep: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Exact match vs NFE and vs tokens/s, one series per decoding method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = sorted({p["method"] for p in sweep.values()})
+    for method in methods:
+        points = sorted((p for p in sweep.values() if p["method"] == method), key=lambda p: p["nfe"])
+        for ax, key in zip(axes, ("nfe", "tokens_per_s")):
+            ax.plot([p[key] for p in points], [p["exact_match"] for p in points], marker="o", label=method)
+    for ax, label in zip(axes, ("forward passes per batch (NFE)", "answer tokens / s")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("skills exact match")
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_lengths(length: dict[str, Any], path: Path) -> Path:
+    """Sampler seconds vs generation length, full canvas vs block decoding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(length["lengths"], length["full_s"], marker="o", label="full canvas")
+    ax.plot(length["lengths"], length["block_s"], marker="o", label=f"blocks of {length['block_size']}")
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("seconds (batch 1, NFE = length / 4)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def targets(result: dict[str, Any]) -> list[list[Any]]:
+    """Rows (target, measured, goal, met) for whatever suites ran."""
+    rows: list[list[Any]] = []
+    sample, train = result.get("sample"), result.get("train")
+    if sample:
+        ok = sample["best_fast_within_quality"]
+        rows.append(["decoding NFE speedup (quality kept)", sample["nfe_speedup"], ">= 3", ok and
+                     sample["nfe_speedup"] >= TARGETS["decoding_nfe_speedup"]])
+        rows.append(["decoding tokens/s speedup (quality kept)", sample["tokens_per_s_speedup"], ">= 2.5", ok and
+                     sample["tokens_per_s_speedup"] >= TARGETS["decoding_tokens_per_s_speedup"]])
+        for vocab, share in sample["overhead_share"].items():
+            rows.append([f"sampler overhead share, vocab {vocab}", share, "< 0.15",
+                         share < TARGETS["sampler_overhead_share_max"]])
+    if train:
+        for vocab, row in train["by_vocab"].items():
+            rows.append([f"diffusion / MLM step throughput, vocab {vocab}", row["diffusion_vs_mlm_throughput"],
+                         ">= 0.97", row["diffusion_vs_mlm_throughput"] >= TARGETS["train_throughput_ratio_min"]])
+            rows.append([f"collator share, vocab {vocab}", row["collator_share"], "< 0.02",
+                         row["collator_share"] < TARGETS["collator_share_max"]])
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = ["# dgpt bench", "", f"Model: {meta['model']}. Command: `{meta['command']}`.", "",
+             f"Preset sizes: {meta['sizes']}; threads {meta['threads']}; torch {meta['torch']}.", ""]
+    lines += [f"- {note}" for note in meta["notes"]] + [""]
+    rows = targets(result)
+    if rows:
+        lines += ["## Targets", "", table(["target", "measured", "goal", "met"], rows), ""]
+    if "train" in result:
+        train = result["train"]
+        lines += ["## Training step: diffusion vs plain masked LM", "",
+                  table(["vocab", "stage", "batch x len", "diffusion tok/s", "MLM tok/s", "ratio", "collator share"],
+                        [[v, kind, f"{r['batch']}x{r['seq_len']}", r[kind]["diffusion_tokens_per_s"],
+                          r["mlm_tokens_per_s"], r[kind]["diffusion_vs_mlm_throughput"], r[kind]["collator_share"]]
+                         for v, r in train["by_vocab"].items() for kind in ("masking", "edit") if kind in r]),
+                  ""]
+    if "sample" in result:
+        sample = result["sample"]
+        lines += ["## Decoding methods on the skills test items", "",
+                  f"{sample['items']} items, canvas {sample['canvas']}, batch {sample['batch_size']}; reference "
+                  f"`{sample['reference']}`, best fast setting `{sample['best_fast']}` (within quality: "
+                  f"{sample['best_fast_within_quality']}): NFE x{sample['nfe_speedup']:.2f}, tokens/s "
+                  f"x{sample['tokens_per_s_speedup']:.2f}.", "",
+                  table(["method", "setting", "NFE per call", "NFE per prompt", "tokens/s", "exact match", "loop rate"],
+                        [[m, r["setting"], r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], r["exact_match"],
+                          r["loop_rate"]]
+                         for m, r in sample["methods"].items()]), "",
+                  "All settings:", "",
+                  table(["setting", "NFE per call", "NFE per prompt", "tokens/s", "exact match", "loop rate"],
+                        [[n, r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], r["exact_match"], r["loop_rate"]]
+                         for n, r in sample["sweep"].items()]), "",
+                  "![quality vs cost](methods.png)", "",
+                  "Sampler overhead (non-forward time / forward time):", "",
+                  table(["vocab", *next(iter(sample["overhead_by_strategy"].values()))],
+                        [[v, *s.values()] for v, s in sample["overhead_by_strategy"].items()]), ""]
+        length = sample["length"]
+        lines += ["Sampler time vs generation length:", "",
+                  table(["tokens", "full canvas s", "block s", "block / full"],
+                        [list(r) for r in zip(length["lengths"], length["full_s"], length["block_s"],
+                                              length["block_vs_full_time"])]), "",
+                  "![time vs length](lengths.png)", ""]
+    if "baseline" in result:
+        base = result["baseline"]
+        keys = ["parameters", "ppl", "answer_ppl", "exact_match", "loop_rate", "nfe", "tokens_per_s"]
+        lines += ["## Autoregressive baseline (GPT-2, same parameter count and data)", "",
+                  "Ours: perplexities are ELBO upper bounds; AR: exact. Ours decodes with `threshold@0.9`.", "",
+                  table(["model", *keys], [[k, *(base[k].get(c) for c in keys)] for k in ("ar", "ours")]), "",
+                  f"Our tokens/s over AR tokens/s: {base['ours_vs_ar_tokens_per_s']:.3f}. AR training: "
+                  f"{base['ar']['training']['stages']}.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, result: dict[str, Any], plots: bool = True) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_json(out_dir / "bench.json", result)}
+    (out_dir / "bench.md").write_text(render(result) + "\n")
+    paths["md"] = out_dir / "bench.md"
+    if plots and "sample" in result:
+        paths["methods_plot"] = plot_methods(result["sample"]["sweep"], out_dir / "methods.png")
+        paths["lengths_plot"] = plot_lengths(result["sample"]["length"], out_dir / "lengths.png")
+    return paths

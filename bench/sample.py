@@ -1,0 +1,260 @@
+"""Sampler benchmarks: per-step overhead, decoding methods on the skills test items, time vs length.
+
+Decoding methods (argmax tokens, seed 0, the skills canvas of the run's eval settings):
+`ancestral` (MDLM, positions at random) at its best-quality step count is the reference;
+`confidence` (count-based top-k) at its best step count; `threshold` (Fast-dLLM, tau 0.9,
+`steps` = canvas as the cap) and `threshold_block` (the same in blocks of half the canvas).
+Every setting of the sweep is timed in the same alternating loop, so tokens/s ratios compare
+runs made seconds apart. Tokens/s counts answer tokens (up to and including the stop token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dgpt_core import sampling
+from dgpt_core.data.skills import SkillItem, check_answer
+from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from eval.data import render_prompt
+from eval.metrics.repetition.repetition import repetition_metrics
+
+from .common import (
+    BenchSizes,
+    Subject,
+    alternate,
+    median_ratio,
+    per_skill,
+    random_model,
+    random_tokens,
+    synthetic_tokenizer,
+)
+
+QUALITY_TOLERANCE = 0.01
+"""A fast method qualifies when its exact match is at most this far below the reference's."""
+
+
+@contextlib.contextmanager
+def forward_timer() -> Iterator[list[float]]:
+    """Accumulate the seconds spent in the sampler's model calls (backbone plus the vocabulary
+    projection at the drawn positions) into the yielded one-element list."""
+    spent = [0.0]
+    original = sampling._Forward.__call__
+
+    def timed(self: Any, *args: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return original(self, *args)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    sampling._Forward.__call__ = timed
+    try:
+        yield spent
+    finally:
+        sampling._Forward.__call__ = original
+
+
+def overhead_share(subject: Subject, vocab_size: int, sizes: BenchSizes) -> dict[str, Any]:
+    """Non-forward time over forward time of whole sampler runs (batch 8, prompt 16, canvas 64,
+    32 steps) per strategy, median over repetitions, on a random model of the run's shape."""
+    tokenizer = synthetic_tokenizer(vocab_size)
+    model = random_model(subject.run.model, tokenizer, max_seq_len=80).eval()
+    ids = TokenIds.from_tokenizer(tokenizer)
+    prompts = random_tokens(tokenizer, (8, 16))
+    shares: dict[str, float] = {}
+    for strategy in ("random", "confidence", "threshold"):
+        cfg = SamplerConfig(strategy=strategy, steps=32, max_new_tokens=64, stop_token_ids=(), seed=0)
+        generate(model, prompts, ids, cfg)  # warm-up
+        ratios = []
+        for _ in range(sizes.reps):
+            with forward_timer() as forward:
+                start = time.perf_counter()
+                generate(model, prompts, ids, cfg)
+                total = time.perf_counter() - start
+            ratios.append((total - forward[0]) / forward[0])
+        shares[strategy] = statistics.median(ratios)
+    return {"share": max(shares.values()), "by_strategy": shares}
+
+
+@dataclass
+class Outcome:
+    """Quality and cost of one decoding setting over the items."""
+
+    exact_match: float
+    loop_rate: float
+    nfe: float
+    """Forward passes per sampler call (a batch of prompts)."""
+    tokens: int
+    """Answer tokens generated, stop tokens included."""
+
+
+def skill_prompts(subject: Subject, items: Sequence[SkillItem]) -> list[list[int]]:
+    tok = subject.tokenizer
+    return [tok(render_prompt(tok, item.prompt_messages, "sft"), add_special_tokens=False)["input_ids"] for item in items]
+
+
+def score(items: Sequence[SkillItem], answers: list[list[int]], stopped: list[bool], nfes: list[float],
+          tokenizer: Any) -> Outcome:
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    return Outcome(
+        exact_match=sum(check_answer(i, t) for i, t in zip(items, texts)) / len(items),
+        loop_rate=repetition_metrics(answers)["loop_rate"],
+        nfe=sum(nfes) / len(nfes),
+        tokens=sum(len(a) + s for a, s in zip(answers, stopped)),
+    )
+
+
+Decoder = Callable[[list[list[int]]], tuple[list[list[int]], list[bool], float]]
+"""A batch of prompts -> (answers, stopped, forward passes)."""
+
+
+def diffusion_decoder(model: torch.nn.Module, ids: TokenIds, cfg: SamplerConfig) -> Decoder:
+    def decode(prompts: list[list[int]]) -> tuple[list[list[int]], list[bool], float]:
+        result = generate(model, prompts, ids, cfg)
+        return result.answers, result.stopped, result.nfe
+
+    return decode
+
+
+def forwards_per_row(model: torch.nn.Module, ids: TokenIds, cfg: SamplerConfig, prompts: list[list[int]],
+                     batch_size: int) -> float:
+    """Mean number of forward passes each prompt takes part in (threshold decoding drops finished
+    rows from the batch, so this is below the per-call NFE); counted by a logits hook, untimed."""
+    row_forwards = 0
+
+    def count(step: int, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal row_forwards
+        row_forwards += x.shape[0]
+        return logits
+
+    for start in range(0, len(prompts), batch_size):
+        generate(model, prompts[start : start + batch_size], ids, cfg, logits_hook=count)
+    return row_forwards / len(prompts)
+
+
+def decode_items(items: Sequence[SkillItem], prompts: list[list[int]], batch_size: int, decoder: Decoder,
+                 tokenizer: Any) -> Outcome:
+    """Decode every prompt in batches and score the answers."""
+    answers: list[list[int]] = []
+    stopped: list[bool] = []
+    nfes: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        got, stop, nfe = decoder(prompts[start : start + batch_size])
+        answers += got
+        stopped += stop
+        nfes.append(nfe)
+    return score(items, answers, stopped, nfes, tokenizer)
+
+
+def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple[str, SamplerConfig]]:
+    """Sweep point name -> (method, sampler config)."""
+    base = SamplerConfig(temperature=0.0, seed=0, max_new_tokens=canvas)
+    grid = sorted({max(1, canvas // 4), max(1, canvas // 2), canvas})
+    out: dict[str, tuple[str, SamplerConfig]] = {}
+    for steps in grid:
+        out[f"ancestral@{steps}"] = ("ancestral", base.replace(strategy="random", steps=steps))
+        out[f"confidence@{steps}"] = ("confidence", base.replace(strategy="confidence", steps=steps))
+    for tau in thresholds:
+        out[f"threshold@{tau}"] = ("threshold", base.replace(strategy="threshold", threshold=tau, steps=canvas))
+    block = max(1, canvas // 2)
+    out["threshold_block@0.9"] = ("threshold_block", base.replace(strategy="threshold", block_size=block, steps=block))
+    return out
+
+
+def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
+    """sample.methods, the sweep, the reference, the best fast method and the speedups."""
+    items = per_skill(subject.skills, sizes.skills_per_skill)
+    prompts = skill_prompts(subject, items)
+    ids = TokenIds.from_tokenizer(subject.tokenizer)
+    canvas = subject.run.eval.skills_canvas or 24
+    settings = method_settings(canvas, sizes.thresholds)
+    outcomes: dict[str, Outcome] = {}
+
+    def runner(name: str, cfg: SamplerConfig) -> Callable[[], None]:
+        decoder = diffusion_decoder(subject.model, ids, cfg)
+
+        def run() -> None:
+            outcomes[name] = decode_items(items, prompts, sizes.batch_size, decoder, subject.tokenizer)
+
+        return run
+
+    seconds = alternate({name: runner(name, cfg) for name, (_, cfg) in settings.items()}, sizes.reps)
+    sweep = {
+        name: {"method": method, "nfe": outcomes[name].nfe,
+               "nfe_per_prompt": forwards_per_row(subject.model, ids, cfg, prompts, sizes.batch_size),
+               "exact_match": outcomes[name].exact_match,
+               "loop_rate": outcomes[name].loop_rate,
+               "tokens_per_s": outcomes[name].tokens / statistics.median(seconds[name])}
+        for name, (method, cfg) in settings.items()
+    }
+
+    def best_of(method: str) -> str:
+        names = [n for n, (m, _) in settings.items() if m == method]
+        return max(names, key=lambda n: (sweep[n]["exact_match"], -sweep[n]["nfe"]))
+
+    chosen = {"ancestral": best_of("ancestral"), "confidence": best_of("confidence"),
+              "threshold": "threshold@0.9" if "threshold@0.9" in sweep else best_of("threshold"),
+              "threshold_block": "threshold_block@0.9"}
+    reference = sweep[chosen["ancestral"]]
+    fast = [n for n, (m, _) in settings.items() if m != "ancestral"]
+    qualified = [n for n in fast if sweep[n]["exact_match"] >= reference["exact_match"] - QUALITY_TOLERANCE
+                 and sweep[n]["loop_rate"] <= reference["loop_rate"]]
+    best = max(qualified, key=lambda n: sweep[n]["tokens_per_s"]) if qualified else \
+        max(fast, key=lambda n: (sweep[n]["exact_match"], sweep[n]["tokens_per_s"]))
+    tps = {n: [outcomes[n].tokens / s for s in seconds[n]] for n in (best, chosen["ancestral"])}
+    return {
+        "methods": {method: {"setting": name, **sweep[name]} for method, name in chosen.items()},
+        "sweep": sweep,
+        "reference": chosen["ancestral"],
+        "best_fast": best,
+        "best_fast_within_quality": bool(qualified),
+        "nfe_speedup": reference["nfe_per_prompt"] / sweep[best]["nfe_per_prompt"],
+        "nfe_per_call_speedup": reference["nfe"] / sweep[best]["nfe"],
+        "tokens_per_s_speedup": median_ratio(tps[best], tps[chosen["ancestral"]]),
+        "items": len(items),
+        "canvas": canvas,
+        "batch_size": sizes.batch_size,
+    }
+
+
+def length_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
+    """Sampler seconds per generation length, full canvas vs blocks of `length_block`, both with
+    threshold decoding capped at one step per 4 tokens (the same NFE), on a random model of the
+    run's shape (a trained one knows no such lengths); batch 1, prompt 16."""
+    lengths = list(sizes.lengths)
+    model = random_model(subject.run.model, subject.tokenizer, max_seq_len=max(lengths) + 16).eval()
+    ids = TokenIds.from_tokenizer(subject.tokenizer)
+    prompt = random_tokens(subject.tokenizer, (1, 16))
+    base = SamplerConfig(strategy="threshold", stop_token_ids=(), temperature=0.0, seed=0)
+    block = sizes.length_block
+    fns = {}
+    for n in lengths:
+        full_cfg = base.replace(max_new_tokens=n, steps=max(1, n // 4))
+        block_cfg = base.replace(max_new_tokens=n, steps=max(1, block // 4), block_size=block)
+        fns[f"full@{n}"] = lambda c=full_cfg: generate(model, prompt, ids, c)
+        fns[f"block@{n}"] = lambda c=block_cfg: generate(model, prompt, ids, c)
+    generate(model, prompt, ids, base.replace(max_new_tokens=lengths[0], steps=4))  # warm-up
+    seconds = alternate(fns, max(2, sizes.reps // 2), warmup=False)
+    return {
+        "lengths": lengths,
+        "block_size": block,
+        "full_s": [statistics.median(seconds[f"full@{n}"]) for n in lengths],
+        "block_s": [statistics.median(seconds[f"block@{n}"]) for n in lengths],
+        "block_vs_full_time": [median_ratio(seconds[f"block@{n}"], seconds[f"full@{n}"]) for n in lengths],
+    }
+
+
+def sample_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
+    overhead = {str(v): overhead_share(subject, v, sizes) for v in sizes.overhead_vocabs}
+    out = methods_suite(subject, sizes)
+    out["overhead_share"] = {vocab: o["share"] for vocab, o in overhead.items()}
+    out["overhead_by_strategy"] = {vocab: o["by_strategy"] for vocab, o in overhead.items()}
+    out["length"] = length_suite(subject, sizes)
+    return out

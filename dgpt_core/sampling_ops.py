@@ -1,0 +1,112 @@
+"""Tensor primitives of the sampler: token draws, position scores and selections, threshold
+commits (Fast-dLLM), stop detection and deletion shifts.
+
+Imports only torch: like `sampling.py`, this file is copied beside the weights of exported model
+folders (see export.PIPELINE_FILES) and imported there by the `text-diffusion` pipeline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def draw(
+    lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of float32 logits; returns (tokens, the distribution drawn from).
+
+    `lg` is overwritten with that distribution (a softmax in place: at a large vocabulary, writing
+    a fresh (rows, vocab) tensor costs more than the arithmetic)."""
+    if temperature not in (0, 1):
+        lg.div_(temperature)
+    greedy = lg.max(-1).indices if temperature == 0 else None  # max(-1) is ~2x faster than argmax on CPU
+    probs = lg.sub_(lg.amax(-1, keepdim=True)).exp_()
+    probs.div_(probs.sum(-1, keepdim=True))
+    if greedy is not None:
+        return greedy, probs
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return categorical(probs, gen), probs
+
+
+def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> torch.Tensor:
+    """One exact inverse-CDF draw per row, the CDF and the uniform in float64.
+
+    As precise as float64 Gumbel-max (bucket widths are relative, so no tail is truncated) but
+    one random number per row instead of one per vocabulary entry: a float64 Gumbel draw cost
+    most of a step at a 4k vocabulary, and a flat float64 cumsum over the vocabulary is slow on
+    CPU, so the CDF runs over chunk sums, then within the chosen chunk. Only the last, partial
+    chunk is padded (padding the whole matrix would copy it)."""
+    rows, vocab = probs.shape
+    full = vocab - vocab % chunk
+    blocks = probs[:, :full].unflatten(1, (-1, chunk))  # a view: (rows, full chunks, chunk)
+    tail = torch.nn.functional.pad(probs[:, full:], (0, -vocab % chunk))  # (rows, 0 or chunk)
+    sums = torch.cat([blocks.sum(-1), tail.sum(-1, keepdim=True)[:, : tail.shape[1]]], 1).double()
+    cdf = sums.cumsum(-1)
+    u = torch.rand((rows, 1), generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    rest = u - (cdf - sums).gather(1, block)
+    in_tail = block >= blocks.shape[1]
+    if blocks.shape[1]:
+        chosen = blocks.gather(1, block.clamp(max=blocks.shape[1] - 1)[:, :, None].expand(rows, 1, chunk)).squeeze(1)
+        chosen = torch.where(in_tail, tail, chosen) if tail.shape[1] else chosen
+    else:
+        chosen = tail
+    inner = chosen.double().cumsum(-1)
+    tok = (block * chunk + torch.searchsorted(inner, rest, right=True).clamp_(max=chunk - 1)).squeeze(1)
+    tok = tok.clamp_(max=vocab - 1)
+    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0  # float64 rounding at a bucket edge (~1e-16)
+    if bool(bad.any()):
+        tok[bad] = probs[bad].argmax(-1)
+    return tok
+
+
+def score_positions(strategy: str, probs: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+    """Per drawn position: confidence p(x_hat) (confidence, threshold), margin p1 - p2, or -H(p)."""
+    if strategy in ("confidence", "threshold"):
+        return conf
+    if strategy == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    return (probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(-1)  # -H; 2-3x faster than entr
+
+
+def select_positions(
+    score: torch.Tensor,
+    count: torch.Tensor,
+    sample: bool = False,
+    temperature: float = 1.0,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per row, a bool mask of the `count` highest scores, or `count` positions sampled without
+    replacement from softmax(score / temperature) (Gumbel-top-k, drawn from `gen`)."""
+    if sample:
+        noise = torch.empty_like(score).exponential_(generator=gen)
+        score = score / temperature - noise.log()
+    order = score.argsort(dim=1, descending=True)
+    take = torch.arange(score.shape[1], device=score.device)[None, :] < count[:, None]
+    return torch.zeros_like(take).scatter_(1, order, take)
+
+
+def threshold_commit(score: torch.Tensor, least: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM parallel commit: every position whose score (confidence) reaches `threshold`, and
+    at least the `least` best of each row (`score` is -inf where nothing may be committed, and
+    `least` must not exceed the committable positions of the row)."""
+    return select_positions(score, least) | (score >= threshold)
+
+
+def after_stop(blk: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """Positions at or after each row's first stop token (all False in a row without one)."""
+    return torch.isin(blk, stop_ids).cumsum(1) > 0
+
+
+def delete_shift(blk: torch.Tensor, deleted: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Remove the `deleted` positions of each row, shift the rest left and fill the tail with masks."""
+    order = torch.argsort(deleted.to(torch.uint8), dim=1, stable=True)
+    shifted = blk.gather(1, order)
+    size = blk.shape[1]
+    tail = torch.arange(size, device=blk.device)[None, :] >= size - deleted.sum(1, keepdim=True)
+    return shifted.masked_fill(tail, mask_id)

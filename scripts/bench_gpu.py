@@ -1,0 +1,237 @@
+"""GPU benchmark, one command: bf16 diffusion training throughput and MFU of a ModernBERT-base-sized
+model under DeepSpeed ZeRO-2 on one GPU (sdpa attention), then sampler tokens/s.
+
+    python scripts/bench_gpu.py OUT_DIR                 # ~2-4 minutes on an H100 / H200
+    python scripts/bench_gpu.py OUT_DIR --smoke         # CPU, tiny sizes: exercises every code path
+
+Writes OUT_DIR/bench_gpu.json. Model: hidden 768, 22 layers, 12 heads, GLU width 1152, vocab 50368,
+global attention in every layer, sequence 1024, random weights, random tokens (every position
+eligible, as in pretraining). Training step: our collator (on the CPU, inside the timed loop),
+`diffusion_loss` (logits only at the scored positions), engine backward and step.
+
+MFU = model FLOPs per second / the GPU's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; pass
+--peak-tflops otherwise). Model FLOPs per step = 6 * dense parameters * tokens (every linear
+layer of the layers) + 12 * seq * hidden * layers * tokens (attention scores and values, forward
+and backward) + 6 * (hidden^2 + hidden * vocab) * scored positions (the MLM head and decoder run
+on the scored positions alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+FULL = {"hidden": 768, "layers": 22, "heads": 12, "intermediate": 1152, "vocab": 50368, "seq": 1024,
+        "batch": 16, "warmup": 5, "steps": 30, "sample_batch": 32, "prompt": 64, "canvas": 256}
+SMOKE = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "vocab": 1024, "seq": 128,
+         "batch": 2, "warmup": 1, "steps": 2, "sample_batch": 2, "prompt": 16, "canvas": 32}
+
+
+def build(size: dict[str, int]) -> tuple[Any, Any]:
+    """(tokenizer, random ModernBertForMaskedLM) of the given size, sdpa attention."""
+    from bench.common import random_model, synthetic_tokenizer
+    from dgpt_core.config import ModelConfig
+
+    tokenizer = synthetic_tokenizer(size["vocab"])
+    shape = ModelConfig(hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
+                        intermediate_size=size["intermediate"], max_seq_len=size["seq"],
+                        attn_implementation="sdpa", global_attn_every_n_layers=1)
+    return tokenizer, random_model(shape, tokenizer)
+
+
+def model_flops(model: Any, size: dict[str, int], tokens: int, scored: int) -> float:
+    """Training FLOPs of one step (see the module docstring)."""
+    layers = model.model.layers
+    dense = sum(p.numel() for p in layers.parameters() if p.dim() == 2)
+    h, v = size["hidden"], size["vocab"]
+    return 6.0 * dense * tokens + 12.0 * size["seq"] * h * size["layers"] * tokens + 6.0 * (h * h + h * v) * scored
+
+
+def peak_flops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override * 1e12, "given"
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
+        if key in name:
+            return tflops * 1e12, name
+    return None, name
+
+
+def make_engine(model: torch.nn.Module, batch: int, bf16: bool) -> tuple[Any, bool]:
+    """A DeepSpeed ZeRO-2 engine (one process) around model and a torch AdamW, or, without DeepSpeed,
+    the bare model and optimizer (what ZeRO-2 amounts to on one GPU); returns (engine, is_deepspeed)."""
+    from dgpt_core.train import single_process_env
+
+    os.environ.update(single_process_env())
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    try:
+        import deepspeed
+    except ImportError:
+        return _Plain(model.to(torch.bfloat16 if bf16 else torch.float32), optimizer), False
+    config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, True
+
+
+class _Plain:
+    """The engine interface used here (module, backward, step) for a model without DeepSpeed."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = model, optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: float | None) -> dict[str, Any]:
+    from bench.common import random_tokens
+    from dgpt_core.collator import DiffusionCollator
+    from dgpt_core.config import DiffusionConfig
+    from dgpt_core.loss import diffusion_loss
+    from dgpt_core.tokenizer import special_token_ids
+
+    tokenizer, model = build(size)
+    model.to(device).train()
+    engine, is_deepspeed = make_engine(model, size["batch"], bf16)
+    collator = DiffusionCollator.from_tokenizer(DiffusionConfig(edit_start=1.0), tokenizer, size["seq"])
+    mask_id = special_token_ids(tokenizer)["mask"]
+    step_s, collate_s, scored_counts = [], [], []
+    for step in range(size["warmup"] + size["steps"]):
+        rows = random_tokens(tokenizer, (size["batch"], size["seq"]), seed=step).tolist()
+        sync(device)
+        start = time.perf_counter()
+        batch = collator([{"input_ids": r} for r in rows])
+        collated = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = diffusion_loss(engine.module, batch, mask_id=mask_id).total
+        engine.backward(loss)
+        engine.step()
+        sync(device)
+        if step >= size["warmup"]:
+            step_s.append(time.perf_counter() - start)
+            collate_s.append(collated - start)
+            scored_counts.append(int((batch["masked_positions"] | batch["edit_positions"]).sum()))
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss at step {step}")
+    tokens = size["batch"] * size["seq"]
+    seconds = statistics.median(step_s)
+    flops = model_flops(engine.module, size, tokens, int(statistics.median(scored_counts)))
+    out = {
+        "deepspeed_zero2": is_deepspeed,
+        "bf16": bf16,
+        "parameters": sum(p.numel() for p in engine.module.parameters()),
+        "batch": size["batch"],
+        "seq_len": size["seq"],
+        "step_s_median": seconds,
+        "tokens_per_s": tokens / seconds,
+        "collator_share": statistics.median(c / s for c, s in zip(collate_s, step_s)),
+        "model_tflops_per_step": flops / 1e12,
+        "achieved_tflops": flops / seconds / 1e12,
+        "mfu": None if peak is None else flops / seconds / peak,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    del engine, model
+    return out
+
+
+def sample_bench(size: dict[str, int], device: torch.device, bf16: bool) -> dict[str, Any]:
+    from bench.common import random_tokens
+    from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+
+    tokenizer, model = build({**size, "seq": size["prompt"] + size["canvas"]})
+    model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+    ids = TokenIds.from_tokenizer(tokenizer)
+    prompts = random_tokens(tokenizer, (size["sample_batch"], size["prompt"]))
+    steps = size["canvas"] // 4
+    configs = {
+        "confidence": SamplerConfig(strategy="confidence", steps=steps, max_new_tokens=size["canvas"]),
+        "threshold": SamplerConfig(strategy="threshold", steps=steps, max_new_tokens=size["canvas"]),
+        "threshold_block64": SamplerConfig(strategy="threshold", steps=16, block_size=64, max_new_tokens=size["canvas"]),
+    }
+    out: dict[str, Any] = {"batch": size["sample_batch"], "prompt": size["prompt"], "canvas": size["canvas"]}
+    for name, cfg in configs.items():
+        cfg = cfg.replace(stop_token_ids=(), temperature=0.0, seed=0)
+        generate(model, prompts, ids, cfg)  # warm-up
+        times, nfe = [], 0
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            nfe = generate(model, prompts, ids, cfg).nfe
+            sync(device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        out[name] = {"nfe": nfe, "seconds": seconds, "tokens_per_s": size["sample_batch"] * size["canvas"] / seconds,
+                     "ms_per_step": 1000 * seconds / nfe}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (code-path check)")
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch (default 16)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 30)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
+    args = parser.parse_args()
+    size = dict(SMOKE if args.smoke else FULL)
+    size.update({k: v for k, v in {"batch": args.batch, "steps": args.steps}.items() if v is not None})
+    if args.smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+    else:
+        parser.error("no GPU visible: run with --smoke for the CPU code-path check")
+    bf16 = True
+    peak, gpu = peak_flops(device, args.peak_tflops)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"device": gpu, "smoke": args.smoke, "torch": torch.__version__, "size": size,
+                              "peak_tflops": None if peak is None else peak / 1e12}
+    result["train"] = train_bench(size, device, bf16, peak)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result["sample"] = sample_bench(size, device, bf16)
+    result["seconds"] = time.perf_counter() - started
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

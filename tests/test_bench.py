@@ -1,0 +1,53 @@
+"""`dgpt bench` on the ci preset (random weights, shrunk sizes): every documented key is written.
+No timing assertions: the numbers depend on the machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cli import run_bench
+from dgpt_core.cli import build_parser
+
+SMALL = {"reps": 1, "train_vocabs": (1024,), "overhead_vocabs": (1024,), "lengths": (64,), "length_block": 32,
+         "skills_per_skill": 1, "baseline_budget": 0.25, "ppl_sequences": 2}
+METHOD_KEYS = {"setting", "method", "nfe", "tokens_per_s", "exact_match", "loop_rate"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run_bench(out, preset="ci", overrides=SMALL, command="pytest")
+    return out
+
+
+def test_every_key_is_written(bench):
+    result = json.loads((bench / "bench.json").read_text())
+    train = result["train"]
+    assert {"diffusion_vs_mlm_throughput", "collator_share", "by_vocab"} <= set(train)
+    assert set(train["by_vocab"]) == {"512", "1024"}  # the ci tokenizer's vocabulary, and the extra one
+    sample = result["sample"]
+    assert {"1024"} == set(sample["overhead_share"])
+    assert {"ancestral", "confidence", "threshold", "threshold_block"} == set(sample["methods"])
+    assert all(METHOD_KEYS <= set(m) for m in sample["methods"].values())
+    for key in ("nfe_speedup", "tokens_per_s_speedup", "best_fast", "reference"):
+        assert key in sample
+    assert len(sample["length"]["full_s"]) == len(sample["length"]["block_s"]) == 1
+    for model in ("ar", "ours"):
+        assert {"ppl", "answer_ppl", "exact_match", "tokens_per_s", "nfe", "parameters"} <= set(result["baseline"][model])
+    ar = result["baseline"]["ar"]
+    assert abs(ar["parameters"] - result["baseline"]["ours"]["parameters"]) / ar["parameters"] < 0.02
+    assert set(ar["training"]["stages"]) == {"pretrain", "sft"}
+
+
+def test_report_and_plots_are_written(bench):
+    text = (bench / "bench.md").read_text()
+    for heading in ("## Targets", "## Training step", "## Decoding methods", "## Autoregressive baseline"):
+        assert heading in text
+    assert (bench / "methods.png").stat().st_size > 0 and (bench / "lengths.png").stat().st_size > 0
+
+
+def test_bench_subcommand_is_registered():
+    args = build_parser(["bench"]).parse_args(["bench", "--suite", "sample", "--preset", "ci", "--out", "x"])
+    assert args.suite == "sample" and args.preset == "ci" and callable(args.func)
