@@ -1,7 +1,8 @@
 import os
 
-# Offline and quiet before transformers / datasets are imported by any test module.
-for _var, _value in {
+# Offline and quiet before transformers / datasets are imported by any test module; subprocesses
+# that tests start get the same environment.
+QUIET_OFFLINE = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -11,8 +12,10 @@ for _var, _value in {
     "TOKENIZERS_PARALLELISM": "false",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DS_ACCELERATOR": "cpu",
-}.items():
+}
+for _var, _value in QUIET_OFFLINE.items():
     os.environ.setdefault(_var, _value)
 
 import pytest  # noqa: E402

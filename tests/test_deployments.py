@@ -19,23 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .conftest import QUIET_OFFLINE
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "deploy" / "prefect"
 ENTRYPOINT = "flows/pretrain_sft.py:pretrain_sft"
 
-QUIET_OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_EVALUATE_OFFLINE": "1",
-    "HF_UPDATE_DOWNLOAD_COUNTS": "0",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DS_ACCELERATOR": "cpu",
-}
 
 # A short but complete run of the real flow: every stage (data, pretrain, SFT, eval, publish dry
 # run) of the ci preset, with 2 training steps and a reduced eval, passed as deployment parameters.
