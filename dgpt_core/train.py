@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,19 @@ class StageResult:
     """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, eval_loss."""
 
 
+def free_port() -> int:
+    """A currently free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def single_process_env() -> dict[str, str]:
     """What DeepSpeed needs to run as a one-process group without a launcher (else it looks for
     mpi4py): rank 0 of 1 with a free loopback port. Existing values are kept."""
-    import socket
-
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            env["MASTER_PORT"] = str(sock.getsockname()[1])
+        env["MASTER_PORT"] = str(free_port())
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 

@@ -1,7 +1,6 @@
 """The diffusion loss and DiffusionTrainer: normalisation, accumulation, NaN abort, DeepSpeed."""
 
 import os
-import socket
 
 import datasets
 import pytest
@@ -12,6 +11,7 @@ from dgpt_core.collator import DiffusionCollator
 from dgpt_core.config import DiffusionConfig, TrainingConfig
 from dgpt_core.loss import diffusion_loss, token_nll
 from dgpt_core.tokenizer import special_token_ids
+from dgpt_core.train import single_process_env
 from dgpt_core.trainer import DiffusionTrainer, NonFiniteLossError, training_arguments
 
 from .conftest import structured_corpus
@@ -141,17 +141,10 @@ def test_trainer_logs_the_loss_parts_and_curriculum(tiny_model, tiny_tokenizer, 
     assert logs[-1]["edit_stage"] == 1 and logs[-1]["edit_loss"] > 0 and logs[-1]["edit_prob"] == pytest.approx(0.2)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def single_process_distributed_env(monkeypatch, tmp_path_factory):
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("ext"))))
+    env = {**single_process_env(), "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("ext")))}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
 
