@@ -404,14 +404,14 @@ def _denoise_step(
     lg.index_fill_(1, run.never, float("-inf"))
     if ids.delete is not None:
         lg[:, ids.delete].masked_fill_(cand_masked, float("-inf"))
-    tok, probs = draw(lg, cfg.temperature, cfg.top_p, gen)
-    conf = probs.gather(1, tok[:, None]).squeeze(1)
+    dist = draw(lg, cfg.temperature, cfg.top_p, gen)
+    tok = dist.tokens
     drawn = blk.clone()
     drawn[cand] = tok
 
     if reveal is None:
         score = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
-        score[cand] = score_positions(cfg.strategy, probs, conf).double()
+        score[cand] = score_positions(cfg.strategy, dist).double()
         score = score.masked_fill(~masked, float("-inf"))
         count = (masked.sum(1) + remaining - 1) // remaining  # what finishes within the steps left
         if cfg.strategy == "threshold":
@@ -424,7 +424,8 @@ def _denoise_step(
 
     if editing:
         current = blk[cand]
-        gain_c = (conf - probs.gather(1, current[:, None]).squeeze(1)).double()
+        conf = dist.prob_of(tok)
+        gain_c = (conf - dist.prob_of(current)).double()
         eligible = ~cand_masked & (tok != current) & (conf >= cfg.edit_threshold)
         gain = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
         gain[cand] = gain_c.masked_fill(~eligible, float("-inf"))

@@ -10,30 +10,62 @@ from __future__ import annotations
 import torch
 
 
-def draw(
-    lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of float32 logits; returns (tokens, the distribution drawn from).
+class Drawn:
+    """Tokens drawn per row, and the distribution they were drawn from, normalised on demand.
 
-    `lg` is overwritten with that distribution (a softmax in place: at a large vocabulary, writing
-    a fresh (rows, vocab) tensor costs more than the arithmetic)."""
-    if temperature not in (0, 1):
+    At a large vocabulary every full pass over the (rows, vocab) logits costs about as much as
+    the rest of a sampler step, so nothing is computed before it is asked for: greedy ancestral
+    steps make one pass (the max), greedy confidence steps three (max, exp, sum), and only the
+    margin and entropy scores write the normalised distribution."""
+
+    def __init__(self, tokens: torch.Tensor, weights: torch.Tensor | None, total: torch.Tensor | None,
+                 logits: torch.Tensor | None = None, row_max: torch.Tensor | None = None) -> None:
+        self.tokens = tokens
+        self._weights, self._total = weights, total  # unnormalised probabilities and their row sums
+        self._logits, self._row_max = logits, row_max  # greedy: turned into weights on first use
+
+    def _unnormalised(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._weights is None:
+            assert self._logits is not None and self._row_max is not None
+            self._weights = self._logits.sub_(self._row_max[:, None]).exp_()
+            self._total = self._weights.sum(-1)
+        assert self._total is not None
+        return self._weights, self._total
+
+    def prob_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """p(ids[r]) for each row r."""
+        weights, total = self._unnormalised()
+        return weights.gather(1, ids[:, None]).squeeze(1) / total
+
+    def probs(self) -> torch.Tensor:
+        """The whole (rows, vocab) distribution (normalised in place)."""
+        weights, total = self._unnormalised()
+        weights.div_(total[:, None])
+        self._total = torch.ones_like(total)
+        return weights
+
+
+def draw(lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> Drawn:
+    """Draw one token per row of float32 logits (greedy at temperature 0); `lg` is overwritten
+    (writing a fresh (rows, vocab) tensor costs more than the arithmetic at a large vocabulary)."""
+    if temperature == 0:
+        row_max, tokens = lg.max(-1)  # max(-1) is ~2x faster than argmax on CPU
+        return Drawn(tokens, None, None, logits=lg, row_max=row_max)
+    if temperature != 1:
         lg.div_(temperature)
-    greedy = lg.max(-1).indices if temperature == 0 else None  # max(-1) is ~2x faster than argmax on CPU
-    probs = lg.sub_(lg.amax(-1, keepdim=True)).exp_()
-    probs.div_(probs.sum(-1, keepdim=True))
-    if greedy is not None:
-        return greedy, probs
+    weights = lg.sub_(lg.amax(-1, keepdim=True)).exp_()
     if top_p < 1:
+        probs = weights.div_(weights.sum(-1, keepdim=True))
         sorted_p, order = probs.sort(-1, descending=True)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return categorical(probs, gen), probs
+        weights = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    tokens, total = categorical(weights, gen)
+    return Drawn(tokens, weights, total)
 
 
-def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> torch.Tensor:
-    """One exact inverse-CDF draw per row, the CDF and the uniform in float64.
+def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exact inverse-CDF draw per row of unnormalised probabilities, the CDF and the uniform in
+    float64; returns (tokens, row sums).
 
     As precise as float64 Gumbel-max (bucket widths are relative, so no tail is truncated) but
     one random number per row instead of one per vocabulary entry: a float64 Gumbel draw cost
@@ -61,13 +93,14 @@ def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> t
     bad = probs.gather(1, tok[:, None]).squeeze(1) == 0  # float64 rounding at a bucket edge (~1e-16)
     if bool(bad.any()):
         tok[bad] = probs[bad].argmax(-1)
-    return tok
+    return tok, cdf[:, -1].to(probs.dtype)
 
 
-def score_positions(strategy: str, probs: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+def score_positions(strategy: str, drawn: Drawn) -> torch.Tensor:
     """Per drawn position: confidence p(x_hat) (confidence, threshold), margin p1 - p2, or -H(p)."""
     if strategy in ("confidence", "threshold"):
-        return conf
+        return drawn.prob_of(drawn.tokens)
+    probs = drawn.probs()
     if strategy == "margin":
         top2 = probs.topk(2, dim=-1).values
         return top2[:, 0] - top2[:, 1]

@@ -282,10 +282,12 @@ def test_top_p_keeps_only_the_nucleus():
 
     lg = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64).log().expand(2000, 4)
     gen = torch.Generator().manual_seed(0)
-    tokens, probs = draw(lg.clone(), 1.0, 0.6, gen)  # draw overwrites its logits
+    dist = draw(lg.clone(), 1.0, 0.6, gen)  # draw overwrites its logits
+    probs = dist.probs()
     assert probs.dtype == torch.float64
-    assert set(tokens.tolist()) == {0, 1}
-    assert draw(lg.clone(), 1.0, 1e-9, gen)[0].eq(0).all()
+    assert set(dist.tokens.tolist()) == {0, 1}
+    assert torch.allclose(probs[0], torch.tensor([4 / 7, 3 / 7, 0, 0], dtype=torch.float64))
+    assert draw(lg.clone(), 1.0, 1e-9, gen).tokens.eq(0).all()
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
@@ -293,11 +295,14 @@ def test_draw_returns_the_softmax_of_the_scaled_logits(temperature):
     from dgpt_core.sampling_ops import draw
 
     lg = torch.randn(5, 300)
-    tokens, probs = draw(lg.clone(), temperature, 1.0, torch.Generator().manual_seed(0))
+    dist = draw(lg.clone(), temperature, 1.0, torch.Generator().manual_seed(0))
     expected = (lg / (temperature or 1.0)).softmax(-1)
-    assert torch.allclose(probs, expected, atol=1e-6)
+    picked = expected.gather(1, dist.tokens[:, None]).squeeze(1)
+    assert torch.allclose(dist.prob_of(dist.tokens), picked, atol=1e-6)
+    assert torch.allclose(dist.probs(), expected, atol=1e-6)
+    assert torch.allclose(dist.prob_of(dist.tokens), picked, atol=1e-6)  # still right after normalising
     if temperature == 0:
-        assert torch.equal(tokens, lg.argmax(-1))
+        assert torch.equal(dist.tokens, lg.argmax(-1))
 
 
 def test_config_validation_and_block_limit(model):
