@@ -49,7 +49,7 @@ def draw(lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generato
     """Draw one token per row of float32 logits (greedy at temperature 0); `lg` is overwritten
     (writing a fresh (rows, vocab) tensor costs more than the arithmetic at a large vocabulary)."""
     if temperature == 0:
-        row_max, tokens = lg.max(-1)  # max(-1) is ~2x faster than argmax on CPU
+        row_max, tokens = max_and_argmax(lg)
         return Drawn(tokens, None, None, logits=lg, row_max=row_max)
     if temperature != 1:
         lg.div_(temperature)
@@ -61,6 +61,23 @@ def draw(lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generato
         weights = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     tokens, total = categorical(weights, gen)
     return Drawn(tokens, weights, total)
+
+
+def max_and_argmax(lg: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the largest value and its first index, like `lg.max(-1)`.
+
+    On CPU, reductions that also return indices are 4x (max) to 12x (argmax) slower than `amax`
+    at a 50k vocabulary, so the index is looked for in the one chunk that holds the maximum."""
+    rows, vocab = lg.shape
+    full = vocab - vocab % chunk
+    chunk_max = lg[:, :full].unflatten(1, (-1, chunk)).amax(-1)
+    if full < vocab:
+        chunk_max = torch.cat([chunk_max, lg[:, full:].amax(-1, keepdim=True)], 1)
+    top, block = chunk_max.max(-1)
+    start = block * chunk
+    columns = (start[:, None] + torch.arange(chunk, device=lg.device)).clamp_(max=vocab - 1)
+    first = (lg.gather(1, columns) == top[:, None]).int().argmax(-1)
+    return top, start + first
 
 
 def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

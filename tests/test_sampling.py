@@ -327,3 +327,18 @@ def test_token_ids_from_a_duck_typed_tokenizer():
     ids = TokenIds.from_tokenizer(Tok())
     assert ids == TokenIds(mask=7, pad=8, eos=9, im_end=10, delete=None, im_start=None)
     assert ids.default_stops == (10, 9)
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 300, 1024])
+def test_max_and_argmax_matches_torch_max_with_first_index_on_ties(vocab):
+    from dgpt_core.sampling_ops import max_and_argmax
+
+    lg = torch.randn(7, vocab)
+    lg[0] = 1.0  # every entry tied: the first index wins
+    lg[1, vocab // 2] = lg[1, -1] = 50.0  # a tie across chunks
+    lg[2, -1] = 60.0  # the maximum in the partial last chunk
+    values, indices = max_and_argmax(lg)
+    expected = lg.max(-1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(indices, lg.argmax(-1))
+    assert indices[0] == 0 and indices[1] == vocab // 2 and indices[2] == vocab - 1
