@@ -5,8 +5,8 @@ It is trained through the transformers Trainer on the same prepared data as the 
 steps, batch sizes and learning-rate schedules as the run config (times `baseline_budget`).
 Then, beside the diffusion model:
 
-- `ppl`: its exact perplexity on held-out pretraining text (an end-of-text token prepended, so
-  every token is scored) and on held-out SFT answers given their prompts (`answer_ppl`), where
+- `ppl`: its exact perplexity on held-out pretraining text (every token but the first of each
+  sequence) and on held-out SFT answers given their prompts (`answer_ppl`), where
   the diffusion model reports its ELBO upper bounds on the same tokens;
 - `exact_match` on the skills test items, greedy generation with a KV cache;
 - `tokens_per_s` of that generation, timed alternately with our threshold decoding.
@@ -100,17 +100,20 @@ def train_baseline(subject: Subject, out_dir: Path, budget: float) -> tuple[GPT2
 
 
 @torch.inference_mode()
-def causal_nll(model: GPT2LMHeadModel, rows: list[list[int]], targets: list[list[int]], bos: int,
+def causal_nll(model: GPT2LMHeadModel, rows: list[list[int]], targets: list[list[int]],
                batch_size: int = 16) -> tuple[float, int]:
-    """Exact summed -log p of the target positions of each row (given everything before), and their count."""
+    """Exact summed -log p of the target positions of each row (given everything before), and their
+    count. Rows keep the positions they were trained at (GPT-2's position embeddings are absolute:
+    a prepended token shifted every answer and cost the tiny baseline two orders of magnitude of
+    answer perplexity), so a target at position 0, which has no context, is not scored."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        chunk = [[bos] + r for r in rows[start : start + batch_size]]
-        ids = pad_sequence([torch.tensor(r) for r in chunk], batch_first=True, padding_value=bos)
+        chunk = rows[start : start + batch_size]
+        ids = pad_sequence([torch.tensor(r) for r in chunk], batch_first=True, padding_value=0)
         attention = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in chunk], batch_first=True)
         scored = torch.zeros_like(ids, dtype=torch.bool)
         for i, t in enumerate(targets[start : start + batch_size]):
-            scored[i, [p + 1 for p in t]] = True  # +1: the prepended bos
+            scored[i, [p for p in t if p > 0]] = True
         logp = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         total += float(nll[scored[:, 1:]].sum())
@@ -130,14 +133,14 @@ def perplexities(subject: Subject, ar: GPT2LMHeadModel, sizes: BenchSizes) -> di
     out: dict[str, dict[str, float]] = {"ar": {}, "ours": {}}
     text = datasets.load_from_disk(str(subject.data_dir / "pretrain"))["validation"]
     seqs = [list(s) for s in text.select(range(min(n, len(text))))["input_ids"]]
-    total, count = causal_nll(ar, seqs, [list(range(len(s))) for s in seqs], ids.eos)
+    total, count = causal_nll(ar, seqs, [list(range(len(s))) for s in seqs])
     out["ar"]["ppl"] = math.exp(total / count)
     out["ours"]["ppl"] = ppl_bound(subject.model, text_rows(seqs), **common)["value"]
     sft = datasets.load_from_disk(str(subject.data_dir / "sft"))["validation"]
     part = sft.select(range(min(n, len(sft))))
     rows, counts = answer_rows(list(zip(part["input_ids"], part["eligible_mask"])), ids.im_end)
     if rows:
-        total, count = causal_nll(ar, [r.ids for r in rows], [r.targets[:c] for r, c in zip(rows, counts)], ids.eos)
+        total, count = causal_nll(ar, [r.ids for r in rows], [r.targets[:c] for r, c in zip(rows, counts)])
         out["ar"]["answer_ppl"] = math.exp(total / count)
         out["ours"]["answer_ppl"] = ppl_bound(subject.model, rows, norm_tokens=counts, **common)["value"]
     return out

@@ -51,3 +51,25 @@ def test_report_and_plots_are_written(bench):
 def test_bench_subcommand_is_registered():
     args = build_parser(["bench"]).parse_args(["bench", "--suite", "sample", "--preset", "ci", "--out", "x"])
     assert args.suite == "sample" and args.preset == "ci" and callable(args.func)
+
+
+def test_causal_nll_is_the_models_own_loss_at_the_trained_positions():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bench.baseline import causal_nll
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    rows = [[3, 7, 9, 11, 4], [5, 6, 8]]
+    total, count = causal_nll(model, rows, [list(range(len(r))) for r in rows])
+    with torch.no_grad():
+        want = sum(float(model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss) * (len(r) - 1)
+                   for r in rows)
+    assert count == 4 + 2  # position 0 has no context and is not scored
+    assert abs(total - want) < 1e-4
+    answer_total, answer_count = causal_nll(model, rows[:1], [[3, 4]])
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor(rows[:1])).logits[0, :-1].log_softmax(-1)
+    assert answer_count == 2
+    assert abs(answer_total - float(-(logp[2, 11] + logp[3, 4]))) < 1e-5
