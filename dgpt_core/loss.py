@@ -11,13 +11,32 @@ from .collator import IGNORE_INDEX
 from .model import logits_at
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, suppressed_id: int) -> torch.Tensor:
+class _SuppressColumnInPlace(torch.autograd.Function):
+    """Set one column of fresh float32 logits to -inf in place. The backward passes the gradient
+    through untouched: it is already zero there (softmax(-inf) = 0 and that column is never a
+    target), so no (tokens, vocab) copy is made in either direction."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, column: int) -> torch.Tensor:
+        ctx.mark_dirty(logits)
+        return logits.index_fill_(1, torch.tensor([column], device=logits.device), float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, suppressed_id: int, overwrite: bool = False) -> torch.Tensor:
     """-log p(target) under softmax over the vocabulary without `suppressed_id` (the mask token).
 
-    One fused cross-entropy on float32 logits whose suppressed column is -inf: the upcast and the
-    suppression are a single broadcast add, and the backward writes one (tokens, vocab) gradient
-    (a log-sum-exp with a gather and a column read wrote three, 1.6x slower at a 50k vocabulary).
+    One fused cross-entropy on float32 logits whose suppressed column is -inf. With `overwrite`
+    (float32 logits that nothing else reads, such as a fresh decoder output) the column is set in
+    place; otherwise the upcast and the suppression are one broadcast add. Either way the backward
+    writes one (tokens, vocab) gradient (a log-sum-exp with a gather and a column read wrote
+    three, 1.6x slower at a 50k vocabulary).
     """
+    if overwrite and logits.dtype == torch.float32:
+        return F.cross_entropy(_SuppressColumnInPlace.apply(logits, suppressed_id), targets, reduction="none")
     suppress = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
     suppress[suppressed_id] = float("-inf")
     return F.cross_entropy(logits + suppress, targets, reduction="none")
@@ -52,7 +71,7 @@ def diffusion_loss(
     scored = masked | edits
     labels = batch["labels"]
     logits = logits_at(model, batch["input_ids"], batch["attention_mask"], scored)
-    nll = token_nll(logits, labels[scored], mask_id)
+    nll = token_nll(logits, labels[scored], mask_id, overwrite=True)
 
     rows = scored.nonzero(as_tuple=True)[0]
     is_masked = masked[scored]

@@ -17,15 +17,19 @@ from dgpt_core.trainer import DiffusionTrainer, NonFiniteLossError, training_arg
 from .conftest import structured_corpus
 
 
-def test_token_nll_equals_cross_entropy_with_the_mask_logit_removed():
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_token_nll_equals_cross_entropy_with_the_mask_logit_removed(overwrite):
     torch.manual_seed(0)
-    logits = torch.randn(7, 11, requires_grad=True)
+    leaf = torch.randn(7, 11, requires_grad=True)
     targets = torch.tensor([0, 1, 3, 4, 5, 9, 10])
-    ours = token_nll(logits, targets, suppressed_id=2)
-    reference = F.cross_entropy(logits.detach().index_fill(1, torch.tensor([2]), float("-inf")), targets, reduction="none")
+    reference = F.cross_entropy(leaf.detach().index_fill(1, torch.tensor([2]), float("-inf")), targets, reduction="none")
+    reference_grad = torch.autograd.grad(
+        F.cross_entropy(leaf.index_fill(1, torch.tensor([2]), float("-inf")), targets, reduction="sum"), leaf)[0]
+    ours = token_nll(leaf * 1.0, targets, suppressed_id=2, overwrite=overwrite)  # `* 1.0`: a fresh non-leaf
     assert torch.allclose(ours, reference, atol=1e-5)
     ours.sum().backward()
-    assert torch.allclose(logits.grad[:, 2], torch.zeros(7), atol=1e-6), "no gradient into the mask logit"
+    assert torch.allclose(leaf.grad, reference_grad, atol=1e-6)
+    assert torch.allclose(leaf.grad[:, 2], torch.zeros(7), atol=1e-6), "no gradient into the mask logit"
 
 
 def corrupted_batch(tokenizer, n=8, **cfg):
