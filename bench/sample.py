@@ -11,8 +11,8 @@ runs made seconds apart. Tokens/s counts answer tokens (up to and including the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,45 +41,71 @@ QUALITY_TOLERANCE = 0.01
 
 
 @contextlib.contextmanager
-def forward_timer() -> Iterator[list[float]]:
-    """Accumulate the seconds spent in the sampler's model calls (backbone plus the vocabulary
-    projection at the drawn positions) into the yielded one-element list."""
-    spent = [0.0]
+def recorded_draws() -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]]:
+    """Record (model input, attention mask, drawn block positions, context width) of every token
+    draw the sampler makes (one per denoising step) into the yielded list."""
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
     original = sampling._Forward.__call__
 
-    def timed(self: Any, *args: Any) -> torch.Tensor:
-        start = time.perf_counter()
-        try:
-            return original(self, *args)
-        finally:
-            spent[0] += time.perf_counter() - start
+    def record(self: Any, step: int, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+               *rest: Any) -> Any:
+        calls.append((x.clone(), attn.clone(), positions.clone(), self.width))
+        return original(self, step, x, attn, positions, *rest)
 
-    sampling._Forward.__call__ = timed
+    sampling._Forward.__call__ = record
     try:
-        yield spent
+        yield calls
     finally:
         sampling._Forward.__call__ = original
 
 
+@torch.inference_mode()
+def replay_forwards(model: torch.nn.Module, calls: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> None:
+    """The model work of recorded draws alone: the backbone on each new input, then the head and
+    the vocabulary projection at the drawn positions, into one reused buffer (the cheapest way to
+    get those logits: a fresh (positions, vocab) output costs page faults)."""
+    rows = max(int(positions.sum()) for _, _, positions, _ in calls)
+    buffer = torch.empty((rows, model.decoder.out_features))
+    previous, block = None, None
+    for x, attn, positions, width in calls:
+        if previous is None or not torch.equal(previous, x):
+            block = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, width:]
+            previous = x
+        hidden = model.head(block[positions])
+        out = buffer[: hidden.shape[0]]
+        if model.decoder.bias is None:
+            torch.mm(hidden, model.decoder.weight.t(), out=out)
+        else:
+            torch.addmm(model.decoder.bias, hidden, model.decoder.weight.t(), out=out)
+
+
+OVERHEAD_SETTINGS = {
+    "random": {"strategy": "random"},
+    "confidence": {"strategy": "confidence"},
+    "threshold": {"strategy": "threshold"},
+    "confidence_greedy": {"strategy": "confidence", "temperature": 0.0},
+}
+"""Sampler settings of the overhead measurement (sampled at temperature 1 unless greedy)."""
+
+
 def overhead_share(subject: Subject, vocab_size: int, sizes: BenchSizes) -> dict[str, Any]:
-    """Non-forward time over forward time of whole sampler runs (batch 8, prompt 16, canvas 64,
-    32 steps) per strategy, median over repetitions, on a random model of the run's shape."""
+    """Everything in the denoising steps except the model forward, over the forward: a whole
+    sampler run's time minus the time of replaying just its model work (`replay_forwards`), over
+    the latter, alternating the two, median over repetitions; per setting of OVERHEAD_SETTINGS
+    (batch 8, prompt 16, canvas 64, 32 steps) on a random model of the run's shape."""
     tokenizer = synthetic_tokenizer(vocab_size)
     model = random_model(subject.run.model, tokenizer, max_seq_len=80).eval()
     ids = TokenIds.from_tokenizer(tokenizer)
     prompts = random_tokens(tokenizer, (8, 16))
     shares: dict[str, float] = {}
-    for strategy in ("random", "confidence", "threshold"):
-        cfg = SamplerConfig(strategy=strategy, steps=32, max_new_tokens=64, stop_token_ids=(), seed=0)
-        generate(model, prompts, ids, cfg)  # warm-up
-        ratios = []
-        for _ in range(sizes.reps):
-            with forward_timer() as forward:
-                start = time.perf_counter()
-                generate(model, prompts, ids, cfg)
-                total = time.perf_counter() - start
-            ratios.append((total - forward[0]) / forward[0])
-        shares[strategy] = statistics.median(ratios)
+    for name, options in OVERHEAD_SETTINGS.items():
+        cfg = SamplerConfig(steps=32, max_new_tokens=64, stop_token_ids=(), seed=0, **options)
+        with recorded_draws() as calls:
+            generate(model, prompts, ids, cfg)  # also the warm-up
+        replay_forwards(model, calls)
+        seconds = alternate({"sampler": functools.partial(generate, model, prompts, ids, cfg),
+                             "forward": functools.partial(replay_forwards, model, calls)}, sizes.reps, warmup=False)
+        shares[name] = statistics.median((s - f) / f for s, f in zip(seconds["sampler"], seconds["forward"]))
     return {"share": max(shares.values()), "by_strategy": shares}
 
 

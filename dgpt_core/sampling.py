@@ -23,7 +23,17 @@ from typing import Any, Literal, get_args
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .sampling_ops import after_stop, delete_shift, draw, score_positions, select_positions, threshold_commit
+from .sampling_ops import (
+    PROJECTION_CHUNK,
+    Drawn,
+    after_stop,
+    delete_shift,
+    draw,
+    draw_from_hidden,
+    score_positions,
+    select_positions,
+    threshold_commit,
+)
 
 Strategy = Literal["random", "confidence", "margin", "entropy", "threshold"]
 PositionSelection = Literal["topk", "sample"]
@@ -314,8 +324,8 @@ def _denoise_block(
         editing = cfg.edit and j < cfg.steps - 1
         current = blk[live] if compact else blk
         x = torch.cat([context[live] if compact else context, current], 1)
-        get_logits = functools.partial(forward, first_step + j, x, attn[live] if compact else attn)
-        new = _denoise_step(run, current, get_logits, cfg.steps - j, editing)
+        get_draw = functools.partial(forward, first_step + j, x, attn[live] if compact else attn)
+        new = _denoise_step(run, current, get_draw, cfg.steps - j, editing)
         blk = blk.index_put((live,), new) if compact else new
         if run.tokens_hook is not None:
             blk = run.tokens_hook(first_step + j, torch.cat([context, blk], 1))[:, width:]
@@ -333,33 +343,60 @@ def _denoise_block(
 
 
 class _Forward:
-    """Logits at the block positions that need a draw.
+    """Token draws at the block positions that need one.
 
     The model runs only when asked and its input changed since the last run (ancestral steps that
     reveal nothing need none); `nfe` counts the runs. For ModernBERT without a logits hook, the
-    vocabulary projection runs on the requested positions alone."""
+    vocabulary projection runs on the requested positions alone, and steps that draw only masked
+    positions (no editing), need no more than p(drawn token) and no nucleus filtering draw from the
+    hidden states (`draw_from_hidden`) without ever making the (positions, vocab) logits, on CPU
+    when those would exceed PROJECTION_CHUNK (on a GPU the many small chunk kernels would cost
+    more than the memory traffic they save)."""
 
     def __init__(self, run: _Run, width: int) -> None:
         self.run, self.width = run, width
         config = getattr(run.model, "config", None)
         self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
+        self.may_draw_from_hidden = (self.split and run.cfg.top_p == 1
+                                     and run.cfg.strategy in ("random", "confidence", "threshold"))
+        self.banned = run.never.tolist() + ([run.ids.delete] if run.ids.delete is not None else [])
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
 
-    def __call__(self, step: int, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        model = self.run.model
+    def _block_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         if self.cached is None or not torch.equal(self.cached[0], x):
+            model = self.run.model
             if self.split:
                 out = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, self.width :]
             else:
                 out = model(input_ids=x, attention_mask=attn).logits[:, self.width :]
             self.cached = (x.clone(), out)
             self.nfe += 1
-        out = self.cached[1]
+        return self.cached[1]
+
+    def _draws_from_hidden(self, hidden: torch.Tensor, editing: bool) -> bool:
+        logits = hidden.shape[0] * self.run.model.decoder.out_features
+        return self.may_draw_from_hidden and not editing and hidden.device.type == "cpu" and logits > PROJECTION_CHUNK
+
+    def __call__(self, step: int, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+                 masked_at: torch.Tensor, editing: bool) -> Drawn:
+        """Tokens drawn at `positions` (a bool mask of the block); `masked_at` says which of those
+        are masks (never drawn as <|delete|>)."""
+        run, model = self.run, self.run.model
+        out = self._block_output(x, attn)
         if self.split:
-            return model.decoder(model.head(out[positions]))
-        hook = self.run.logits_hook
-        return (out if hook is None else hook(step, x, out))[positions]
+            hidden = model.head(out[positions])
+            if self._draws_from_hidden(hidden, editing):
+                return draw_from_hidden(hidden, model.decoder.weight, model.decoder.bias, self.banned,
+                                        run.cfg.temperature, run.gen)
+            lg = model.decoder(hidden)
+        else:
+            lg = (out if run.logits_hook is None else run.logits_hook(step, x, out))[positions]
+        lg = lg.float()
+        lg.index_fill_(1, run.never, float("-inf"))
+        if run.ids.delete is not None:
+            lg[:, run.ids.delete].masked_fill_(masked_at, float("-inf"))
+        return draw(lg, run.cfg.temperature, run.cfg.top_p, run.gen)
 
 
 def _expand_rows(current: torch.Tensor, rows: torch.Tensor, batch: int, pad_id: int) -> torch.Tensor:
@@ -383,11 +420,12 @@ def _window(ids: torch.Tensor, mask: torch.Tensor, max_ctx: int | None) -> tuple
 def _denoise_step(
     run: _Run,
     blk: torch.Tensor,
-    get_logits: Callable[[torch.Tensor], torch.Tensor],
+    get_draw: Callable[[torch.Tensor, torch.Tensor, bool], Drawn],
     remaining: int,
     editing: bool,
 ) -> torch.Tensor:
-    """One reverse step t -> s on the block (batch, size); `remaining` counts this step too."""
+    """One reverse step t -> s on the block (batch, size); `remaining` counts this step too.
+    `get_draw(positions, masked_at, editing)` draws tokens at the block positions `positions`."""
     cfg, ids, gen = run.cfg, run.ids, run.gen
     masked = blk == ids.mask
     reveal = None
@@ -399,12 +437,8 @@ def _denoise_step(
     cand = torch.ones_like(masked) if editing else (masked if reveal is None else reveal)
     if not bool(cand.any()):
         return blk
-    lg = get_logits(cand).float()
     cand_masked = masked[cand]
-    lg.index_fill_(1, run.never, float("-inf"))
-    if ids.delete is not None:
-        lg[:, ids.delete].masked_fill_(cand_masked, float("-inf"))
-    dist = draw(lg, cfg.temperature, cfg.top_p, gen)
+    dist = get_draw(cand, cand_masked, editing)
     tok = dist.tokens
     drawn = blk.clone()
     drawn[cand] = tok
@@ -424,7 +458,7 @@ def _denoise_step(
 
     if editing:
         current = blk[cand]
-        conf = dist.prob_of(tok)
+        conf = dist.confidence()
         gain_c = (conf - dist.prob_of(current)).double()
         eligible = ~cand_masked & (tok != current) & (conf >= cfg.edit_threshold)
         gain = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)

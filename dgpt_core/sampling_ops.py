@@ -1,5 +1,5 @@
-"""Tensor primitives of the sampler: token draws, position scores and selections, threshold
-commits (Fast-dLLM), stop detection and deletion shifts.
+"""Tensor primitives of the sampler: token draws (from logits, or straight from hidden states), position scores and selections, threshold commits (Fast-dLLM), stop detection and
+deletion shifts.
 
 Imports only torch: like `sampling.py`, this file is copied beside the weights of exported model
 folders (see export.PIPELINE_FILES) and imported there by the `text-diffusion` pipeline.
@@ -19,14 +19,26 @@ class Drawn:
     margin and entropy scores write the normalised distribution."""
 
     def __init__(self, tokens: torch.Tensor, weights: torch.Tensor | None, total: torch.Tensor | None,
-                 logits: torch.Tensor | None = None, row_max: torch.Tensor | None = None) -> None:
+                 logits: torch.Tensor | None = None, row_max: torch.Tensor | None = None,
+                 confidence: torch.Tensor | None = None) -> None:
         self.tokens = tokens
         self._weights, self._total = weights, total  # unnormalised probabilities and their row sums
         self._logits, self._row_max = logits, row_max  # greedy: turned into weights on first use
+        self._confidence = confidence  # p(tokens), when known without the distribution
+
+    @classmethod
+    def tokens_only(cls, tokens: torch.Tensor, confidence: torch.Tensor) -> Drawn:
+        """Drawn tokens and their probabilities alone (see `draw_from_hidden`): `confidence()` only."""
+        return cls(tokens, None, None, confidence=confidence)
+
+    def confidence(self) -> torch.Tensor:
+        """p(tokens[r]) for each row r."""
+        return self._confidence if self._confidence is not None else self.prob_of(self.tokens)
 
     def _unnormalised(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
-            assert self._logits is not None and self._row_max is not None
+            if self._logits is None or self._row_max is None:
+                raise RuntimeError("this draw kept only the drawn tokens' probabilities (Drawn.tokens_only)")
             self._weights = self._logits.sub_(self._row_max[:, None]).exp_()
             self._total = self._weights.sum(-1)
         assert self._total is not None
@@ -61,6 +73,101 @@ def draw(lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generato
         weights = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     tokens, total = categorical(weights, gen)
     return Drawn(tokens, weights, total)
+
+
+PROJECTION_CHUNK = 1 << 22
+"""Logits per column chunk of `draw_from_hidden` (16 MiB in float32); below this many logits in
+all, a plain projection followed by `draw` makes fewer operations and is as fast."""
+
+
+def draw_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, banned: list[int],
+    temperature: float, gen: torch.Generator, chunk_elements: int = PROJECTION_CHUNK,
+) -> Drawn:
+    """Like `draw` on the logits `hidden @ weight.T + bias` (any float dtype, rows of `hidden`)
+    with the `banned` columns at -inf and top_p 1, without ever making those (rows, vocab) logits.
+
+    The projection runs in column chunks of about `chunk_elements` logits, written into one
+    reused buffer, and each chunk is reduced while it is still in cache. Greedy: the chunk's max
+    and argmax. Sampling: one exact draw within the chunk (inverse CDF over sums of 64-column
+    blocks, then within the chosen block, in float64), merged across chunks by weighted reservoir
+    sampling (the running choice is replaced by the chunk's with probability chunk mass / mass so
+    far), which draws from the whole distribution exactly. Either way the drawn token's
+    probability comes from the chunks' log-sum-exps. On CPU at a 50k vocabulary, allocating the
+    projection's output and re-reading it for the softmax cost a third of the projection itself."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    width = max(1024, min(vocab, chunk_elements // max(rows, 1)))
+    pieces = -(-vocab // width)
+    width = -(-vocab // pieces // 64) * 64  # equal chunks of whole blocks: no short tail the banned ids could fill
+    buffer = hidden.new_empty((rows, width))
+    offsets = torch.arange(64, device=hidden.device)
+    log_mass = hidden.new_full((rows,), float("-inf"), dtype=torch.float64)  # log-sum-exp of the chunks so far
+    chosen = torch.zeros(rows, dtype=torch.long, device=hidden.device)
+    chosen_logit = hidden.new_full((rows,), float("-inf"), dtype=torch.float64)
+    for start in range(0, vocab, width):
+        end = min(vocab, start + width)
+        out = buffer[:, : end - start]
+        if bias is None:
+            torch.mm(hidden, weight[start:end].t(), out=out)
+        else:
+            torch.addmm(bias[start:end], hidden, weight[start:end].t(), out=out)
+        out = out.float()  # itself for float32 models
+        local = [i - start for i in banned if start <= i < end]
+        if local:
+            out[:, local] = float("-inf")
+        if temperature not in (0, 1):
+            out.div_(temperature)
+        if temperature == 0:
+            top, pick = max_and_argmax(out)
+        else:
+            top = out.amax(-1)
+        top = top.clamp(min=torch.finfo(out.dtype).min)  # a fully banned chunk has mass 0, not nan
+        weights = out.sub_(top[:, None]).exp_()
+        top = top.double()
+        if temperature == 0:
+            pick_logit, mass = top, weights.sum(-1)
+        else:
+            pick, pick_weight, mass = _draw_in_chunk(weights, offsets, gen)
+            pick_logit = pick_weight.double().log() + top
+        chunk_log_mass = mass.double().log() + top
+        merged = torch.logaddexp(log_mass, chunk_log_mass)
+        if temperature == 0:
+            take = pick_logit > chosen_logit  # strict: the first chunk keeps a tie, like argmax
+        else:
+            u = torch.rand(rows, generator=gen, dtype=torch.float64, device=hidden.device)
+            take = u < (chunk_log_mass - merged).exp()
+        chosen = torch.where(take, pick + start, chosen)
+        chosen_logit = torch.where(take, pick_logit, chosen_logit)
+        log_mass = merged
+    return Drawn.tokens_only(chosen, (chosen_logit - log_mass).exp().to(torch.float32))
+
+
+def _draw_in_chunk(
+    weights: torch.Tensor, offsets: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One inverse-CDF draw per row of unnormalised probabilities (rows, n), as `categorical`
+    does; returns (column, its weight, row sum). `offsets` is arange(64)."""
+    rows, n = weights.shape
+    full = n - n % 64
+    sums = weights[:, :full].unflatten(1, (-1, 64)).sum(-1)
+    if full < n:
+        sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], 1)
+    sums = sums.double()
+    cdf = sums.cumsum(-1)
+    u = torch.rand((rows, 1), generator=gen, dtype=torch.float64, device=weights.device) * cdf[:, -1:]
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    rest = u - (cdf - sums).gather(1, block)
+    columns = block * 64 + offsets
+    inside = columns < n
+    values = weights.gather(1, columns.clamp(max=n - 1)).masked_fill_(~inside, 0.0)
+    inner = values.double().cumsum(-1)
+    k = torch.searchsorted(inner, rest, right=True).clamp_(max=63)
+    picked = values.gather(1, k)
+    bad = picked == 0  # float64 rounding at a block edge: take the block's heaviest column instead
+    if bool(bad.any()):
+        k = torch.where(bad, values.argmax(-1, keepdim=True), k)
+        picked = values.gather(1, k)
+    return columns.gather(1, k).squeeze(1), picked.squeeze(1), cdf[:, -1]
 
 
 def max_and_argmax(lg: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +223,7 @@ def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> t
 def score_positions(strategy: str, drawn: Drawn) -> torch.Tensor:
     """Per drawn position: confidence p(x_hat) (confidence, threshold), margin p1 - p2, or -H(p)."""
     if strategy in ("confidence", "threshold"):
-        return drawn.prob_of(drawn.tokens)
+        return drawn.confidence()
     probs = drawn.probs()
     if strategy == "margin":
         top2 = probs.topk(2, dim=-1).values

@@ -306,6 +306,82 @@ def test_draw_returns_the_softmax_of_the_scaled_logits(temperature):
         assert torch.equal(dist.tokens, lg.argmax(-1))
 
 
+def test_draw_from_hidden_greedy_matches_the_full_projection():
+    from dgpt_core.sampling_ops import draw_from_hidden
+
+    torch.manual_seed(0)
+    weight, bias, hidden = torch.randn(3000, 16), torch.randn(3000), torch.randn(7, 16)
+    banned = [0, 5, 2999]
+    weight[2000], bias[2000] = weight[100], bias[100]  # a tie across chunks for row 3: the first index wins
+    hidden[3] = 10 * weight[100]
+    dist = draw_from_hidden(hidden, weight, bias, banned, 0.0, torch.Generator(), chunk_elements=7 * 1024)
+    reference = torch.nn.functional.linear(hidden, weight, bias)
+    reference[:, banned] = float("-inf")
+    assert torch.equal(dist.tokens, reference.argmax(-1)) and dist.tokens[3] == 100
+    assert torch.allclose(dist.confidence(), reference.softmax(-1).amax(-1), rtol=1e-5)
+    with pytest.raises(RuntimeError, match="tokens_only"):
+        dist.probs()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_draw_from_hidden_samples_the_softmax(temperature):
+    """Three chunks of 1,024 columns, the last one partial; 100k draws of one row against its
+    softmax: the total-variation distance stays at the sampling noise of `draw` itself."""
+    from dgpt_core.sampling_ops import draw, draw_from_hidden
+
+    torch.manual_seed(0)
+    vocab, rows = 3000, 100_000
+    weight, bias = torch.randn(vocab, 16), torch.randn(vocab)
+    hidden = torch.randn(1, 16).expand(rows, 16).contiguous()
+    banned = [0, 5, vocab - 1]
+    logits = torch.nn.functional.linear(hidden[:1], weight, bias)[0]
+    logits[banned] = float("-inf")
+    expected = (logits / temperature).softmax(-1).double()
+    dist = draw_from_hidden(hidden, weight, bias, banned, temperature, torch.Generator().manual_seed(1),
+                            chunk_elements=rows * 1024)
+    freq = torch.bincount(dist.tokens, minlength=vocab).double() / rows
+    assert freq[banned].sum() == 0
+    assert torch.allclose(dist.confidence().double(), expected[dist.tokens], rtol=1e-4)
+    plain = draw(logits.expand(rows, vocab).clone(), temperature, 1.0, torch.Generator().manual_seed(1))
+    noise = 0.5 * (torch.bincount(plain.tokens, minlength=vocab).double() / rows - expected).abs().sum()
+    assert 0.5 * (freq - expected).abs().sum() < 1.5 * noise
+
+
+def test_draw_from_hidden_skips_a_fully_banned_chunk():
+    from dgpt_core.sampling_ops import draw_from_hidden
+
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(2048, 8), torch.randn(4, 8)
+    banned = list(range(1024))  # the whole first chunk
+    for temperature in (0.0, 1.0):
+        dist = draw_from_hidden(hidden, weight, None, banned, temperature, torch.Generator().manual_seed(0),
+                                chunk_elements=4 * 1024)
+        assert (dist.tokens >= 1024).all() and torch.isfinite(dist.confidence()).all()
+
+
+@pytest.mark.parametrize("strategy", ["random", "confidence", "threshold"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_drawing_from_hidden_states_matches_drawing_from_logits(model, monkeypatch, strategy, temperature):
+    """With the chunk threshold at 0 every step draws through `draw_from_hidden`; an identity logits
+    hook forces the logits path. Greedy runs agree token for token; sampled runs both finish."""
+    from dgpt_core import sampling
+
+    cfg = no_stop(strategy=strategy, steps=4, max_new_tokens=8, temperature=temperature, seed=0, threshold=0.5)
+    calls = []
+    original = sampling.draw_from_hidden
+    monkeypatch.setattr(sampling, "draw_from_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(sampling, "PROJECTION_CHUNK", 0)
+    fused = generate(model, PROMPTS, IDS, cfg)
+    plain = generate(model, PROMPTS, IDS, cfg, logits_hook=lambda step, x, logits: logits)
+    assert calls
+    assert not (fused.canvas == IDS.mask).any()
+    never = torch.tensor([IDS.mask, IDS.pad, IDS.im_start, IDS.delete])
+    assert not torch.isin(fused.canvas[:, fused.prompt_width :], never).any()
+    if temperature == 0:
+        assert torch.equal(fused.canvas, plain.canvas)
+        assert fused.nfe == plain.nfe
+
+
 def test_config_validation_and_block_limit(model):
     with pytest.raises(ValueError, match="strategy"):
         SamplerConfig(strategy="best")
