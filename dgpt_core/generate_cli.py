@@ -16,17 +16,18 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from .pipeline import MASK_SYMBOL, TextDiffusionPipeline
+from .sampling import PositionSelection, Strategy
 
-STRATEGIES = ("random", "confidence", "margin", "entropy")
 SAMPLER_ARGS = (
     "strategy",
     "position_selection",
+    "threshold",
     "steps",
     "max_new_tokens",
     "block_size",
@@ -65,8 +66,9 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler (default: the model folder's sampler_defaults)")
-    group.add_argument("--strategy", choices=STRATEGIES, default=None)
-    group.add_argument("--position-selection", choices=("topk", "sample"), default=None)
+    group.add_argument("--strategy", choices=get_args(Strategy), default=None)
+    group.add_argument("--position-selection", choices=get_args(PositionSelection), default=None)
+    group.add_argument("--threshold", type=float, default=None, help="confidence to reveal a mask (threshold strategy)")
     group.add_argument("--steps", type=int, default=None, help="denoising steps (per block)")
     group.add_argument("--max-new-tokens", type=int, default=None, help="canvas length")
     group.add_argument("--block-size", type=int, default=None, help="semi-autoregressive block length")

@@ -6,13 +6,14 @@ metrics.json (meta.settings), so a rerun with the same settings gives the same n
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
 from dgpt_core.config import StrictConfig
+from dgpt_core.sampling import Strategy
 
-STRATEGIES = ("random", "confidence", "margin", "entropy")
+STRATEGIES = get_args(Strategy)
 LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition")
 """Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study."""
 
@@ -28,7 +29,10 @@ class EvalConfig(StrictConfig):
     strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES))
     """Unmasking strategies compared in every generative task, at the same steps and seed."""
     steps: int = Field(16, ge=1)
-    """Denoising steps (per block when block_size is set) of every generation."""
+    """Denoising steps (per block when block_size is set) of every generation; for the
+    `threshold` strategy a cap (it stops once nothing is left to decode)."""
+    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    """Confidence a mask needs to be revealed in parallel by the `threshold` strategy (Fast-dLLM)."""
     steps_grid: list[int] = Field(default_factory=lambda: [4, 8, 16])
     """Step counts of the quality-vs-steps sweep on dgpt_skills (plot: exact match vs NFE per
     strategy); [] skips the sweep."""

@@ -46,6 +46,7 @@ class DiffusionLM(LM):
         tokenizer: Any = None,
         strategy: str = "confidence",
         steps: int = 16,
+        threshold: float = 0.9,
         block_size: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -81,7 +82,7 @@ class DiffusionLM(LM):
         self.name = str(pretrained or type(model).__name__)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 512))
         self.sampler = SamplerConfig(
-            strategy=strategy, steps=int(steps), block_size=_int_or_none(block_size),
+            strategy=strategy, steps=int(steps), threshold=float(threshold), block_size=_int_or_none(block_size),
             temperature=float(temperature), top_p=float(top_p), seed=int(seed),
         )
         self.seed = int(seed)

@@ -119,7 +119,8 @@ class _Suite:
 
         cfg = self.cfg
         return DiffusionLM(
-            model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, block_size=cfg.block_size,
+            model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, threshold=cfg.threshold,
+            block_size=cfg.block_size,
             temperature=cfg.temperature, seed=cfg.seed, canvas=cfg.skills_canvas, max_canvas=cfg.standard_canvas,
             mc_num=cfg.mc_num, greedy_check=cfg.greedy_check, t_points=cfg.ppl_t_points,
             mask_draws=cfg.ppl_mask_draws, schedule=self.schedule.name, t_eps=self.schedule.eps,
@@ -216,7 +217,8 @@ class _Suite:
         cfg = self.cfg
         n = _cap(cfg.repetition_prompts, cfg.limit)
         temperature = cfg.temperature if cfg.repetition_temperature is None else cfg.repetition_temperature
-        base = SamplerConfig(steps=cfg.steps, block_size=cfg.block_size, temperature=temperature, seed=cfg.seed)
+        base = SamplerConfig(steps=cfg.steps, threshold=cfg.threshold, block_size=cfg.block_size,
+                             temperature=temperature, seed=cfg.seed)
         modes: dict[str, tuple[list[list[int]], int]] = {}
         if self.kind == "sft":
             prompts = evdata.chat_prompts(self.data_cfg, self.tok, n, self.max_len - min(cfg.chat_canvas, self.max_len // 2))

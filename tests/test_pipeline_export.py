@@ -18,7 +18,7 @@ import transformers
 
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import save_model_folder
-from dgpt_core.generate_cli import add_chat_parser, add_generate_parser
+from dgpt_core.generate_cli import add_chat_parser, add_generate_parser, sampler_options
 from dgpt_core.model import build_model
 from dgpt_core.pipeline import TextDiffusionPipeline, render
 from dgpt_core.tokenizer import train_bpe_tokenizer
@@ -170,6 +170,11 @@ def test_cli_generate(folder, capsys):
         ]
     )
     assert args.func(args) == 0
+    args = _cli().parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "threshold",
+                              "--threshold", "0.5", "--steps", "4"])
+    assert sampler_options(args) == {"strategy": "threshold", "threshold": 0.5, "steps": 4}
+    assert args.func(args) == 0
+    assert "[nfe=" in capsys.readouterr().err
 
 
 def test_cli_chat_keeps_history(folder, monkeypatch, capsys):
