@@ -51,6 +51,8 @@ def plot_lengths(length: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(length["lengths"], length["full_s"], marker="o", label="full canvas")
     ax.plot(length["lengths"], length["block_s"], marker="o", label=f"blocks of {length['block_size']}")
+    ax.plot(length["lengths"], length["block_cache_s"], marker="o",
+            label=f"blocks of {length['block_size']}, prefix cache")
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("seconds (batch 1, NFE = length / 4)")
     ax.set_xscale("log", base=2)
@@ -123,9 +125,11 @@ def render(result: dict[str, Any]) -> str:
                         [[v, *s.values()] for v, s in sample["overhead_by_strategy"].items()]), ""]
         length = sample["length"]
         lines += ["Sampler time vs generation length:", "",
-                  table(["tokens", "full canvas s", "block s", "block / full"],
+                  table(["tokens", "full canvas s", "block s", "block + cache s", "block / full",
+                         "block + cache / full"],
                         [list(r) for r in zip(length["lengths"], length["full_s"], length["block_s"],
-                                              length["block_vs_full_time"])]), "",
+                                              length["block_cache_s"], length["block_vs_full_time"],
+                                              length["block_cache_vs_full_time"])]), "",
                   "![time vs length](lengths.png)", ""]
     if "baseline" in result:
         base = result["baseline"]

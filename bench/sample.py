@@ -3,7 +3,8 @@
 Decoding methods (argmax tokens, seed 0, the skills canvas of the run's eval settings):
 `ancestral` (MDLM, positions at random) at its best-quality step count is the reference;
 `confidence` (count-based top-k) at its best step count; `threshold` (Fast-dLLM, tau 0.9,
-`steps` = canvas as the cap) and `threshold_block` (the same in blocks of half the canvas).
+`steps` = canvas as the cap), `threshold_block` (the same in blocks of half the canvas) and
+`threshold_block_cache` (that with the approximate prefix cache).
 Every setting of the sweep is timed in the same alternating loop, so tokens/s ratios compare
 runs made seconds apart. Tokens/s counts answer tokens (up to and including the stop token).
 """
@@ -47,10 +48,10 @@ def recorded_draws() -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Te
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
     original = sampling._Forward.__call__
 
-    def record(self: Any, step: int, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
-               *rest: Any) -> Any:
+    def record(self: Any, step: int, x: torch.Tensor, attn: torch.Tensor, live: torch.Tensor,
+               positions: torch.Tensor, *rest: Any) -> Any:
         calls.append((x.clone(), attn.clone(), positions.clone(), self.width))
-        return original(self, step, x, attn, positions, *rest)
+        return original(self, step, x, attn, live, positions, *rest)
 
     sampling._Forward.__call__ = record
     try:
@@ -191,6 +192,8 @@ def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple
         out[f"threshold@{tau}"] = ("threshold", base.replace(strategy="threshold", threshold=tau, steps=canvas))
     block = max(1, canvas // 2)
     out["threshold_block@0.9"] = ("threshold_block", base.replace(strategy="threshold", block_size=block, steps=block))
+    out["threshold_block_cache@0.9"] = ("threshold_block_cache",
+                                        out["threshold_block@0.9"][1].replace(prefix_cache=True))
     return out
 
 
@@ -227,7 +230,7 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
 
     chosen = {"ancestral": best_of("ancestral"), "confidence": best_of("confidence"),
               "threshold": "threshold@0.9" if "threshold@0.9" in sweep else best_of("threshold"),
-              "threshold_block": "threshold_block@0.9"}
+              "threshold_block": "threshold_block@0.9", "threshold_block_cache": "threshold_block_cache@0.9"}
     reference = sweep[chosen["ancestral"]]
     fast = [n for n, (m, _) in settings.items() if m != "ancestral"]
     qualified = [n for n in fast if sweep[n]["exact_match"] >= reference["exact_match"] - QUALITY_TOLERANCE
@@ -251,9 +254,10 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
 
 
 def length_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
-    """Sampler seconds per generation length, full canvas vs blocks of `length_block`, both with
-    threshold decoding capped at one step per 4 tokens (the same NFE), on a random model of the
-    run's shape (a trained one knows no such lengths); batch 1, prompt 16."""
+    """Sampler seconds per generation length, full canvas vs blocks of `length_block` without and
+    with the prefix cache, all with threshold decoding capped at one step per 4 tokens (the same
+    NFE), on a random model of the run's shape (a trained one knows no such lengths); batch 1,
+    prompt 16."""
     lengths = list(sizes.lengths)
     model = random_model(subject.run.model, subject.tokenizer, max_seq_len=max(lengths) + 16).eval()
     ids = TokenIds.from_tokenizer(subject.tokenizer)
@@ -264,8 +268,9 @@ def length_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
     for n in lengths:
         full_cfg = base.replace(max_new_tokens=n, steps=max(1, n // 4))
         block_cfg = base.replace(max_new_tokens=n, steps=max(1, block // 4), block_size=block)
-        fns[f"full@{n}"] = lambda c=full_cfg: generate(model, prompt, ids, c)
-        fns[f"block@{n}"] = lambda c=block_cfg: generate(model, prompt, ids, c)
+        fns[f"full@{n}"] = functools.partial(generate, model, prompt, ids, full_cfg)
+        fns[f"block@{n}"] = functools.partial(generate, model, prompt, ids, block_cfg)
+        fns[f"cache@{n}"] = functools.partial(generate, model, prompt, ids, block_cfg.replace(prefix_cache=True))
     generate(model, prompt, ids, base.replace(max_new_tokens=lengths[0], steps=4))  # warm-up
     seconds = alternate(fns, max(2, sizes.reps // 2), warmup=False)
     return {
@@ -274,6 +279,8 @@ def length_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
         "full_s": [statistics.median(seconds[f"full@{n}"]) for n in lengths],
         "block_s": [statistics.median(seconds[f"block@{n}"]) for n in lengths],
         "block_vs_full_time": [median_ratio(seconds[f"block@{n}"], seconds[f"full@{n}"]) for n in lengths],
+        "block_cache_s": [statistics.median(seconds[f"cache@{n}"]) for n in lengths],
+        "block_cache_vs_full_time": [median_ratio(seconds[f"cache@{n}"], seconds[f"full@{n}"]) for n in lengths],
     }
 
 

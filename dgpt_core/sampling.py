@@ -23,6 +23,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from .prefix_cache import PrefixCache
+from .prefix_cache import encode as encode_block
 from .sampling_ops import (
     PROJECTION_CHUNK,
     Drawn,
@@ -114,6 +116,11 @@ class SamplerConfig:
     """The answer ends before the first of these (None = <|im_end|> and end-of-text; () = none)."""
     block_size: int | None = None
     """None: denoise the whole canvas at once; n: semi-autoregressive blocks of n tokens."""
+    prefix_cache: bool = False
+    """Approximate prefix cache (Fast-dLLM): the context's keys and values are computed on a
+    block's first forward and reused for the block's later steps, which run the layers on the
+    block alone (ModernBERT without a logits hook; otherwise ignored). `nfe` still counts every
+    forward, cheap ones included."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -324,7 +331,7 @@ def _denoise_block(
         editing = cfg.edit and j < cfg.steps - 1
         current = blk[live] if compact else blk
         x = torch.cat([context[live] if compact else context, current], 1)
-        get_draw = functools.partial(forward, first_step + j, x, attn[live] if compact else attn)
+        get_draw = functools.partial(forward, first_step + j, x, attn[live] if compact else attn, live)
         new = _denoise_step(run, current, get_draw, cfg.steps - j, editing)
         blk = blk.index_put((live,), new) if compact else new
         if run.tokens_hook is not None:
@@ -362,11 +369,17 @@ class _Forward:
         self.banned = run.never.tolist() + ([run.ids.delete] if run.ids.delete is not None else [])
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
+        self.prefix: PrefixCache | None = None  # of all rows: the block's first forward has them all
 
-    def _block_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def _block_output(self, x: torch.Tensor, attn: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         if self.cached is None or not torch.equal(self.cached[0], x):
             model = self.run.model
-            if self.split:
+            if self.split and self.run.cfg.prefix_cache:
+                if self.prefix is None:
+                    out, self.prefix = encode_block(model.model, x, attn, self.width)
+                else:
+                    out, _ = encode_block(model.model, x[:, self.width :], attn, self.width, self.prefix.rows(live))
+            elif self.split:
                 out = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, self.width :]
             else:
                 out = model(input_ids=x, attention_mask=attn).logits[:, self.width :]
@@ -378,12 +391,12 @@ class _Forward:
         logits = hidden.shape[0] * self.run.model.decoder.out_features
         return self.may_draw_from_hidden and not editing and hidden.device.type == "cpu" and logits > PROJECTION_CHUNK
 
-    def __call__(self, step: int, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+    def __call__(self, step: int, x: torch.Tensor, attn: torch.Tensor, live: torch.Tensor, positions: torch.Tensor,
                  masked_at: torch.Tensor, editing: bool) -> Drawn:
-        """Tokens drawn at `positions` (a bool mask of the block); `masked_at` says which of those
-        are masks (never drawn as <|delete|>)."""
+        """Tokens drawn at `positions` (a bool mask of the block) for the block's rows `live`;
+        `masked_at` says which of those positions are masks (never drawn as <|delete|>)."""
         run, model = self.run, self.run.model
-        out = self._block_output(x, attn)
+        out = self._block_output(x, attn, live)
         if self.split:
             hidden = model.head(out[positions])
             if self._draws_from_hidden(hidden, editing):

@@ -29,11 +29,12 @@ def test_every_key_is_written(bench):
     assert set(train["by_vocab"]) == {"512", "1024"}  # the ci tokenizer's vocabulary, and the extra one
     sample = result["sample"]
     assert {"1024"} == set(sample["overhead_share"])
-    assert {"ancestral", "confidence", "threshold", "threshold_block"} == set(sample["methods"])
+    assert {"ancestral", "confidence", "threshold", "threshold_block", "threshold_block_cache"} == set(sample["methods"])
     assert all(METHOD_KEYS <= set(m) for m in sample["methods"].values())
     for key in ("nfe_speedup", "tokens_per_s_speedup", "best_fast", "reference"):
         assert key in sample
-    assert len(sample["length"]["full_s"]) == len(sample["length"]["block_s"]) == 1
+    length = sample["length"]
+    assert len(length["full_s"]) == len(length["block_s"]) == len(length["block_cache_s"]) == 1
     for model in ("ar", "ours"):
         assert {"ppl", "answer_ppl", "exact_match", "tokens_per_s", "nfe", "parameters"} <= set(result["baseline"][model])
     ar = result["baseline"]["ar"]

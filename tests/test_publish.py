@@ -36,6 +36,7 @@ MODEL_FILES = {
     "pipeline.py",
     "sampling.py",
     "sampling_ops.py",
+    "prefix_cache.py",
     "run_config.yaml",
     "train_metrics.json",
 }
