@@ -2,7 +2,8 @@
 
 The folder holds the safetensors weights, config.json (with `custom_pipelines` and optional
 `sampler_defaults`), the tokenizer files with the chat template, and copies of `pipeline.py`,
-`sampling.py`, `sampling_ops.py` and `prefix_cache.py`, so that in any process with torch and transformers
+the sampler's files (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`), so that
+in any process with torch and transformers
 
     transformers.pipeline("text-diffusion", model=folder, trust_remote_code=True)
 
@@ -23,7 +24,7 @@ from .model import unwrap
 from .pipeline import DEFAULTS_KEY, TASK
 from .sampling import SamplerConfig
 
-PIPELINE_FILES = ("pipeline.py", "sampling.py", "sampling_ops.py", "prefix_cache.py")
+PIPELINE_FILES = ("pipeline.py", "sampling.py", "sampling_types.py", "sampling_ops.py", "prefix_cache.py")
 CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline.TextDiffusionPipeline", "pt": ["AutoModelForMaskedLM"], "type": "text"},
 }

@@ -23,7 +23,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "sft": ("dgpt_core",),
     "eval": ("dgpt_core", "eval"),
     "publish": ("deploy", "dgpt_core/export.py", "dgpt_core/pipeline.py", "dgpt_core/sampling.py",
-                "dgpt_core/sampling_ops.py", "dgpt_core/prefix_cache.py"),
+                "dgpt_core/sampling_types.py", "dgpt_core/sampling_ops.py", "dgpt_core/prefix_cache.py"),
 }
 _HASHED_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".jinja"}
 

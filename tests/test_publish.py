@@ -35,6 +35,7 @@ MODEL_FILES = {
     "chat_template.jinja",
     "pipeline.py",
     "sampling.py",
+    "sampling_types.py",
     "sampling_ops.py",
     "prefix_cache.py",
     "run_config.yaml",
