@@ -291,7 +291,8 @@ LIMITATIONS = """## Limitations
 - It states false facts fluently and reproduces biases of its training conversations; do not use
   its output for decisions or as a source of facts.
 - English only. The context is limited to the model's `max_position_embeddings` tokens.
-- `trust_remote_code=True` runs this repo's `pipeline.py` and `sampling.py`; read them first
+- `trust_remote_code=True` runs this repo's `pipeline.py` and the sampler it imports
+  (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`); read them first
   (they import only torch and transformers).
 """
 
