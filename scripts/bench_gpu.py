@@ -181,6 +181,8 @@ def sample_bench(size: dict[str, int], device: torch.device, bf16: bool) -> dict
         "confidence": SamplerConfig(strategy="confidence", steps=steps, max_new_tokens=size["canvas"]),
         "threshold": SamplerConfig(strategy="threshold", steps=steps, max_new_tokens=size["canvas"]),
         "threshold_block64": SamplerConfig(strategy="threshold", steps=16, block_size=64, max_new_tokens=size["canvas"]),
+        "threshold_block64_cache": SamplerConfig(strategy="threshold", steps=16, block_size=64,
+                                                 max_new_tokens=size["canvas"], prefix_cache=True),
     }
     out: dict[str, Any] = {"batch": size["sample_batch"], "prompt": size["prompt"], "canvas": size["canvas"]}
     for name, cfg in configs.items():

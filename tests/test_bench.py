@@ -4,6 +4,9 @@ No timing assertions: the numbers depend on the machine."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,14 @@ def test_causal_nll_is_the_models_own_loss_at_the_trained_positions():
         logp = model(input_ids=torch.tensor(rows[:1])).logits[0, :-1].log_softmax(-1)
     assert answer_count == 2
     assert abs(answer_total - float(-(logp[2, 11] + logp[3, 4]))) < 1e-5
+
+
+def test_gpu_benchmark_script_smoke(tmp_path):
+    """The prepared GPU script's every code path (ZeRO-2 step, MFU, sampler settings) at tiny sizes on the CPU."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "bench_gpu.py"), str(tmp_path), "--smoke"], check=True,
+                   cwd=root, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert {"deepspeed_zero2", "mfu", "tokens_per_s", "peak_memory_gib", "collator_share"} <= set(result["train"])
+    for name in ("confidence", "threshold", "threshold_block64", "threshold_block64_cache"):
+        assert result["sample"][name]["nfe"] >= 1 and result["sample"][name]["tokens_per_s"] > 0
