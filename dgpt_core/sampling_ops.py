@@ -71,8 +71,8 @@ def draw(lg: torch.Tensor, temperature: float, top_p: float, gen: torch.Generato
         sorted_p, order = probs.sort(-1, descending=True)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
         weights = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    tokens, total = categorical(weights, gen)
-    return Drawn(tokens, weights, total)
+    tokens, _, total = categorical(weights, gen)
+    return Drawn(tokens, weights, total.to(weights.dtype))
 
 
 PROJECTION_CHUNK = 1 << 22
@@ -127,7 +127,7 @@ def draw_from_hidden(
         if temperature == 0:
             pick_logit, mass = top, weights.sum(-1)
         else:
-            pick, pick_weight, mass = _draw_in_chunk(weights, offsets, gen)
+            pick, pick_weight, mass = categorical(weights, gen, offsets)
             pick_logit = pick_weight.double().log() + top
         chunk_log_mass = mass.double().log() + top
         merged = torch.logaddexp(log_mass, chunk_log_mass)
@@ -142,11 +142,18 @@ def draw_from_hidden(
     return Drawn.tokens_only(chosen, (chosen_logit - log_mass).exp().to(torch.float32))
 
 
-def _draw_in_chunk(
-    weights: torch.Tensor, offsets: torch.Tensor, gen: torch.Generator
+def categorical(
+    weights: torch.Tensor, gen: torch.Generator, offsets: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One inverse-CDF draw per row of unnormalised probabilities (rows, n), as `categorical`
-    does; returns (column, its weight, row sum). `offsets` is arange(64)."""
+    """One exact inverse-CDF draw per row of unnormalised probabilities (rows, n), the CDF and the
+    uniform in float64; returns (columns, their weights, row sums). `offsets`: arange(64), if at hand.
+
+    As precise as float64 Gumbel-max (bucket widths are relative, so no tail is truncated) but
+    one random number per row instead of one per vocabulary entry: a float64 Gumbel draw cost
+    most of a step at a 4k vocabulary, and a flat float64 cumsum over the vocabulary is slow on
+    CPU, so the CDF runs over the sums of 64-column blocks, then within the chosen block."""
+    if offsets is None:
+        offsets = torch.arange(64, device=weights.device)
     rows, n = weights.shape
     full = n - n % 64
     sums = weights[:, :full].unflatten(1, (-1, 64)).sum(-1)
@@ -185,39 +192,6 @@ def max_and_argmax(lg: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, tor
     columns = (start[:, None] + torch.arange(chunk, device=lg.device)).clamp_(max=vocab - 1)
     first = (lg.gather(1, columns) == top[:, None]).int().argmax(-1)
     return top, start + first
-
-
-def categorical(probs: torch.Tensor, gen: torch.Generator, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """One exact inverse-CDF draw per row of unnormalised probabilities, the CDF and the uniform in
-    float64; returns (tokens, row sums).
-
-    As precise as float64 Gumbel-max (bucket widths are relative, so no tail is truncated) but
-    one random number per row instead of one per vocabulary entry: a float64 Gumbel draw cost
-    most of a step at a 4k vocabulary, and a flat float64 cumsum over the vocabulary is slow on
-    CPU, so the CDF runs over chunk sums, then within the chosen chunk. Only the last, partial
-    chunk is padded (padding the whole matrix would copy it)."""
-    rows, vocab = probs.shape
-    full = vocab - vocab % chunk
-    blocks = probs[:, :full].unflatten(1, (-1, chunk))  # a view: (rows, full chunks, chunk)
-    tail = torch.nn.functional.pad(probs[:, full:], (0, -vocab % chunk))  # (rows, 0 or chunk)
-    sums = torch.cat([blocks.sum(-1), tail.sum(-1, keepdim=True)[:, : tail.shape[1]]], 1).double()
-    cdf = sums.cumsum(-1)
-    u = torch.rand((rows, 1), generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
-    rest = u - (cdf - sums).gather(1, block)
-    in_tail = block >= blocks.shape[1]
-    if blocks.shape[1]:
-        chosen = blocks.gather(1, block.clamp(max=blocks.shape[1] - 1)[:, :, None].expand(rows, 1, chunk)).squeeze(1)
-        chosen = torch.where(in_tail, tail, chosen) if tail.shape[1] else chosen
-    else:
-        chosen = tail
-    inner = chosen.double().cumsum(-1)
-    tok = (block * chunk + torch.searchsorted(inner, rest, right=True).clamp_(max=chunk - 1)).squeeze(1)
-    tok = tok.clamp_(max=vocab - 1)
-    bad = probs.gather(1, tok[:, None]).squeeze(1) == 0  # float64 rounding at a bucket edge (~1e-16)
-    if bool(bad.any()):
-        tok[bad] = probs[bad].argmax(-1)
-    return tok, cdf[:, -1].to(probs.dtype)
 
 
 def score_positions(strategy: str, drawn: Drawn) -> torch.Tensor:
