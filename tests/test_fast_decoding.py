@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import ModernBertConfig, ModernBertForMaskedLM
+from transformers import ModernBertForMaskedLM
 
 from dgpt_core.pipeline import TextDiffusionPipeline
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate, left_pad, stream
+from dgpt_core.sampling import SamplerConfig, generate, left_pad, stream
 
-IDS = TokenIds(mask=2, pad=1, eos=0, im_end=4, delete=5, im_start=3)
-PROMPTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26]]
+from .tiny_models import IDS, PROMPTS, tiny_modernbert
 
 
 @pytest.fixture(scope="module")
 def model() -> ModernBertForMaskedLM:
-    torch.manual_seed(0)
-    config = ModernBertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, global_attn_every_n_layers=1, pad_token_id=IDS.pad, eos_token_id=IDS.eos,
-        bos_token_id=IDS.eos, cls_token_id=IDS.eos, sep_token_id=IDS.eos, mask_token_id=IDS.mask,
-        attn_implementation="sdpa",
-    )
-    return ModernBertForMaskedLM(config).eval()
+    return tiny_modernbert()
 
 
 def threshold(**kw) -> SamplerConfig:

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import ModernBertConfig, ModernBertForMaskedLM
+from transformers import ModernBertForMaskedLM
 
 from dgpt_core.prefix_cache import encode
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.sampling import SamplerConfig, generate
 
-IDS = TokenIds(mask=2, pad=1, eos=0, im_end=4, delete=5, im_start=3)
-PROMPTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26]]
+from .tiny_models import IDS, PROMPTS, tiny_modernbert
 
 
 @pytest.fixture(scope="module")
 def model() -> ModernBertForMaskedLM:
     """Global and sliding-window layers (window 8, shorter than the inputs below)."""
-    torch.manual_seed(0)
-    config = ModernBertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-        max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8, pad_token_id=IDS.pad,
-        eos_token_id=IDS.eos, bos_token_id=IDS.eos, cls_token_id=IDS.eos, sep_token_id=IDS.eos,
-        mask_token_id=IDS.mask, initializer_range=0.5, attn_implementation="sdpa",
-    )
-    return ModernBertForMaskedLM(config).eval()
+    return tiny_modernbert(num_hidden_layers=4, global_attn_every_n_layers=2, local_attention=8,
+                           initializer_range=0.5)
 
 
 def left_padded(rows: int = 3, length: int = 30) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import ModernBertConfig, ModernBertForMaskedLM
+from transformers import ModernBertForMaskedLM
 
 from dgpt_core.sampling import (
     SamplerConfig,
@@ -19,33 +19,15 @@ from dgpt_core.sampling import (
     stream,
 )
 
-IDS = TokenIds(mask=2, pad=1, eos=0, im_end=4, delete=5, im_start=3)
-MAX_LEN = 64
-PROMPTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26]]
+from .tiny_models import IDS, MAX_LEN, PROMPTS, tiny_modernbert
+
 SCORE_STRATEGIES = ("confidence", "margin", "entropy")
 
 
 @pytest.fixture(scope="module")
 def model() -> ModernBertForMaskedLM:
-    torch.manual_seed(0)
-    config = ModernBertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_LEN,
-        global_attn_every_n_layers=1,
-        pad_token_id=IDS.pad,
-        eos_token_id=IDS.eos,
-        bos_token_id=IDS.eos,
-        cls_token_id=IDS.eos,
-        sep_token_id=IDS.eos,
-        mask_token_id=IDS.mask,
-        initializer_range=0.5,  # peaked logits, so greedy comparisons are not decided by float noise
-        attn_implementation="sdpa",
-    )
-    return ModernBertForMaskedLM(config).eval()
+    # peaked logits, so greedy comparisons are not decided by float noise
+    return tiny_modernbert(initializer_range=0.5)
 
 
 def no_stop(**kw) -> SamplerConfig:
