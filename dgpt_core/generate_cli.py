@@ -2,6 +2,8 @@
 
     dgpt generate MODEL_DIR --prompt "Hi there" [--prompt ...] [--strategy confidence --steps 16
                   --max-new-tokens 32 --block-size 16 --temperature 0.7 --seed 0 --edit --stream]
+    dgpt generate MODEL_DIR --prompt "Hi there" --strategy threshold --threshold 0.9 --steps 16
+                  --max-new-tokens 256 --block-size 32 --prefix-cache     # fast decoding
     dgpt chat MODEL_DIR [--system "You are terse."] [sampler options]
 
 Prompts go through the tokenizer's chat template as a user turn unless `--raw`. On a terminal,
@@ -37,6 +39,7 @@ SAMPLER_ARGS = (
     "edit",
     "edit_threshold",
     "edit_rate",
+    "prefix_cache",
 )
 
 
@@ -78,6 +81,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--edit", action=argparse.BooleanOptionalAction, default=None, help="Seed-style edits")
     group.add_argument("--edit-threshold", type=float, default=None)
     group.add_argument("--edit-rate", type=float, default=None)
+    group.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                       help="approximate prefix key/value cache for block decoding")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 

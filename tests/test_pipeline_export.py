@@ -171,8 +171,9 @@ def test_cli_generate(folder, capsys):
     )
     assert args.func(args) == 0
     args = _cli().parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "threshold",
-                              "--threshold", "0.5", "--steps", "4"])
-    assert sampler_options(args) == {"strategy": "threshold", "threshold": 0.5, "steps": 4}
+                              "--threshold", "0.5", "--steps", "4", "--block-size", "4", "--prefix-cache"])
+    assert sampler_options(args) == {"strategy": "threshold", "threshold": 0.5, "steps": 4, "block_size": 4,
+                                     "prefix_cache": True}
     assert args.func(args) == 0
     assert "[nfe=" in capsys.readouterr().err
 
