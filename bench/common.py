@@ -65,7 +65,7 @@ SIZES = {
         baseline_budget=1.0, ppl_sequences=4,
     ),
     "tiny": BenchSizes(
-        reps=5, train_steps=1, train_vocabs=(4096, LARGE_VOCAB), overhead_vocabs=(4096, LARGE_VOCAB),
+        reps=5, train_steps=2, train_vocabs=(4096, LARGE_VOCAB), overhead_vocabs=(4096, LARGE_VOCAB),
         skills_per_skill=30, batch_size=64, thresholds=(0.5, 0.7, 0.9, 0.95), lengths=(128, 256, 512, 1024),
         length_block=128, baseline_budget=1.0, ppl_sequences=32,
     ),
