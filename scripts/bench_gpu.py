@@ -4,7 +4,8 @@ model under DeepSpeed ZeRO-2 on one GPU (sdpa attention), then sampler tokens/s.
     python scripts/bench_gpu.py OUT_DIR                 # ~2-4 minutes on an H100 / H200
     python scripts/bench_gpu.py OUT_DIR --smoke         # CPU, tiny sizes: exercises every code path
 
-Writes OUT_DIR/bench_gpu.json. Model: hidden 768, 22 layers, 12 heads, GLU width 1152, vocab 50368,
+Writes OUT_DIR/bench_gpu.json and OUT_DIR/train_profile.txt (torch.profiler table of three more
+training steps; bench_gpu.json gives the GPU-busy share of their wall time). Model: hidden 768, 22 layers, 12 heads, GLU width 1152, vocab 50368,
 global attention in every layer, sequence 1024, random weights, random tokens (every position
 eligible, as in pretraining). Training step: our collator (on the CPU, inside the timed loop),
 `diffusion_loss` (logits only at the scored positions), engine backward and step.
@@ -19,6 +20,7 @@ on the scored positions alone).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -117,7 +119,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: float | None) -> dict[str, Any]:
+def profile_steps(run_step: Any, device: torch.device, table_path: Path, steps: int = 3) -> dict[str, Any]:
+    """torch.profiler over a few more training steps: the op table (by GPU time on a GPU) goes to
+    `table_path`; returns the GPU-busy share of the profiled wall time (kernel time summed over
+    the steps; the profiler's own overhead lowers it a little), which tells host-bound steps
+    (a GPU waiting on Python, DeepSpeed or the collator) from kernel-bound ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for step in range(steps):
+            run_step(10_000 + step)
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(averages.table(sort_by=sort_by, row_limit=40, max_name_column_width=70) + "\n")
+    busy = sum(event.self_device_time_total for event in averages) / 1e6 if cuda else None
+    return {"steps": steps, "wall_s": wall, "gpu_busy_s": busy, "gpu_busy_share": None if busy is None else busy / wall,
+            "table": table_path.name}
+
+
+def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: float | None,
+                out_dir: Path) -> dict[str, Any]:
     from bench.common import random_tokens
     from dgpt_core.collator import DiffusionCollator
     from dgpt_core.config import DiffusionConfig
@@ -129,8 +155,9 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
     engine, is_deepspeed = make_engine(model, size["batch"], bf16)
     collator = DiffusionCollator.from_tokenizer(DiffusionConfig(edit_start=1.0), tokenizer, size["seq"])
     mask_id = special_token_ids(tokenizer)["mask"]
-    step_s, collate_s, scored_counts = [], [], []
-    for step in range(size["warmup"] + size["steps"]):
+
+    def run_step(step: int) -> tuple[float, float, int]:
+        """One timed training step: (seconds, collator seconds, scored positions)."""
         rows = random_tokens(tokenizer, (size["batch"], size["seq"]), seed=step).tolist()
         sync(device)
         start = time.perf_counter()
@@ -141,12 +168,18 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
         engine.backward(loss)
         engine.step()
         sync(device)
-        if step >= size["warmup"]:
-            step_s.append(time.perf_counter() - start)
-            collate_s.append(collated - start)
-            scored_counts.append(int((batch["masked_positions"] | batch["edit_positions"]).sum()))
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss at step {step}")
+        return time.perf_counter() - start, collated - start, int((batch["masked_positions"] | batch["edit_positions"]).sum())
+
+    step_s, collate_s, scored_counts = [], [], []
+    for step in range(size["warmup"] + size["steps"]):
+        seconds, collate, scored = run_step(step)
+        if step >= size["warmup"]:
+            step_s.append(seconds)
+            collate_s.append(collate)
+            scored_counts.append(scored)
+    profile = profile_steps(run_step, device, out_dir / "train_profile.txt")
     tokens = size["batch"] * size["seq"]
     seconds = statistics.median(step_s)
     flops = model_flops(engine.module, size, tokens, int(statistics.median(scored_counts)))
@@ -163,8 +196,8 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
         "achieved_tflops": flops / seconds / 1e12,
         "mfu": None if peak is None else flops / seconds / peak,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "profile": profile,
     }
-    del engine, model
     return out
 
 
@@ -223,12 +256,13 @@ def main() -> int:
     started = time.perf_counter()
     result: dict[str, Any] = {"device": gpu, "smoke": args.smoke, "torch": torch.__version__, "size": size,
                               "peak_tflops": None if peak is None else peak / 1e12}
-    result["train"] = train_bench(size, device, bf16, peak)
+    out = Path(args.out_dir)
+    result["train"] = train_bench(size, device, bf16, peak, out)
+    gc.collect()  # the DeepSpeed engine holds reference cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
     result["sample"] = sample_bench(size, device, bf16)
     result["seconds"] = time.perf_counter() - started
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

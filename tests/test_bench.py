@@ -85,6 +85,7 @@ def test_gpu_benchmark_script_smoke(tmp_path):
     subprocess.run([sys.executable, str(root / "scripts" / "bench_gpu.py"), str(tmp_path), "--smoke"], check=True,
                    cwd=root, capture_output=True, timeout=600)
     result = json.loads((tmp_path / "bench_gpu.json").read_text())
-    assert {"deepspeed_zero2", "mfu", "tokens_per_s", "peak_memory_gib", "collator_share"} <= set(result["train"])
+    assert {"deepspeed_zero2", "mfu", "tokens_per_s", "peak_memory_gib", "collator_share", "profile"} <= set(result["train"])
+    assert "aten::mm" in (tmp_path / result["train"]["profile"]["table"]).read_text()
     for name in ("confidence", "threshold", "threshold_block64", "threshold_block64_cache"):
         assert result["sample"][name]["nfe"] >= 1 and result["sample"][name]["tokens_per_s"] > 0
