@@ -34,7 +34,7 @@ def test_every_key_is_written(bench):
     assert {"1024"} == set(sample["overhead_share"])
     assert {"ancestral", "confidence", "threshold", "threshold_block", "threshold_block_cache"} == set(sample["methods"])
     assert all(METHOD_KEYS <= set(m) for m in sample["methods"].values())
-    for key in ("nfe_speedup", "tokens_per_s_speedup", "best_fast", "reference"):
+    for key in ("nfe_speedup", "nfe_speedup_cap", "tokens_per_s_speedup", "best_fast", "reference"):
         assert key in sample
     length = sample["length"]
     assert len(length["full_s"]) == len(length["block_s"]) == len(length["block_cache_s"]) == 1
