@@ -224,11 +224,11 @@ class _Forward:
 
     The model runs only when asked and its input changed since the last run (ancestral steps that
     reveal nothing need none); `nfe` counts the runs. For ModernBERT without a logits hook, the
-    vocabulary projection runs on the requested positions alone, and steps that draw only masked
-    positions (no editing), need no more than p(drawn token) and no nucleus filtering draw from the
-    hidden states (`draw_from_hidden`) without ever making the (positions, vocab) logits, on CPU
-    when those would exceed PROJECTION_CHUNK (on a GPU the many small chunk kernels would cost
-    more than the memory traffic they save)."""
+    vocabulary projection runs on the requested positions alone. Steps that draw at masks only (no
+    editing), without nucleus filtering, for a strategy that needs no more than p(drawn token),
+    draw straight from the hidden states (`draw_from_hidden`) without ever making the (positions,
+    vocab) logits, on CPU when those would exceed PROJECTION_CHUNK (on a GPU the many small chunk
+    kernels would cost more than the memory traffic they save)."""
 
     def __init__(self, run: _Run, width: int) -> None:
         self.run, self.width = run, width
@@ -248,7 +248,9 @@ class _Forward:
                 if self.prefix is None:
                     out, self.prefix = encode_block(model.model, x, attn, self.width)
                 else:
-                    out, _ = encode_block(model.model, x[:, self.width :], attn, self.width, self.prefix.rows(live))
+                    every_row = live.shape[0] == self.prefix.keys[0].shape[0]
+                    prefix = self.prefix if every_row else self.prefix.rows(live)
+                    out, _ = encode_block(model.model, x[:, self.width :], attn, self.width, prefix)
             elif self.split:
                 out = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, self.width :]
             else:
