@@ -1,5 +1,5 @@
-"""Tensor primitives of the sampler: token draws (from logits, or straight from hidden states), position scores and selections, threshold commits (Fast-dLLM), stop detection and
-deletion shifts.
+"""Tensor primitives of the sampler: token draws (from logits, or straight from hidden states),
+position scores and selections, threshold commits (Fast-dLLM), stop detection and deletion shifts.
 
 Imports only torch: like `sampling.py`, this file is copied beside the weights of exported model
 folders (see export.PIPELINE_FILES) and imported there by the `text-diffusion` pipeline.
