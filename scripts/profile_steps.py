@@ -1,5 +1,6 @@
 """torch.profiler tables of the two hot paths at a given vocabulary, random weights of a preset's shape:
-a confidence sampler run (batch 8, prompt 16, canvas 64, 32 steps) and one edit-stage diffusion
+a confidence sampler run (batch 8, prompt 16, canvas 64, 32 steps), the replay of its model forwards
+alone and the difference per op (the sampler overhead of `dgpt bench`), and one edit-stage diffusion
 training step (the preset's pretraining batch and length).
 
     python scripts/profile_steps.py [--preset tiny] [--vocab 50257] [--rows 12]
@@ -8,6 +9,7 @@ training step (the preset's pretraining batch and length).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import random_model, random_tokens, synthetic_tokenizer  # noqa: E402
+from bench.sample import recorded_draws, replay_forwards  # noqa: E402
 from dgpt_core.collator import DiffusionCollator  # noqa: E402
 from dgpt_core.loss import diffusion_loss  # noqa: E402
 from dgpt_core.run_config import load_run_config  # noqa: E402
@@ -24,12 +27,15 @@ from dgpt_core.sampling import SamplerConfig, TokenIds, generate  # noqa: E402
 from dgpt_core.tokenizer import special_token_ids  # noqa: E402
 
 
-def table(title: str, fn, rows: int) -> None:
-    fn()  # warm-up
+def table(title: str, fn, rows: int) -> dict[str, float]:
+    """Print the op table of one profiled call of `fn` (after a warm-up); return self ms per op."""
+    fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
+    averages = prof.key_averages()
     print(f"=== {title}")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+    return {event.key: event.self_cpu_time_total / 1e3 for event in averages}
 
 
 def main() -> int:
@@ -45,7 +51,18 @@ def main() -> int:
     ids = TokenIds.from_tokenizer(tokenizer)
     prompts = random_tokens(tokenizer, (8, 16))
     cfg = SamplerConfig(strategy="confidence", steps=32, max_new_tokens=64, stop_token_ids=(), seed=0)
-    table(f"sampler, confidence, vocab {args.vocab}", lambda: generate(sampler_model, prompts, ids, cfg), args.rows)
+    run_sampler = functools.partial(generate, sampler_model, prompts, ids, cfg)
+    sampler_ops = table(f"sampler, confidence, vocab {args.vocab}", run_sampler, args.rows)
+    with recorded_draws() as calls:
+        run_sampler()
+    replay_ops = table("its model forwards alone (bench.sample.replay_forwards)",
+                       functools.partial(replay_forwards, sampler_model, calls), args.rows)
+    overhead = {name: sampler_ops.get(name, 0.0) - replay_ops.get(name, 0.0) for name in {*sampler_ops, *replay_ops}}
+    forward_ms = sum(replay_ops.values())
+    print(f"=== sampler overhead by op (sampler self time - replay self time; forwards {forward_ms:.0f} ms, "
+          f"overhead {sum(overhead.values()):.0f} ms)")
+    for name, ms in sorted(overhead.items(), key=lambda kv: -abs(kv[1]))[: args.rows]:
+        print(f"{ms:9.1f} ms  {name}")
 
     model = random_model(run.model, tokenizer).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
