@@ -115,6 +115,7 @@ def test_local_invalid_file_fails_stage_with_row(built, tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                     '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "x"}]}\n')
     cfg = small_cfg()
+    cfg.validation_fraction = 0.0  # the one valid row must land in train (the hash depends on the tmp path)
     cfg.sft.sources = [SourceSpec(name=str(path))]
     with pytest.raises(DataValidationError, match=r"row 2: field 'messages\[0\].content': non-string content"):
         prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
