@@ -53,11 +53,11 @@ def encode(
     query_pos = torch.arange(start, width + size, device=input_ids.device)
     key_pos = torch.arange(width + size, device=input_ids.device)
     keep = attention_mask.bool()[:, None, None, :]  # (rows, 1, 1, keys)
-    masks = {
-        "full_attention": keep,
-        "sliding_attention": keep & ((query_pos[:, None] - key_pos[None, :]).abs() <= config.sliding_window),
-    }
-    rotary = {kind: backbone.rotary_emb(hidden, query_pos[None], kind) for kind in set(config.layer_types)}
+    kinds = set(config.layer_types)
+    masks = {"full_attention": keep}
+    if "sliding_attention" in kinds:
+        masks["sliding_attention"] = keep & ((query_pos[:, None] - key_pos[None, :]).abs() <= config.sliding_window)
+    rotary = {kind: backbone.rotary_emb(hidden, query_pos[None], kind) for kind in kinds}
     keys, values = [], []
     for i, layer in enumerate(backbone.layers):
         attn = layer.attn

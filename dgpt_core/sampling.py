@@ -137,7 +137,9 @@ def stream(
     gen.seed() if cfg.seed is None else gen.manual_seed(cfg.seed)
     never = [i for i in (token_ids.mask, token_ids.pad, token_ids.im_start) if i is not None]
     stop_ids = torch.tensor(cfg.stop_ids(token_ids), dtype=torch.long, device=device)
-    run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), stop_ids, logits_hook, tokens_hook)
+    banned_at_masks = never + ([token_ids.delete] if token_ids.delete is not None else [])
+    run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), banned_at_masks, stop_ids,
+               logits_hook, tokens_hook)
 
     was_training = model.training
     model.eval()
@@ -178,6 +180,8 @@ class _Run:
     gen: torch.Generator
     never: torch.Tensor
     """Ids never drawn: mask, pad, im_start."""
+    banned_at_masks: list[int]
+    """`never` and <|delete|>: the ids never drawn at a masked position."""
     stops: torch.Tensor
     """Stop token ids in effect."""
     logits_hook: LogitsHook | None
@@ -236,7 +240,6 @@ class _Forward:
         self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
         self.may_draw_from_hidden = (self.split and run.cfg.top_p == 1
                                      and run.cfg.strategy in ("random", "confidence", "threshold"))
-        self.banned = run.never.tolist() + ([run.ids.delete] if run.ids.delete is not None else [])
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
         self.prefix: PrefixCache | None = None  # of all rows: the block's first forward has them all
@@ -272,7 +275,7 @@ class _Forward:
         if self.split:
             hidden = model.head(out[positions])
             if self._draws_from_hidden(hidden, editing):
-                return draw_from_hidden(hidden, model.decoder.weight, model.decoder.bias, self.banned,
+                return draw_from_hidden(hidden, model.decoder.weight, model.decoder.bias, run.banned_at_masks,
                                         run.cfg.temperature, run.gen)
             lg = model.decoder(hidden)
         else:
