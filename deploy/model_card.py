@@ -240,7 +240,7 @@ def _training_section(run: dict[str, Any], train_metrics: dict[str, Any]) -> lis
         "",
     ]
     if train_metrics:
-        keys = [k for k in ("train_loss", "eval_loss", "train_runtime") if k in train_metrics]
+        keys = [k for k in ("train_loss", "val_elbo", "train_runtime") if k in train_metrics]
         lines += [
             "Final stage metrics: " + ", ".join(f"{k} {_fmt(train_metrics[k])}" for k in keys) + ".",
             "",
@@ -292,7 +292,7 @@ LIMITATIONS = """## Limitations
   its output for decisions or as a source of facts.
 - English only. The context is limited to the model's `max_position_embeddings` tokens.
 - `trust_remote_code=True` runs this repo's `pipeline.py` and the sampler it imports
-  (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`); read them first
+  (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`, `schedules.py`); read them first
   (they import only torch and transformers).
 """
 
@@ -357,7 +357,8 @@ def build_model_card(
         "",
         f'pipe = pipeline("text-diffusion", model="{repo}", trust_remote_code=True)',
         'chat = [{"role": "user", "content": "What is 12 plus 7?"}]',
-        'print(pipe(chat, steps=16, max_new_tokens=24, strategy="confidence", seed=0)[0]["generated_text"])',
+        'print(pipe(chat)[0]["generated_text"])  # decodes with the sampler defaults in config.json',
+        'print(pipe(chat, strategy="random", steps=4, seed=0)[0]["generated_text"])  # or any other setting',
         "",
         "# plain-text continuation, and the denoising process step by step",
         'print(pipe("Once upon a time", max_new_tokens=32)[0]["generated_text"])',
@@ -366,8 +367,9 @@ def build_model_card(
         "```",
         "",
         "Sampler options (any call keyword): `steps`, `max_new_tokens`, `strategy` (random, confidence, margin, "
-        "entropy), `temperature`, `top_p`, `block_size` (semi-autoregressive blocks), `edit` (self-correction "
-        "of revealed tokens), `seed`.",
+        "entropy, threshold), `temperature`, `top_p`, `block_size` (semi-autoregressive blocks), `edit` "
+        "(self-correction of revealed tokens, and deletion of tokens the model flags as spurious), `seed`. "
+        "Unset options take the folder's `sampler_defaults` (chosen from this model's own eval).",
         "",
         "## Model",
         "",

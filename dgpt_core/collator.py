@@ -51,7 +51,8 @@ class DiffusionCollator:
 
     Output batch:
       input_ids, attention_mask  corrupted model input;
-      labels                     original token at eligible positions (<|delete|> at insertions), else -100;
+      labels                     original token at eligible positions (<|delete|> at inserted
+                                 spurious tokens), else -100;
       masked_positions           positions replaced by <|mask|> (weighted MDLM loss);
       edit_positions             visible positions scored by the unweighted edit loss;
       t, loss_weight             per-sequence diffusion time and ELBO weight w(t);
@@ -186,8 +187,9 @@ class DiffusionCollator:
             if state.insert_prob > 0:
                 inserts = visible & (torch.rand((batch, length), generator=generator) < state.insert_prob)
                 if inserts.any():
-                    noisy, attention_mask, labels, masked, edit_scored = self._insert_deletes(
-                        inserts, noisy, attention_mask, labels, masked, edit_scored
+                    spurious = self._spurious_tokens(noisy, generator)
+                    noisy, attention_mask, labels, masked, edit_scored = self._insert_spurious(
+                        inserts, spurious, noisy, attention_mask, labels, masked, edit_scored
                     )
 
         return {
@@ -211,35 +213,44 @@ class DiffusionCollator:
         draw = torch.where(draw == index_of_original, (draw + 1) % pool, draw)
         return self.replacement_ids[draw]
 
-    def _insert_deletes(
+    def _spurious_tokens(self, visible_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Per position, the token an insertion before it would add: with cfg.insert_copy_prob a copy
+        of the visible token there (a duplicated word, as real drafts have), else a random
+        non-special token other than it."""
+        copy = torch.rand(visible_ids.shape, generator=generator) < self.cfg.insert_copy_prob
+        return torch.where(copy, visible_ids, self._random_other_tokens(visible_ids, generator))
+
+    def _insert_spurious(
         self,
         inserts: torch.Tensor,
+        spurious: torch.Tensor,
         noisy: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         masked: torch.Tensor,
         edit_scored: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        """Put a <|delete|> token (label <|delete|>, scored by the edit loss) before each position in
-        `inserts`. Rows shift right; the batch grows by the largest insertion count up to max_length,
-        and a row that then overflows loses tokens from its end, never its start, and never an
-        inserted token without its label."""
+        """Insert `spurious[r, p]` before each position (r, p) of `inserts`, labelled <|delete|> and
+        scored by the edit loss: the model sees an ordinary token and learns to flag it (the
+        <|delete|> token itself never enters the input). Rows shift right; the batch grows by the
+        largest insertion count up to max_length, and a row that then overflows loses tokens from
+        its end, never its start, and never an inserted token without its label."""
         batch, length = noisy.shape
         shift = inserts.long().cumsum(dim=1)
         new_pos = torch.arange(length)[None, :] + shift
         out_len = min(self.max_length, length + int(shift[:, -1].max()))
         rows = torch.arange(batch)[:, None].expand(batch, length)
+        keep = new_pos < out_len
+        ins = inserts & (new_pos - 1 < out_len)
 
         def scatter(values: torch.Tensor, fill: Any, at_insert: Any) -> torch.Tensor:
             out = torch.full((batch, out_len), fill, dtype=values.dtype)
-            keep = new_pos < out_len
             out[rows[keep], new_pos[keep]] = values[keep]
-            ins = inserts & (new_pos - 1 < out_len)
-            out[rows[ins], new_pos[ins] - 1] = at_insert
+            out[rows[ins], new_pos[ins] - 1] = at_insert[ins] if isinstance(at_insert, torch.Tensor) else at_insert
             return out
 
         return (
-            scatter(noisy, self.pad_id, self.delete_id),
+            scatter(noisy, self.pad_id, spurious),
             scatter(attention_mask.bool(), False, True),
             scatter(labels, IGNORE_INDEX, self.delete_id),
             scatter(masked, False, False),

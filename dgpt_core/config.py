@@ -93,8 +93,12 @@ class DiffusionConfig(StrictConfig):
     edit_loss_weight: float = Field(1.0, ge=0.0)
     """Multiplier of the edit loss in the total loss."""
     insert_prob: float = Field(0.0, ge=0.0, le=1.0)
-    """Per visible eligible token, probability of inserting a <|delete|> token before it (edit
-    stage only); the model learns to predict <|delete|> there."""
+    """Per visible eligible token, probability of inserting a spurious token before it (edit stage
+    only), labelled <|delete|>: the model learns to flag tokens that should not be there, and the
+    sampler's editing steps delete them."""
+    insert_copy_prob: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of inserted tokens that copy the token they precede (a duplicated word); the rest
+    are random non-special tokens."""
     seed: int = 0
     """Seed of the collator's generator; each batch derives its own stream from it."""
 
@@ -126,6 +130,14 @@ class TrainingConfig(StrictConfig):
     """Checkpoint every N steps (None = only at the end)."""
     save_total_limit: int = Field(2, gt=0)
     """Keep at most this many checkpoints."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Compute the validation ELBO (logged as val_elbo) every N optimizer steps; None = only at
+    the end."""
+    val_max_sequences: int = Field(64, gt=0)
+    """The validation ELBO is computed on the first N sequences of the stage's validation split."""
+    val_t_points: int = Field(8, gt=0)
+    """Points of the validation ELBO's fixed t grid; each row gets one seeded mask per point, so a
+    validation pass costs about val_max_sequences * val_t_points / per_device_batch_size forwards."""
     dataloader_num_workers: int = Field(0, ge=0)
     """DataLoader worker processes (the collator is safe in workers)."""
     seed: int = 0

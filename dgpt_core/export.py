@@ -2,7 +2,7 @@
 
 The folder holds the safetensors weights, config.json (with `custom_pipelines` and optional
 `sampler_defaults`), the tokenizer files with the chat template, and copies of `pipeline.py`,
-the sampler's files (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`), so that
+the sampler's files (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`, `schedules.py`), so that
 in any process with torch and transformers
 
     transformers.pipeline("text-diffusion", model=folder, trust_remote_code=True)
@@ -21,10 +21,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .model import unwrap
-from .pipeline import DEFAULTS_KEY, TASK
-from .sampling import SamplerConfig
+from .model_info import INFO_KEY, ModelInfo
+from .pipeline import TASK
+from .sampling_types import DEFAULTS_KEY, SamplerConfig
 
-PIPELINE_FILES = ("pipeline.py", "sampling.py", "sampling_types.py", "sampling_ops.py", "prefix_cache.py")
+PIPELINE_FILES = (
+    "pipeline.py", "sampling.py", "sampling_types.py", "sampling_ops.py", "prefix_cache.py", "schedules.py",
+)
 CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline.TextDiffusionPipeline", "pt": ["AutoModelForMaskedLM"], "type": "text"},
 }
@@ -35,17 +38,22 @@ def save_model_folder(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     sampler_defaults: dict[str, Any] | None = None,
+    info: ModelInfo | None = None,
 ) -> Path:
     """Write the model folder and return its path.
 
-    `sampler_defaults` are SamplerConfig fields (validated here) that the pipeline uses unless a
-    call overrides them, e.g. {"strategy": "confidence", "steps": 16, "max_new_tokens": 32};
-    None keeps whatever defaults the model's config already carries, {} removes them.
+    `info` (what the model is: kind, schedule, answer canvas; see model_info.py) goes into
+    config.json. `sampler_defaults` are SamplerConfig fields (validated here) that the pipeline
+    uses unless a call overrides them, e.g. {"strategy": "confidence", "steps": 16,
+    "max_new_tokens": 32}; None takes `info.initial_sampler_defaults()` when `info` is given, else
+    keeps whatever defaults the model's config already carries; {} removes them.
     The model may be wrapped (DDP, DeepSpeed engine, torch.compile); under ZeRO-3 gather the
     weights first (the trainer's consolidated save).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if sampler_defaults is None and info is not None:
+        sampler_defaults = info.initial_sampler_defaults()
     defaults = None if sampler_defaults is None else dict(sampler_defaults)
     if defaults is not None:
         SamplerConfig(**defaults)  # raises on unknown fields or invalid values
@@ -61,6 +69,8 @@ def save_model_folder(
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["custom_pipelines"] = CUSTOM_PIPELINES
+    if info is not None:
+        config[INFO_KEY] = info.to_dict()
     if defaults:
         config[DEFAULTS_KEY] = defaults
     elif defaults is not None:

@@ -8,22 +8,28 @@
 
 Prompts go through the tokenizer's chat template as a user turn unless `--raw`. On a terminal,
 `--stream` and the chat redraw the canvas after every denoising step, masks shown as '░'.
+Sampler options not given come from the model folder's `sampler_defaults`. The chat sends the
+model no more history than its SFT examples had (`context_messages` of the folder's model info);
+the pipeline's warnings (e.g. a prompt cut to fit the model's window) are printed as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO, get_args
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from .pipeline import MASK_SYMBOL, TextDiffusionPipeline
+from .model_info import read_model_info
+from .pipeline import MASK_SYMBOL, Message, TextDiffusionPipeline
 from .sampling import PositionSelection, Strategy
 
 SAMPLER_ARGS = (
@@ -47,7 +53,9 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `generate MODEL_DIR --prompt ...`; sets `func` to the command's runner."""
     parser = subparsers.add_parser("generate", help="sample answers from a saved model folder")
     parser.add_argument("model_dir", help="folder written by save_model_folder (or any such Hub folder)")
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    parser.add_argument(
+        "--prompt", action="append", required=True, type=_non_empty, help="a prompt; repeat for a batch"
+    )
     parser.add_argument(
         "--raw", action="store_true", help="continue the prompt as plain text, no chat template"
     )
@@ -65,6 +73,13 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_common_arguments(parser)
     parser.set_defaults(func=run_chat)
     return parser
+
+
+def _non_empty(text: str) -> str:
+    """argparse type of --prompt: the text, refused when blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty prompt: give some text to answer")
+    return text
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +137,40 @@ class LiveView:
         self.lines = sum(max(1, math.ceil(len(line) / cols)) for line in text.split("\n"))
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Print each warning raised inside as one `warning: ...` line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print("warning: " + " ".join(str(warning.message).split()), file=sys.stderr)
+
+
+def chat_context(
+    history: Sequence[Message], system: str | None, context_messages: int | None
+) -> list[Message]:
+    """The messages sent for the next answer: the system message, if any, then `history` (which
+    ends with the new user message), trimmed to the `context_messages` messages SFT put before an
+    answer (None = no limit); the system message counts among them and is dropped below 2."""
+    opening = [{"role": "system", "content": system}] if system else []
+    if context_messages is None:
+        return opening + list(history)
+    if context_messages < 2:
+        opening = []
+    keep = max(1, context_messages) - len(opening)
+    return opening + list(history[-keep:])
+
+
+def _context_limit(model_dir: str) -> int | None:
+    """`context_messages` of the folder's model info; None without one (or for a Hub id)."""
+    try:
+        info = read_model_info(model_dir)
+    except FileNotFoundError:
+        return None
+    return None if info is None else info.context_messages
+
+
 def _show(updates: Iterable[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
     """Draw every streamed update; returns the last one."""
     view, update = LiveView(), {}
@@ -139,10 +188,14 @@ def run_generate(args: argparse.Namespace) -> int:
     options = sampler_options(args)
     start = time.perf_counter()
     if args.stream:
-        last = _show(pipe(prompts, stream=True, **options))
+        with _warnings_as_lines():
+            updates = pipe(prompts, stream=True, **options)
+        last = _show(updates)
         print(f"[nfe={last['nfe']} {time.perf_counter() - start:.2f}s]", file=sys.stderr)
         return 0
-    for (result,) in pipe(prompts, **options):
+    with _warnings_as_lines():
+        results = pipe(prompts, **options)
+    for (result,) in results:
         print(result["generated_text"])
         print(f"[nfe={result['nfe']} stopped={result['stopped']}]", file=sys.stderr)
     return 0
@@ -151,11 +204,13 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model_dir, args.device)
     options = sampler_options(args)
-    opening = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(opening)
+    limit = _context_limit(args.model_dir)
+    history: list[Message] = []
     print(
         f"chatting with {args.model_dir}; /reset clears the history, /exit or Ctrl-D quits ({MASK_SYMBOL} = mask)"
     )
+    if limit is not None and limit <= 1:
+        print("single-turn model: each message is answered on its own (the history is not sent)")
     while True:
         try:
             user = input("you> ").strip()
@@ -165,12 +220,15 @@ def run_chat(args: argparse.Namespace) -> int:
         if user in ("/exit", "/quit"):
             return 0
         if user == "/reset":
-            messages = list(opening)
+            history = []
+            print("history cleared")
             continue
         if not user:
             continue
-        messages.append({"role": "user", "content": user})
+        history.append({"role": "user", "content": user})
         start = time.perf_counter()
-        last = _show(pipe(messages, stream=True, **options), prefix="bot> ")
+        with _warnings_as_lines():
+            updates = pipe(chat_context(history, args.system, limit), stream=True, **options)
+        last = _show(updates, prefix="bot> ")
         print(f"     [nfe={last['nfe']} {time.perf_counter() - start:.2f}s]", file=sys.stderr)
-        messages.append({"role": "assistant", "content": last["generated_text"]})
+        history.append({"role": "assistant", "content": last["generated_text"]})

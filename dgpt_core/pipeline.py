@@ -5,15 +5,16 @@
     pipe([{"role": "user", "content": "hi"}], strategy="confidence")
     for update in pipe("hi", stream=True): print(update["generated_text"])
 
-Imports only torch, transformers and the sibling `sampling` module: this file is copied beside
-the weights of every exported model folder (see export.py), where transformers' dynamic-module
-loader imports it together with `sampling.py`.
+Imports only torch, transformers, the standard library and the sibling sampler modules: this
+file is copied beside the weights of every exported model folder (see export.py), where
+transformers' dynamic-module loader imports it together with `sampling.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,10 +23,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .sampling import SamplerConfig, SampleResult, TokenIds, generate
 from .sampling import stream as sample_states
+from .sampling_types import DEFAULTS_KEY
 
 TASK = "text-diffusion"
-DEFAULTS_KEY = "sampler_defaults"
-"""Key of the model config holding the folder's default sampler options."""
 MASK_SYMBOL = "░"
 SAMPLER_OPTIONS = frozenset(f.name for f in dataclasses.fields(SamplerConfig))
 
@@ -40,6 +40,14 @@ def is_chat(value: Any) -> bool:
         and len(value) > 0
         and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
     )
+
+
+def is_empty_prompt(prompt: PromptInput) -> bool:
+    """A blank string, or a chat whose last user message is blank."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    users = [m for m in prompt if m["role"] == "user"]
+    return bool(users) and not str(users[-1]["content"]).strip()
 
 
 def render(
@@ -62,6 +70,11 @@ class TextDiffusionPipeline(Pipeline):
     the tokenizer's chat template with the assistant prompt appended), or a list of either; a list
     is sampled as one batch (or in chunks of `batch_size`). Every field of `SamplerConfig` is a
     call keyword; defaults come from `config.sampler_defaults` of the model folder.
+
+    An empty prompt (blank string, or a chat whose last user message is blank) raises ValueError.
+    A prompt whose tokens and the canvas (`max_new_tokens`, or `block_size` in block mode) exceed
+    the model's `max_position_embeddings` gives a UserWarning: the sampler keeps the newest
+    tokens that fit and cuts the oldest.
 
     Output: per input, `[{"generated_text": str, "nfe": int, "stopped": bool}]`. With
     `stream=True` the call returns a generator of dicts `{"step", "nfe", "done",
@@ -109,15 +122,39 @@ class TextDiffusionPipeline(Pipeline):
             raise TypeError(
                 "text-diffusion expects a string, a chat (list of role/content dicts) or a list of those"
             )
+        empty = [i for i, prompt in enumerate(batch) if is_empty_prompt(prompt)]
+        if empty:
+            where = "" if single else f" (inputs {empty})"
+            raise ValueError(f"empty prompt{where}: give some text, or a user message with content")
         options = {**self._forward_params, **self._sanitize_parameters(**kwargs)[1]}
+        config = SamplerConfig(**options)
+        prompt_ids = self.preprocess(batch)["prompt_ids"]
+        self._warn_if_cut(prompt_ids, config, single)
         if stream:
-            return self._stream(self.preprocess(batch), options, mask_symbol, single)
+            return self._stream(prompt_ids, config, mask_symbol, single)
         size = batch_size or self._batch_size or len(batch)
         outputs = []
         for i in range(0, len(batch), size):
-            model_inputs = self.preprocess(batch[i : i + size])
-            outputs.extend(self.postprocess(self.forward(model_inputs, **options)))
+            result = self.forward({"prompt_ids": prompt_ids[i : i + size]}, **options)
+            outputs.extend(self.postprocess(result))
         return outputs[0] if single else outputs
+
+    def _warn_if_cut(self, prompt_ids: Sequence[Sequence[int]], config: SamplerConfig, single: bool) -> None:
+        """Warn for each prompt that, with the canvas, exceeds the model's maximum length."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        canvas = min(config.block_size or config.max_new_tokens, config.max_new_tokens)
+        for i, ids in enumerate(prompt_ids):
+            cut = len(ids) + canvas - limit
+            if cut > 0:
+                which = "prompt" if single else f"prompt {i}"
+                warnings.warn(
+                    f"{which} of {len(ids)} tokens + canvas of {canvas} exceeds the model's maximum length "
+                    f"of {limit}: the oldest {min(cut, len(ids))} prompt tokens are cut",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def preprocess(self, inputs: Sequence[PromptInput]) -> dict[str, Any]:
         """Token ids per prompt; chats go through the chat template with the assistant prompt."""
@@ -145,11 +182,10 @@ class TextDiffusionPipeline(Pipeline):
         ]
 
     def _stream(
-        self, model_inputs: dict[str, Any], options: dict[str, Any], mask_symbol: str, single: bool
+        self, prompt_ids: Sequence[Sequence[int]], config: SamplerConfig, mask_symbol: str, single: bool
     ) -> Iterator[dict[str, Any]]:
-        config = SamplerConfig(**options)
         stops = config.stop_ids(self.token_ids)
-        for state in sample_states(self.model, model_inputs["prompt_ids"], self.token_ids, config):
+        for state in sample_states(self.model, prompt_ids, self.token_ids, config):
             rows = state.canvas.tolist()
             texts = [render(self.tokenizer, row, self.token_ids.mask, stops, mask_symbol) for row in rows]
             yield {

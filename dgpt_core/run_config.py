@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from deploy.config import PublishConfig
 from eval.config import EvalConfig
@@ -68,7 +68,9 @@ class RunConfig(StrictConfig):
     output_dir: str = "runs"
     """Root folder of run outputs (stage folders, checkpoints, reports)."""
     seed: int = 0
-    """Global seed; stage seeds default to it."""
+    """Global seed: every seed this config does not set explicitly (data splits and skills, model
+    init and data order of each stage, its collator, the eval) takes this value, so it is part of
+    every stage's cache key; an explicitly set stage seed overrides it."""
     data: DataConfig = Field(default_factory=DataConfig)
     """Data sources and the pretraining / SFT dataset builders."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -89,6 +91,20 @@ class RunConfig(StrictConfig):
     """MLflow tracking."""
     publish: PublishConfig = Field(default_factory=PublishConfig)
     """Hugging Face Hub upload of the SFT model (a verified dry run without repo id or token)."""
+
+    def seed_inheritance(self) -> list[tuple[StrictConfig, StrictConfig]]:
+        """(section, the section whose seed it takes unless its own is set), parents first: the
+        data and stage seeds follow the global seed, the skills and collator seeds theirs."""
+        return [(self.data, self), (self.data.skills, self.data), (self.pretrain, self),
+                (self.pretrain.diffusion, self.pretrain), (self.sft, self), (self.sft.diffusion, self.sft),
+                (self.eval, self)]
+
+    @model_validator(mode="after")
+    def _seeds_follow_the_global_seed(self) -> RunConfig:
+        for section, parent in self.seed_inheritance():
+            if "seed" not in section.model_fields_set:
+                section.seed = parent.seed
+        return self
 
 
 def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

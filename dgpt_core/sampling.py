@@ -10,7 +10,8 @@ the canvas follows it; rotary positions make this exact. Tokens are drawn only w
 can change (masked positions, plus visible generated ones when editing), by float64 inverse-CDF
 draws from one seedable `torch.Generator`. The options and result types are in
 `sampling_types.py`, the tensor primitives in `sampling_ops.py`, the approximate prefix cache in
-`prefix_cache.py` (all copied with this file).
+`prefix_cache.py`, the noise schedules the ancestral sampler follows in `schedules.py` (all copied
+with this file).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .sampling_types import (
     TokenIds,
     TokensHook,
 )
+from .schedules import NoiseSchedule
 
 __all__ = [
     "LogitsHook", "PositionSelection", "Prompts", "SampleResult", "SamplerConfig", "SamplerState", "Strategy",
@@ -139,7 +141,7 @@ def stream(
     stop_ids = torch.tensor(cfg.stop_ids(token_ids), dtype=torch.long, device=device)
     banned_at_masks = never + ([token_ids.delete] if token_ids.delete is not None else [])
     run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), banned_at_masks, stop_ids,
-               logits_hook, tokens_hook)
+               NoiseSchedule(cfg.schedule, cfg.t_eps), logits_hook, tokens_hook)
 
     was_training = model.training
     model.eval()
@@ -184,6 +186,8 @@ class _Run:
     """`never` and <|delete|>: the ids never drawn at a masked position."""
     stops: torch.Tensor
     """Stop token ids in effect."""
+    schedule: NoiseSchedule
+    """The noise schedule of ancestral steps."""
     logits_hook: LogitsHook | None
     tokens_hook: TokensHook | None
 
@@ -312,16 +316,17 @@ def _denoise_step(
     remaining: int,
     editing: bool,
 ) -> torch.Tensor:
-    """One reverse step t -> s on the block (batch, size); `remaining` counts this step too.
+    """One reverse step t -> s on the block (batch, size), t = remaining / steps and s = t - 1 / steps;
+    `remaining` counts this step too.
     `get_draw(positions, masked_at, editing)` draws tokens at the block positions `positions`."""
     cfg, ids, gen = run.cfg, run.ids, run.gen
     masked = blk == ids.mask
     reveal = None
     if cfg.strategy == "random":
-        # ancestral, linear schedule: t = remaining / steps, s = t - 1 / steps, (t - s) / t = 1 / remaining;
         # positions are chosen independently of the tokens, so tokens are drawn for them alone
+        p = run.schedule.reveal_probability(remaining / cfg.steps, (remaining - 1) / cfg.steps)
         u = torch.rand(masked.shape, generator=gen, dtype=torch.float64, device=blk.device)
-        reveal = masked & (u * remaining < 1)
+        reveal = masked & (u < p)
     cand = torch.ones_like(masked) if editing else (masked if reveal is None else reveal)
     if not bool(cand.any()):
         return blk

@@ -1,7 +1,7 @@
 """The sampler's public types: strategies, hooks, special-token ids, options, states and results.
 
-Imports only torch and the standard library: copied beside the weights of exported model folders
-with `sampling.py`.
+Imports only torch, the standard library and the sibling `schedules.py`: copied beside the
+weights of exported model folders with `sampling.py`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .schedules import ScheduleName
+
 Strategy = Literal["random", "confidence", "margin", "entropy", "threshold"]
 PositionSelection = Literal["topk", "sample"]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -21,6 +23,8 @@ cover the block only (batch, block, vocab)."""
 TokensHook = Callable[[int, torch.Tensor], torch.Tensor]
 """`(step, x) -> x` after each update; changes to the context part of x are ignored."""
 Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
+DEFAULTS_KEY = "sampler_defaults"
+"""Key of a model folder's config.json holding its default sampler options."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class SamplerConfig:
     """Options of the reverse process."""
 
     strategy: Strategy = "random"
-    """random: ancestral MDLM (each mask revealed with prob (t - s) / t); confidence / margin /
+    """random: ancestral MDLM (each mask revealed with prob (alpha(s) - alpha(t)) / (1 - alpha(t))
+    of `schedule`, t = remaining steps / steps, s = t - 1 / steps); confidence / margin /
     entropy: reveal a count of masks per step (spread evenly over the remaining steps), chosen
     by p(token), p1 - p2 or -H(p); threshold: Fast-dLLM parallel decoding, reveal every mask
     whose p(token) >= `threshold` (at least the best one, and at least the count that finishes
@@ -69,6 +74,11 @@ class SamplerConfig:
     """Temperature of position sampling (position_selection="sample")."""
     threshold: float = 0.9
     """Confidence a mask needs to be revealed in parallel (strategy="threshold")."""
+    schedule: ScheduleName = "linear"
+    """Noise schedule alpha(t) the ancestral sampler follows: the one the model was trained with
+    (linear reveals 1 / remaining steps of the masks per step)."""
+    t_eps: float = 1e-3
+    """The schedule's eps (loglinear: alpha(1) = eps), as in training."""
     steps: int = 32
     """Denoising steps (per block in semi-autoregressive mode); a cap: a block ends as soon as no
     mask is left (without editing), and for strategy="threshold" also once every row has a stop
@@ -104,6 +114,8 @@ class SamplerConfig:
             "position_selection": self.position_selection in get_args(PositionSelection),
             "position_temperature": self.position_temperature > 0,
             "threshold": 0 < self.threshold <= 1,
+            "schedule": self.schedule in get_args(ScheduleName),
+            "t_eps": 0 <= self.t_eps < 1,
             "steps": self.steps >= 1,
             "max_new_tokens": self.max_new_tokens >= 1,
             "temperature": self.temperature >= 0,

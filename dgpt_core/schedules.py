@@ -1,11 +1,19 @@
-"""Noise schedules alpha(t), their ELBO weights, and the sampling of diffusion times t."""
+"""Noise schedules alpha(t), their ELBO weights, reverse-step reveal probabilities, and the
+sampling of diffusion times t.
+
+Imports only torch and the standard library: copied beside the weights of exported model folders
+with `sampling.py`, whose ancestral sampler follows the trained schedule.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+ScheduleName = Literal["linear", "loglinear", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,17 @@ class NoiseSchedule:
         if self.name == "cosine":
             return 0.5 * math.pi * torch.tan(0.5 * math.pi * (1.0 - t))
         raise ValueError(f"unknown noise schedule {self.name!r}")
+
+    def reveal_probability(self, t: float, s: float) -> float:
+        """Probability that a token masked at time t is clean at time s < t:
+        (alpha(s) - alpha(t)) / (1 - alpha(t)); 1 when s <= 0 (the last step reveals everything)
+        and where alpha(t) = 1 (nothing is masked at t, so the 0/0 is taken as its limit)."""
+        if s <= 0:
+            return 1.0
+        alpha_t, alpha_s = self.alpha(torch.tensor([t, s], dtype=torch.float64)).tolist()
+        if alpha_t >= 1.0:
+            return 1.0
+        return min(1.0, max(0.0, (alpha_s - alpha_t) / (1.0 - alpha_t)))
 
 
 def get_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:

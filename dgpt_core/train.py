@@ -16,11 +16,20 @@ import torch
 from transformers import ModernBertForMaskedLM, TrainerCallback, set_seed
 
 from .collator import DiffusionCollator
+from .elbo import dataset_rows
 from .export import save_model_folder
 from .model import build_model, count_parameters
-from .run_config import RunConfig
+from .model_info import ModelInfo, context_messages_of, info_for_stage
+from .run_config import RunConfig, StageConfig
+from .schedules import get_schedule
 from .tokenizer import load_tokenizer, special_token_ids
-from .trainer import DiffusionTrainer, latest_complete_checkpoint, training_arguments
+from .trainer import (
+    DiffusionTrainer,
+    ValidationElboCallback,
+    remove_checkpoints,
+    resumable_checkpoint,
+    training_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,8 @@ class StageResult:
     model_dir: Path
     """The saved model folder (loads with pipeline("text-diffusion", trust_remote_code=True))."""
     metrics: dict[str, Any]
-    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, eval_loss."""
+    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters and, with a
+    validation split, val_elbo (the validation ELBO in nats per eligible token)."""
 
 
 def free_port() -> int:
@@ -53,12 +63,35 @@ def single_process_env() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
+def stage_model_info(run: RunConfig, stage: str, train: datasets.Dataset, token_ids: dict[str, int]) -> ModelInfo:
+    """What the stage's model is; for SFT also how many chat messages preceded its answers."""
+    if stage != "sft":
+        return info_for_stage(run, "pretrain")
+    return info_for_stage(run, "sft", context_messages_of(train["input_ids"], token_ids["im_start"]))
+
+
 def load_stage_datasets(dataset_dir: str | Path) -> datasets.DatasetDict:
     """The train / validation splits a data stage wrote with save_to_disk."""
     data = datasets.load_from_disk(str(dataset_dir))
     if "train" not in data:
         raise ValueError(f"{dataset_dir} has no 'train' split (found {list(data)})")
     return data
+
+
+def validation_callback(
+    trainer: DiffusionTrainer, cfg: StageConfig, validation: datasets.Dataset | None, pad_id: int
+) -> ValidationElboCallback | None:
+    """The val_elbo callback on the first cfg.val_max_sequences validation rows, added to
+    `trainer`; None when the stage has no validation data."""
+    if validation is None or not len(validation):
+        return None
+    callback = ValidationElboCallback(
+        trainer, dataset_rows(validation, cfg.val_max_sequences), pad_id=pad_id,
+        schedule=get_schedule(cfg.diffusion.schedule, cfg.diffusion.t_eps), t_points=cfg.val_t_points,
+        eval_steps=cfg.eval_steps, batch_size=cfg.per_device_batch_size,
+    )
+    trainer.add_callback(callback)
+    return callback
 
 
 def train_stage(
@@ -77,7 +110,9 @@ def train_stage(
     """Train `stage` ("pretrain" or "sft") of `run` and save the model to out_dir/model.
 
     The model starts from `init_model_dir` (or the stage's `init_from`), else it is built fresh
-    from run.model. Checkpoints go to out_dir/checkpoints; `resume` continues from the last one.
+    from run.model. Checkpoints go to out_dir/checkpoints; `resume` continues from the last
+    complete one short of max_steps. Otherwise (no such checkpoint, or `resume` False) the stage
+    trains from scratch and the folder's old checkpoints are removed first.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
@@ -87,43 +122,48 @@ def train_stage(
         os.environ.update(single_process_env())
     tokenizer = load_tokenizer(tokenizer_dir)
     data = load_stage_datasets(dataset_dir)
+    checkpoint_dir = out_dir / "checkpoints"
     args = training_arguments(
-        cfg, out_dir / "checkpoints", report_to=report_to, disable_tqdm=not show_progress,
-        eval_strategy="no",
+        cfg, checkpoint_dir, report_to=report_to, disable_tqdm=not show_progress, eval_strategy="no",
     )
+    checkpoint = resumable_checkpoint(checkpoint_dir, cfg.max_steps) if resume else None
+    if checkpoint is not None:
+        log.info("resuming %s from %s", stage, checkpoint)
+    else:
+        with args.main_process_first(local=False):
+            if args.should_save and (stale := remove_checkpoints(checkpoint_dir)):
+                log.info("%s starts from scratch: removed %s", stage, [p.name for p in stale])
     set_seed(cfg.seed)
     start = init_model_dir or cfg.init_from
     # built after TrainingArguments so a ZeRO-3 config creates the parameters inside zero.Init
     model = ModernBertForMaskedLM.from_pretrained(start) if start else build_model(run.model, tokenizer)
     collator = DiffusionCollator.from_tokenizer(cfg.diffusion, tokenizer, run.model.max_seq_len)
+    token_ids = special_token_ids(tokenizer)
     trainer = DiffusionTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
         data_collator=collator,
         diffusion_config=cfg.diffusion,
-        mask_token_id=special_token_ids(tokenizer)["mask"],
+        mask_token_id=token_ids["mask"],
         callbacks=callbacks,
     )
-    checkpoint = latest_complete_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        log.info("resuming %s from %s", stage, checkpoint)
+    validation = validation_callback(trainer, cfg, data.get("validation"), token_ids["pad"])
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics: dict[str, Any] = dict(output.metrics)
     metrics["parameters"] = count_parameters(model)
     metrics["steps"] = trainer.state.global_step
     metrics["tokens_seen"] = trainer.state.num_input_tokens_seen
     metrics["world_size"] = trainer.args.world_size
-    if "validation" in data and len(data["validation"]):
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if validation is not None:
+        metrics["val_elbo"] = validation.last
 
     model_dir = out_dir / "model"
     if trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 3:
         trainer.save_model(str(model_dir))  # gathers the ZeRO-3 shards into full weights
         model = ModernBertForMaskedLM.from_pretrained(model_dir)
     if trainer.is_world_process_zero():
-        save_model_folder(model, tokenizer, model_dir)
+        save_model_folder(model, tokenizer, model_dir, info=stage_model_info(run, stage, data["train"], token_ids))
         run.save_yaml(model_dir / "run_config.yaml")
         (model_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -136,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torchrun --nproc_per_node 2 -m dgpt_core.train --run-config run_config.yaml --stage pretrain \\
         --dataset-dir D --tokenizer-dir T --out-dir O [--init-model-dir M] [--resume]
+
+    Without --resume the stage starts clean (its old checkpoints are removed).
     """
     import argparse
 
@@ -146,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-dir", required=True)
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--init-model-dir", default=None)
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last complete checkpoint short of max_steps")
     parser.add_argument("--report-to", default="none", help="transformers report_to (e.g. mlflow)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -57,15 +57,15 @@ def run_train(args: argparse.Namespace) -> int:
         result = train_stage(run, stage, folders[stage], folders["tokenizer"], root / stage, init_model_dir=model_dir)
         timings[stage] = time.perf_counter() - start
         model_dir = result.model_dir
-        print(f"{stage}: {json.dumps({k: result.metrics.get(k) for k in ('train_loss', 'eval_loss', 'steps')})}")
+        print(f"{stage}: {json.dumps({k: result.metrics.get(k) for k in ('train_loss', 'val_elbo', 'steps')})}")
 
     if model_dir is not None and args.samples and "sft" in folders:
-        show_samples(model_dir, folders["sft"] / "skills_test.jsonl", args.samples, run.data.sft.answer_canvas or 32)
+        show_samples(model_dir, folders["sft"] / "skills_test.jsonl", args.samples)
     print(f"\nmodel: {model_dir}\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     return 0
 
 
-def show_samples(model_dir: Path, skills_jsonl: Path, count: int, canvas: int) -> None:
+def show_samples(model_dir: Path, skills_jsonl: Path, count: int) -> None:
     """Answer a few held-out skills prompts with the saved pipeline folder and print them."""
     from transformers import pipeline
 
@@ -76,6 +76,6 @@ def show_samples(model_dir: Path, skills_jsonl: Path, count: int, canvas: int) -
     items = read_skills_jsonl(skills_jsonl)[:count]
     generator = pipeline("text-diffusion", model=str(model_dir), trust_remote_code=True)
     for item in items:
-        out = generator(item.prompt_messages, max_new_tokens=canvas, steps=canvas, strategy="confidence", seed=0)[0]
+        out = generator(item.prompt_messages)[0]  # the folder's sampler defaults
         mark = "ok " if check_answer(item, out["generated_text"]) else "bad"
         print(f"[{mark}] {item.prompt!r} -> {out['generated_text']!r} (expected {item.answer!r}, nfe {out['nfe']})")

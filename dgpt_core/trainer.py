@@ -4,6 +4,7 @@ checkpointing and tracking callbacks work unchanged."""
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .collator import IGNORE_INDEX, DiffusionCollator
 from .config import DiffusionConfig, TrainingConfig
+from .elbo import Row, elbo_per_token
 from .loss import diffusion_loss
+from .schedules import NoiseSchedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,14 +35,52 @@ class CurriculumCallback(TrainerCallback):
         self.collator.start_epoch(state.global_step, state.max_steps, args.gradient_accumulation_steps)
 
 
-class _LogWindowCallback(TrainerCallback):
-    """Starts the throughput clock once the engine is set up, not when the trainer is built."""
+class _SessionStartCallback(TrainerCallback):
+    """Once the engine is set up and any checkpoint is loaded: starts the throughput clock and
+    records the step this training session starts from."""
 
     def __init__(self, trainer: DiffusionTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._reset_log_accumulators()
+        self.trainer._start_session()
+
+
+class ValidationElboCallback(TrainerCallback):
+    """Logs `val_elbo`, the ELBO in nats per target token of fixed validation rows (fixed t grid,
+    masks seeded per row), every `eval_steps` optimizer steps and at the last step.
+
+    It goes through `trainer.log`, so every reporting integration records it as a curve of the
+    training run; the last value is computed at the final step's end, before `on_train_end` (where
+    the MLflow callback ends its run). Every process computes it on the unwrapped model (ZeRO-3
+    gathers parameters in the forward), with gradients off and the train mode restored.
+    """
+
+    def __init__(
+        self, trainer: DiffusionTrainer, rows: list[Row], *, pad_id: int, schedule: NoiseSchedule,
+        t_points: int, eval_steps: int | None, batch_size: int,
+    ):
+        self.trainer = trainer
+        self.rows = rows
+        self.pad_id = pad_id
+        self.schedule = schedule
+        self.t_points = t_points
+        self.eval_steps = eval_steps
+        self.batch_size = batch_size
+        self.last: float | None = None
+        """The latest val_elbo (the final one once training has ended)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        due = control.should_training_stop or (self.eval_steps and state.global_step % self.eval_steps == 0)
+        if not due:
+            return
+        self.last = elbo_per_token(
+            model, self.rows, mask_id=self.trainer.mask_token_id, pad_id=self.pad_id, schedule=self.schedule,
+            t_points=self.t_points, batch_size=self.batch_size,
+        )
+        loss_log_due = control.should_log  # trainer.log clears it, which would drop this step's loss log
+        self.trainer.log({"val_elbo": self.last})
+        control.should_log = loss_log_due
 
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -56,10 +97,30 @@ class CheckpointMarkerCallback(TrainerCallback):
                 (folder / COMPLETE_MARKER).write_text(f'{{"global_step": {state.global_step}}}\n')
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a checkpoint-N folder was saved at."""
+    return int(folder.name.rsplit("-", 1)[1])
+
+
 def latest_complete_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The highest-step checkpoint-N folder under `checkpoint_dir` that carries the marker."""
     folders = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    return max(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+    return max(folders, key=checkpoint_step, default=None)
+
+
+def resumable_checkpoint(checkpoint_dir: str | Path, max_steps: int) -> Path | None:
+    """The latest complete checkpoint when it is short of `max_steps`. A finished one is not
+    resumed from: the Trainer would run one more step past it and report only that step."""
+    checkpoint = latest_complete_checkpoint(checkpoint_dir)
+    return checkpoint if checkpoint is not None and checkpoint_step(checkpoint) < max_steps else None
+
+
+def remove_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Delete every checkpoint-N folder (complete or not) under `checkpoint_dir`; returns them."""
+    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"))
+    for folder in folders:
+        shutil.rmtree(folder)
+    return folders
 
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "deploy" / "deepspeed"
@@ -115,7 +176,9 @@ class DiffusionTrainer(Trainer):
 
     The loss of each micro-batch is divided by the normaliser of the whole gradient-accumulation
     window (and of all processes), so 2 x batch 4 gives the same update as 1 x batch 8.
-    Logs per step: loss, masked_loss, edit_loss, mean_t, edit_prob, edit_stage, tokens_per_second.
+    Logs per step: loss, masked_loss, edit_loss, mean_t, edit_prob, edit_stage, tokens_per_second;
+    at the end train_loss, the mean loss over the steps this session ran (after a resume: since
+    the checkpoint).
     """
 
     def __init__(self, *args: Any, diffusion_config: DiffusionConfig, mask_token_id: int, **kwargs: Any):
@@ -126,8 +189,13 @@ class DiffusionTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         if isinstance(self.data_collator, DiffusionCollator):
             self.add_callback(CurriculumCallback(self.data_collator))
-        self.add_callback(_LogWindowCallback(self))
+        self.add_callback(_SessionStartCallback(self))
         self.add_callback(CheckpointMarkerCallback())
+        self._session_start_step = 0
+        self._reset_log_accumulators()
+
+    def _start_session(self) -> None:
+        self._session_start_step = self.state.global_step
         self._reset_log_accumulators()
 
     def _reset_log_accumulators(self) -> None:
@@ -210,6 +278,8 @@ class DiffusionTrainer(Trainer):
             elapsed = time.perf_counter() - self._log_clock
             logs["tokens_per_second"] = round(tokens / max(elapsed, 1e-9), 1)
             self._reset_log_accumulators()
+        if "train_loss" in logs:  # this session's mean; transformers 5.0 divides by global_step
+            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step - self._session_start_step, 1)
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

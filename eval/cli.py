@@ -37,7 +37,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--block-size", type=int, default=None, help="semi-autoregressive block length")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo draws of loglikelihood")
-    p.add_argument("--model-kind", choices=["auto", "pretrain", "sft"], default=None)
+    p.add_argument("--model-kind", choices=["auto", "untrained", "pretrain", "sft"], default=None)
     p.add_argument("--skills-jsonl", default=None, help="held-out skills JSONL")
     p.add_argument("--pretrain-data", default=None, help="pretraining data folder (validation split)")
     p.add_argument("--sft-data", default=None, help="SFT data folder (validation split, skills_test.jsonl)")

@@ -14,8 +14,9 @@ from dgpt_core.config import StrictConfig
 from dgpt_core.sampling import Strategy
 
 STRATEGIES = get_args(Strategy)
-LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition")
-"""Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study."""
+LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition", "editing")
+"""Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study,
+the editing metric."""
 
 
 class EvalConfig(StrictConfig):
@@ -24,7 +25,8 @@ class EvalConfig(StrictConfig):
     tasks: list[str] = Field(default_factory=lambda: list(LOCAL_TASKS))
     """What to run: `ppl` (ELBO perplexity bounds), `dgpt_skills` (held-out skills, exact match),
     `dgpt_chitchat_mc` (next-reply multiple choice), `dgpt_heldout_text` (held-out documents through
-    lm-eval's loglikelihood_rolling), `repetition` (generation comparison), and any
+    lm-eval's loglikelihood_rolling), `repetition` (generation comparison), `editing` (SFT models:
+    repair of swapped and inserted tokens in held-out answers), and any
     standard lm-eval task name (hellaswag, arc_easy, piqa, lambada, gsm8k, ...; needs the Hub)."""
     strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES))
     """Unmasking strategies compared in every generative task, at the same steps and seed."""
@@ -48,9 +50,9 @@ class EvalConfig(StrictConfig):
     limit: int | None = Field(None, gt=0)
     """At most this many items per task (per skill for dgpt_skills; prompts per mode for the
     repetition study); None = all."""
-    model_kind: Literal["auto", "pretrain", "sft"] = "auto"
-    """pretrain: plain-text prompts; sft: chat-template prompts and the conditional bound; auto:
-    from the folder path (`.../sft/...`, `.../pretrain/...`), otherwise sft."""
+    model_kind: Literal["auto", "untrained", "pretrain", "sft"] = "auto"
+    """untrained / pretrain: plain-text prompts; sft: chat-template prompts and the conditional
+    bound; auto: the kind the model folder records (config.json `diffusion_gpt.kind`), else sft."""
 
     skills_canvas: int | None = Field(None, ge=1)
     """Answer canvas (new tokens) of dgpt_skills; None = the task's fixed `max_gen_toks` (24).
@@ -87,6 +89,16 @@ class EvalConfig(StrictConfig):
     argmax tokens, one token per step) and compare; off = always False."""
     batch_size: int = Field(32, gt=0)
     """Rows per model forward in likelihood estimates and prompts per sampler call."""
+
+    edit_swap_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Editing metric: probability that an answer token (content or <|im_end|>) is swapped for a
+    different random non-special token."""
+    edit_insert_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Editing metric: probability that a spurious token (half the time a random non-special token
+    other than the next one, half the time a copy of the next token) is inserted before an answer token."""
+    edit_examples: int = Field(200, gt=0)
+    """Held-out SFT examples scored by the editing metric; not capped by `limit` (one forward per
+    example, and presets set `limit` small for the generative tasks)."""
 
     chitchat_items: int = Field(100, gt=0)
     """Items of dgpt_chitchat_mc (before `limit`)."""

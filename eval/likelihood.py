@@ -3,9 +3,8 @@
 Two estimators of -log p(target tokens | the other tokens of the row), both upper bounds in
 expectation (REFERENCE.md section 1):
 
-- `elbo_nll`: the MDLM ELBO, `E_t[w(t) * sum over masked targets of -log p(x0 | x_t)]`, on a fixed
-  stratified grid of t values (midpoints of equal strata of [eps, 1]) with `mask_draws` seeded
-  Bernoulli(1 - alpha(t)) masks per t;
+- `elbo_nll`: the MDLM ELBO on a fixed stratified t grid with seeded masks (the library's
+  `dgpt_core.elbo`, which training also uses for its validation curve; re-exported here);
 - `mc_nll`: LLaDA's estimator, `E_l[(L / l) * sum over l masked targets of -log p]` with
   l ~ U{1..L} (stratified over the draws) and l positions drawn uniformly; one draw when L = 1.
 
@@ -16,142 +15,33 @@ rows are batched or ordered, and a rerun gives the identical value.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from dgpt_core.loss import token_nll
+from dgpt_core.elbo import Row, Variant, elbo_nll, score_variants, stable_seed, t_grid
 from dgpt_core.model import logits_at
-from dgpt_core.schedules import NoiseSchedule
+
+__all__ = ["Row", "elbo_nll", "greedy_matches", "mc_nll", "split_windows", "stable_seed", "t_grid", "windows_to_rows"]
 
 
-@dataclass(frozen=True)
-class Row:
-    """One scored sequence: token ids and the positions whose likelihood is estimated."""
-
-    ids: list[int]
-    targets: list[int]
-    """Indices into `ids` that are noised and scored."""
-
-
-@dataclass(frozen=True)
-class _Variant:
-    row: int
-    masked: torch.Tensor
-    """Absolute positions replaced by the mask token."""
-    coeff: float
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts (stable across processes, unlike hash())."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def t_grid(points: int, eps: float) -> torch.Tensor:
-    """Midpoints of `points` equal strata of [eps, 1] (float64)."""
-    k = torch.arange(points, dtype=torch.float64)
-    return eps + (1.0 - eps) * (k + 0.5) / points
-
-
-def _elbo_variants(
-    rows: Sequence[Row], seeds: Sequence[int], schedule: NoiseSchedule, t_points: int, mask_draws: int
-) -> list[_Variant]:
-    t = t_grid(t_points, schedule.eps)
-    p = schedule.mask_prob(t).clamp(0.0, 1.0)
-    w = schedule.weight(t)
-    out: list[_Variant] = []
-    for r, (row, seed) in enumerate(zip(rows, seeds)):
-        targets = torch.as_tensor(row.targets, dtype=torch.long)
-        if not len(targets):
-            continue
-        gen = torch.Generator().manual_seed(int(seed))
-        u = torch.rand((t_points, mask_draws, len(targets)), generator=gen, dtype=torch.float64)
-        masked = u < p[:, None, None]
-        for k in range(t_points):
-            coeff = float(w[k]) / (t_points * mask_draws)
-            for m in range(mask_draws):
-                if bool(masked[k, m].any()):
-                    out.append(_Variant(r, targets[masked[k, m]], coeff))
-    return out
-
-
-def _mc_variants(rows: Sequence[Row], seeds: Sequence[int], mc_num: int) -> list[_Variant]:
-    out: list[_Variant] = []
+def _mc_variants(rows: Sequence[Row], seeds: Sequence[int], mc_num: int) -> list[Variant]:
+    out: list[Variant] = []
     for r, (row, seed) in enumerate(zip(rows, seeds)):
         targets = torch.as_tensor(row.targets, dtype=torch.long)
         n = len(targets)
         if n == 0:
             continue
         if n == 1:  # every draw masks the one token: one forward is exact
-            out.append(_Variant(r, targets, 1.0))
+            out.append(Variant(r, targets, 1.0))
             continue
         gen = torch.Generator().manual_seed(int(seed))
         u0 = float(torch.rand((), generator=gen, dtype=torch.float64))
         for d in range(mc_num):
             count = 1 + int(n * ((u0 + d / mc_num) % 1.0))
             chosen = torch.randperm(n, generator=gen)[:count]
-            out.append(_Variant(r, targets[chosen.sort().values], (n / count) / mc_num))
+            out.append(Variant(r, targets[chosen.sort().values], (n / count) / mc_num))
     return out
-
-
-@torch.inference_mode()
-def _evaluate(
-    model: torch.nn.Module,
-    rows: Sequence[Row],
-    variants: list[_Variant],
-    mask_id: int,
-    pad_id: int,
-    batch_size: int,
-) -> list[float]:
-    """Sum over variants of coeff * (sum of -log p at the masked positions), per row."""
-    totals = torch.zeros(len(rows), dtype=torch.float64)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(variants), batch_size):
-            chunk = variants[start : start + batch_size]
-            width = max(len(rows[v.row].ids) for v in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            positions = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for i, v in enumerate(chunk):
-                row = rows[v.row].ids
-                ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-                attn[i, : len(row)] = 1
-                positions[i, v.masked] = True
-            targets = ids[positions]
-            ids[positions] = mask_id
-            logits = logits_at(model, ids.to(device), attn.to(device), positions.to(device))
-            nll = token_nll(logits, targets.to(device), mask_id).double().cpu()
-            which = positions.nonzero(as_tuple=True)[0]
-            per_variant = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, nll)
-            coeff = torch.tensor([v.coeff for v in chunk], dtype=torch.float64)
-            rows_idx = torch.tensor([v.row for v in chunk], dtype=torch.long)
-            totals.index_add_(0, rows_idx, per_variant * coeff)
-    finally:
-        model.train(was_training)
-    return totals.tolist()
-
-
-def elbo_nll(
-    model: torch.nn.Module,
-    rows: Sequence[Row],
-    seeds: Sequence[int],
-    *,
-    mask_id: int,
-    pad_id: int,
-    schedule: NoiseSchedule,
-    t_points: int = 16,
-    mask_draws: int = 2,
-    batch_size: int = 32,
-) -> list[float]:
-    """Per row, the ELBO bound on -log p(targets | rest) in nats (summed over the targets)."""
-    variants = _elbo_variants(rows, seeds, schedule, t_points, mask_draws)
-    return _evaluate(model, rows, variants, mask_id, pad_id, batch_size)
 
 
 def mc_nll(
@@ -165,7 +55,7 @@ def mc_nll(
     batch_size: int = 32,
 ) -> list[float]:
     """Per row, LLaDA's Monte-Carlo estimate of -log p(targets | rest) in nats."""
-    return _evaluate(model, rows, _mc_variants(rows, seeds, mc_num), mask_id, pad_id, batch_size)
+    return score_variants(model, rows, _mc_variants(rows, seeds, mc_num), mask_id, pad_id, batch_size)
 
 
 def split_windows(ctx: Sequence[int], cont: Sequence[int], max_len: int) -> list[tuple[list[int], list[int]]]:

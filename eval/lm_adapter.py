@@ -25,7 +25,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from dgpt_core.model_info import INFO_KEY
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.sampling_types import DEFAULTS_KEY
 from dgpt_core.schedules import get_schedule
 
 from .likelihood import elbo_nll, greedy_matches, mc_nll, split_windows, stable_seed, windows_to_rows
@@ -33,6 +35,30 @@ from .likelihood import elbo_nll, greedy_matches, mc_nll, split_windows, stable_
 
 def _int_or_none(value: Any) -> int | None:
     return None if value in (None, "", "None", "none") else int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderDefaults:
+    """What a model folder says about decoding it (config.json's sampler_defaults and model info),
+    used for every adapter argument left unset."""
+
+    sampler: dict[str, Any]
+    """Sampler options of the folder, with the adapter's own fallbacks (confidence order, argmax
+    tokens) where the folder has none."""
+    schedule: str
+    t_eps: float
+    canvas: int | None
+    """The SFT answer canvas the model was trained on (None: the task's max_gen_toks)."""
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> FolderDefaults:
+        config = getattr(model, "config", None)
+        sampler = {"strategy": "confidence", "temperature": 0.0, **(getattr(config, DEFAULTS_KEY, None) or {})}
+        sampler.pop("max_new_tokens", None)
+        info = getattr(config, INFO_KEY, None) or {}
+        canvas = info.get("answer_canvas") if info.get("kind") == "sft" else None
+        return cls(sampler, sampler.get("schedule", info.get("schedule", "linear")),
+                   float(sampler.get("t_eps", info.get("t_eps", 1e-3))), canvas)
 
 
 @register_model("dgpt", "diffusiongpt")
@@ -44,11 +70,11 @@ class DiffusionLM(LM):
         pretrained: str | None = None,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
-        strategy: str = "confidence",
-        steps: int = 16,
-        threshold: float = 0.9,
+        strategy: str | None = None,
+        steps: int | None = None,
+        threshold: float | None = None,
         block_size: int | None = None,
-        temperature: float = 0.0,
+        temperature: float | None = None,
         top_p: float = 1.0,
         seed: int = 0,
         canvas: int | None = None,
@@ -57,8 +83,8 @@ class DiffusionLM(LM):
         greedy_check: bool = True,
         t_points: int = 16,
         mask_draws: int = 2,
-        schedule: str = "linear",
-        t_eps: float = 1e-3,
+        schedule: str | None = None,
+        t_eps: float | None = None,
         batch_size: int | str | None = 32,
         device: str | None = None,
         **_: Any,
@@ -81,12 +107,18 @@ class DiffusionLM(LM):
         self.ids = TokenIds.from_tokenizer(tokenizer)
         self.name = str(pretrained or type(model).__name__)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 512))
-        self.sampler = SamplerConfig(
-            strategy=strategy, steps=int(steps), threshold=float(threshold), block_size=_int_or_none(block_size),
-            temperature=float(temperature), top_p=float(top_p), seed=int(seed),
-        )
+        folder = FolderDefaults.of(model)
+        self.sampler = SamplerConfig(**{
+            **folder.sampler,
+            **{k: v for k, v in {"strategy": strategy, "steps": _int_or_none(steps), "threshold": threshold,
+                                 "block_size": _int_or_none(block_size), "temperature": temperature}.items()
+               if v is not None},
+            "top_p": float(top_p), "seed": int(seed),
+        })
+        schedule = schedule or folder.schedule
+        t_eps = float(t_eps) if t_eps is not None else folder.t_eps
         self.seed = int(seed)
-        self.canvas = _int_or_none(canvas)
+        self.canvas = _int_or_none(canvas) or folder.canvas
         self.max_canvas = int(max_canvas)
         self.mc_num = int(mc_num)
         self.greedy_check = str(greedy_check).lower() not in {"false", "0", "no"}

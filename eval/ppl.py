@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
+from dgpt_core.elbo import Row, elbo_nll, stable_seed
 from dgpt_core.schedules import NoiseSchedule
-
-from .likelihood import Row, elbo_nll, stable_seed
 
 
 def summarize(nll: Sequence[float], n_tokens: Sequence[int]) -> dict[str, float]:

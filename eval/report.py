@@ -175,6 +175,23 @@ def _comparison_section(metrics: dict[str, Any], strategies: list[str]) -> list[
     return out
 
 
+def _editing_section(editing: dict[str, Any]) -> list[str]:
+    if not editing:
+        return []
+    rows = [
+        ["swaps fixed (predicted the original token)", editing["swap_fix_rate"], editing["swaps"]],
+        [_escape("insertions flagged (predicted <|delete|>)"), editing["delete_recall"], editing["inserts"]],
+        [_escape("<|delete|> predictions on insertions (precision)"), editing["delete_precision"], ""],
+        ["clean positions changed (false edits)", editing["false_edit_rate"], editing["clean"]],
+    ]
+    return [
+        "## Editing (swapped and inserted answer tokens, one unmasked forward)", "",
+        f"{editing['examples']} held-out SFT answers, swap probability {editing['swap_prob']}, insertion "
+        f"probability {editing['insert_prob']}, seed {editing['seed']}; argmax at every answer-canvas position.", "",
+        table(["metric", "rate", "positions"], rows), "",
+    ]
+
+
 def _samples_section(samples: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for section, per_strategy in samples.items():
@@ -208,6 +225,7 @@ def render_markdown(metrics: dict[str, Any], samples: dict[str, Any]) -> str:
     lines += _ppl_section(metrics.get("ppl_bound", {}))
     lines += _benchmark_section(metrics.get("benchmarks", {}), strategies)
     lines += _comparison_section(metrics, strategies)
+    lines += _editing_section(metrics.get("editing", {}))
     lines += _samples_section(samples)
     for note in meta.get("notes", []):
         lines.append(f"- note: {note}")

@@ -4,7 +4,8 @@ What runs (EvalConfig.tasks): `ppl` (ELBO perplexity bounds: held-out text; for 
 answers given prompts), `dgpt_skills` (lm-eval generate_until, exact match per skill and overall,
 per strategy, plus the steps sweep), `dgpt_chitchat_mc` (lm-eval multiple choice),
 `dgpt_heldout_text` (lm-eval loglikelihood_rolling), `repetition` (strategy comparison on plain
-and/or chat prompts) and any standard lm-eval task (needs the Hub; checked before anything runs).
+and/or chat prompts), `editing` (SFT models: repair of swapped and inserted answer tokens) and any
+standard lm-eval task (needs the Hub; checked before anything runs).
 Everything is seeded: the same settings give the same numbers.
 """
 
@@ -20,12 +21,14 @@ from typing import Any
 import torch
 
 from dgpt_core.data.skills import check_answer
+from dgpt_core.model_info import INFO_KEY, ModelInfo
 from dgpt_core.sampling import SamplerConfig, TokenIds
 from dgpt_core.schedules import get_schedule
 
 from . import benchmarks as bm
 from . import data as evdata
 from .config import EvalConfig
+from .editing import editing_metrics
 from .ppl import answer_rows, ppl_bound, text_rows
 from .repetition import compare_strategies
 from .report import write_outputs
@@ -33,13 +36,11 @@ from .report import write_outputs
 log = logging.getLogger(__name__)
 
 
-def model_kind(model_dir: str | Path, cfg: EvalConfig) -> str:
+def model_kind(info: ModelInfo | None, cfg: EvalConfig) -> str:
+    """cfg.model_kind unless auto; else the kind the model folder records (sft when it records none)."""
     if cfg.model_kind != "auto":
         return cfg.model_kind
-    parts = Path(model_dir).resolve().parts
-    if "pretrain" in parts and "sft" not in parts:
-        return "pretrain"
-    return "sft"
+    return info.kind if info is not None else "sft"
 
 
 def load_model(model_dir: str | Path):
@@ -51,19 +52,6 @@ def load_model(model_dir: str | Path):
     model = ModernBertForMaskedLM.from_pretrained(str(model_dir))
     model.eval()
     return model, load_tokenizer(str(model_dir))
-
-
-def training_schedule(model_dir: str | Path, kind: str) -> str:
-    path = Path(model_dir) / "run_config.yaml"
-    if path.exists():
-        try:
-            from dgpt_core.run_config import RunConfig
-
-            run = RunConfig.from_yaml(path)
-            return getattr(run, kind).diffusion.schedule
-        except Exception:  # noqa: BLE001 - unreadable config: the default schedule
-            pass
-    return "linear"
 
 
 def git_commit() -> str:
@@ -85,14 +73,23 @@ def _cap(n: int, limit: int | None) -> int:
 class _Suite:
     def __init__(self, model_dir: str | Path, out_dir: str | Path, cfg: EvalConfig, model=None, tokenizer=None):
         self.cfg, self.model_dir, self.out_dir = cfg, Path(model_dir), Path(out_dir)
+        self.notes: list[str] = []
         self.model, self.tok = (model, tokenizer) if model is not None else load_model(model_dir)
         self.ids = TokenIds.from_tokenizer(self.tok)
-        self.kind = model_kind(model_dir, cfg)
+        info_dict = getattr(self.model.config, INFO_KEY, None)
+        self.info = ModelInfo.from_dict(info_dict) if info_dict else None
+        self.kind = model_kind(self.info, cfg)
         self.max_len = int(self.model.config.max_position_embeddings)
         self.data_cfg, self.data_source = evdata.data_config_for(model_dir)
-        name = training_schedule(model_dir, self.kind) if cfg.schedule == "auto" else cfg.schedule
+        if cfg.schedule != "auto":
+            name = cfg.schedule
+        else:
+            name = self.info.schedule if self.info else "linear"
+            if self.info is None:
+                self.notes.append("the model folder records no training schedule: the bound uses linear")
         self.schedule = get_schedule(name, cfg.t_eps)
-        self.notes: list[str] = []
+        self.trained_canvas = self.info.answer_canvas if self.info and self.kind == "sft" else None
+        """The SFT answer canvas the model was trained on: the skills canvas unless cfg sets one."""
         self.samples: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -121,7 +118,8 @@ class _Suite:
         return DiffusionLM(
             model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, threshold=cfg.threshold,
             block_size=cfg.block_size,
-            temperature=cfg.temperature, seed=cfg.seed, canvas=cfg.skills_canvas, max_canvas=cfg.standard_canvas,
+            temperature=cfg.temperature, seed=cfg.seed, canvas=cfg.skills_canvas or self.trained_canvas,
+            max_canvas=cfg.standard_canvas,
             mc_num=cfg.mc_num, greedy_check=cfg.greedy_check, t_points=cfg.ppl_t_points,
             mask_draws=cfg.ppl_mask_draws, schedule=self.schedule.name, t_eps=self.schedule.eps,
             batch_size=cfg.batch_size,
@@ -235,6 +233,25 @@ class _Suite:
         self.samples.update({f"{mode} generation": s for mode, s in samples.items()})
         return by_mode
 
+    def editing(self) -> dict[str, Any] | None:
+        """The editing metric on held-out SFT answers; None (with a note) for other models or no data."""
+        from dgpt_core.tokenizer import non_special_token_ids, special_token_ids
+
+        cfg = self.cfg
+        if self.kind != "sft":
+            self.notes.append(f"editing: SFT models only, skipped for a {self.kind} model")
+            return None
+        examples, desc = evdata.sft_examples(cfg, self.data_cfg, self.tok, self.max_len, cfg.edit_examples)
+        if not examples:
+            self.notes.append("no held-out SFT examples: editing metric skipped")
+            return None
+        result = editing_metrics(
+            self.model, examples, mask_id=self.ids.mask, delete_id=special_token_ids(self.tok)["delete"],
+            pad_id=self.ids.pad, im_end_id=self.ids.im_end, replacement_ids=non_special_token_ids(self.tok),
+            swap_prob=cfg.edit_swap_prob, insert_prob=cfg.edit_insert_prob, seed=cfg.seed,
+            batch_size=cfg.batch_size, max_len=self.max_len)
+        return {**result, "dataset": desc}
+
 
 def run_eval(
     model_dir: str | Path,
@@ -246,7 +263,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate a saved model folder; write metrics.json, samples.json, report.md and plots into
     out_dir; return the metrics dict (keys ppl_bound, benchmarks, repetition, repetition_by_mode,
-    meta). `model`/`tokenizer` skip loading from the folder (tests, in-process pipelines)."""
+    editing for SFT models, meta). `model`/`tokenizer` skip loading from the folder (tests,
+    in-process pipelines)."""
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
     bm.check_standard_tasks(cfg.standard_tasks())  # fail fast, before loading anything
@@ -268,6 +286,12 @@ def run_eval(
         metrics["repetition_by_mode"] = suite.repetition()
         metrics["repetition"] = metrics["repetition_by_mode"].get(primary, {})
         timings["repetition"] = time.perf_counter() - start
+    if cfg.wants("editing"):
+        start = time.perf_counter()
+        editing = suite.editing()
+        if editing is not None:
+            metrics["editing"] = editing
+        timings["editing"] = time.perf_counter() - start
     metrics["meta"] = {
         "model": {"path": str(Path(model_dir).resolve()), "kind": suite.kind, "max_seq_len": suite.max_len,
                   "vocab_size": len(suite.tok), "parameters": sum(p.numel() for p in suite.model.parameters())},

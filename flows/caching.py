@@ -19,11 +19,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # project paths whose source each stage runs (folders are hashed recursively)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "data": ("dgpt_core/data", "dgpt_core/tokenizer.py", "dgpt_core/hub.py", "dgpt_core/config.py"),
+    "untrained": ("dgpt_core",),
     "pretrain": ("dgpt_core",),
     "sft": ("dgpt_core",),
     "eval": ("dgpt_core", "eval"),
     "publish": ("deploy", "dgpt_core/export.py", "dgpt_core/pipeline.py", "dgpt_core/sampling.py",
-                "dgpt_core/sampling_types.py", "dgpt_core/sampling_ops.py", "dgpt_core/prefix_cache.py"),
+                "dgpt_core/sampling_types.py", "dgpt_core/sampling_ops.py", "dgpt_core/prefix_cache.py",
+                "dgpt_core/schedules.py", "dgpt_core/model_info.py"),
 }
 _HASHED_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".jinja"}
 

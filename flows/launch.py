@@ -60,8 +60,11 @@ def run_training_stage(
     out_dir: str,
     init_model_dir: str | None,
     tracking_env: dict[str, str],
+    resume: bool = True,
 ) -> dict[str, Any]:
-    """Train one stage, resuming from its last complete checkpoint; returns model_dir and metrics."""
+    """Train one stage; returns model_dir and metrics. With `resume` it continues from the stage's
+    last complete checkpoint short of max_steps (a rerun of an interrupted stage), else it starts
+    clean, removing the old checkpoints (a forced rerun)."""
     run = RunConfig.from_yaml(run_config_path)
     cfg: StageConfig = getattr(run, stage)
     report_to = "mlflow" if tracking_env else "none"
@@ -71,13 +74,15 @@ def run_training_stage(
         with patched_env(dict(tracking_env)):
             try:
                 result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir=init_model_dir,
-                                     resume=True, report_to=report_to)
+                                     resume=resume, report_to=report_to)
             finally:
                 _end_active_mlflow_runs()
         return {"model_dir": str(result.model_dir), "metrics": result.metrics}
 
     module_args = ["--run-config", run_config_path, "--stage", stage, "--dataset-dir", dataset_dir,
-                   "--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--resume", "--report-to", report_to]
+                   "--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--report-to", report_to]
+    if resume:
+        module_args.append("--resume")
     if init_model_dir:
         module_args += ["--init-model-dir", init_model_dir]
     cmd = launcher_command(cfg, module_args)

@@ -21,7 +21,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.context import get_run_context
 from prefect.filesystems import LocalFileSystem
 
+from dgpt_core.model_info import choose_sampler_defaults, read_model_info, write_sampler_defaults
 from dgpt_core.run_config import RunConfig, load_run_config
+from eval.config import EvalConfig
 from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
 
 from .caching import stage_key
@@ -148,6 +150,7 @@ def pretrain_sft(
                 tracker.end(run_id, ok=summary["status"] == "completed")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary.update(results)
+    summary["model_links"] = _link_models(run_dir, results["models"])
     card = write_report_card(run_dir, run, summary)
     summary["report_card"] = str(card)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -201,7 +204,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
         result = runner(stage, stage, train_task, key=key, stage=stage, run_config_path=config_path,
                         dataset_dir=folders[stage], tokenizer_dir=folders["tokenizer"],
                         out_dir=str(stages_dir / key), init_model_dir=cfg.init_from or previous_model,
-                        tracking_env=tracker.stage_env(child) if tracker else {})
+                        tracking_env=tracker.stage_env(child) if tracker else {},
+                        resume=stage not in runner.forced)
         keys[stage], previous_model = key, result["model_dir"]
         out["models"][stage] = result["model_dir"]
         out.setdefault("train_metrics", {})[stage] = result["metrics"]
@@ -211,7 +215,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
 
     if "eval" in to_run:
         if "untrained" in run.eval_models:
-            key = stage_key("pretrain", {"model": model_section, "untrained": True, "seed": run.pretrain.seed}, [data_key])
+            key = stage_key("untrained", {"model": model_section, "seed": run.pretrain.seed,
+                                          "diffusion": run.pretrain.diffusion.model_dump(mode="json")}, [data_key])
             result = runner("untrained-model", "eval", untrained_model_task, key=key, run_config_path=config_path,
                             tokenizer_dir=folders["tokenizer"], out_dir=str(stages_dir / key))
             out["models"]["untrained"] = result["model_dir"]
@@ -224,6 +229,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                             out_dir=str(stages_dir / key), run_config_path=config_path, data_folders=folders)
             out["evals"][name] = {k: result[k] for k in ("metrics_path", "report_path", "out_dir")}
             keys[f"eval-{name}"] = key
+            if name == "sft":
+                _adopt_eval_sampler_defaults(out["models"][name], run.eval, result["metrics"])
             create_markdown_artifact(key=f"eval-report-{name}", markdown=Path(result["report_path"]).read_text(),
                                      description=f"eval of the {name} model")
             if tracker:
@@ -255,6 +262,20 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
     return out
 
 
+def _adopt_eval_sampler_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[str, Any]) -> None:
+    """Write the eval's best skills setting into the model folder's sampler defaults (idempotent,
+    so a cached eval re-applies it to a retrained folder)."""
+    benchmarks = metrics.get("benchmarks", {})
+    info = read_model_info(model_dir)
+    if "dgpt_skills" not in benchmarks or info is None:
+        return
+    canvas = cfg.skills_canvas or info.answer_canvas
+    base = {"schedule": info.schedule, "t_eps": info.t_eps, "temperature": cfg.temperature,
+            "threshold": cfg.threshold, "block_size": cfg.block_size, "seed": cfg.seed}
+    defaults = choose_sampler_defaults(benchmarks["dgpt_skills"], benchmarks.get("dgpt_skills_steps", {}), canvas, base)
+    write_sampler_defaults(model_dir, defaults)
+
+
 def _numbers(manifest: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in manifest.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
@@ -270,6 +291,22 @@ def _data_artifact(folders: dict[str, str]) -> None:
              if name in folders and Path(folders[name], "report.md").exists()]
     if parts:
         create_markdown_artifact(key="data-report", markdown="\n\n".join(parts), description="data stage report")
+
+
+def _link_models(run_dir: Path, models: dict[str, str]) -> dict[str, str]:
+    """`<run>/models/<kind>` -> the stage's model folder (relative links, so a moved output root
+    keeps working): stable names for a run's untrained, pretrain and sft models."""
+    folder = run_dir / "models"
+    folder.mkdir(exist_ok=True)
+    links = {}
+    for kind, model_dir in models.items():
+        link = folder / kind
+        tmp = folder / f".{kind}-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(model_dir, folder))
+        tmp.replace(link)
+        links[kind] = str(link)
+    return links
 
 
 def _point_latest(root: Path, run_dir: Path) -> None:

@@ -90,9 +90,9 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
     for stage, seconds in summary.get("wall_time_s", {}).items():
         metrics = train.get(stage, {})
         rows.append([stage, seconds, summary.get("cache_hit", {}).get(stage, "-"), metrics.get("parameters"),
-                     metrics.get("tokens_seen"), metrics.get("train_loss"), metrics.get("eval_loss")])
+                     metrics.get("tokens_seen"), metrics.get("train_loss"), metrics.get("val_elbo")])
     lines += _table(["stage", "wall time (s)", "cache hit", "parameters", "tokens seen", "final train loss",
-                     "validation loss"], rows) + [""]
+                     "validation ELBO (nats/token)"], rows) + [""]
 
     evals = summary.get("evals", {})
     if evals:

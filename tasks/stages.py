@@ -40,13 +40,15 @@ def untrained_model_task(key: str, run_config_path: str, tokenizer_dir: str, out
 
     from dgpt_core.export import save_model_folder
     from dgpt_core.model import build_model
+    from dgpt_core.model_info import info_for_stage
     from dgpt_core.run_config import RunConfig
     from dgpt_core.tokenizer import load_tokenizer
 
     run = RunConfig.from_yaml(run_config_path)
     tokenizer = load_tokenizer(tokenizer_dir)
     set_seed(run.pretrain.seed)
-    model_dir = save_model_folder(build_model(run.model, tokenizer), tokenizer, Path(out_dir) / "model")
+    model_dir = save_model_folder(build_model(run.model, tokenizer), tokenizer, Path(out_dir) / "model",
+                                  info=info_for_stage(run, "untrained"))
     run.save_yaml(model_dir / "run_config.yaml")
     return {"model_dir": str(model_dir), "metrics": {}}
 
@@ -61,11 +63,15 @@ def train_task(
     out_dir: str,
     init_model_dir: str | None,
     tracking_env: dict[str, str],
+    resume: bool,
 ) -> dict[str, Any]:
-    """One training stage through flows.launch (in-process, torchrun or deepspeed)."""
+    """One training stage through flows.launch (in-process, torchrun or deepspeed). `resume`
+    continues an interrupted stage from its last complete checkpoint; False (a forced rerun)
+    retrains from scratch."""
     from flows.launch import run_training_stage
 
-    return run_training_stage(run_config_path, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir, tracking_env)
+    return run_training_stage(run_config_path, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir,
+                              tracking_env, resume)
 
 
 @task(name="eval", **CACHED)

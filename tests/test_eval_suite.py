@@ -9,6 +9,7 @@ import time
 import pytest
 
 from dgpt_core.export import save_model_folder
+from dgpt_core.model_info import ModelInfo, read_model_info
 from eval.cli import add_eval_parser, config_from_args, main
 from eval.config import EvalConfig
 from eval.suite import model_kind, run_eval
@@ -67,12 +68,18 @@ def test_run_eval_outputs_and_identical_rerun(tmp_path, sft_folder):
     assert _stable(again) == _stable(first)
 
 
-def test_pretrain_kind_plain_only(tmp_path, tiny_model, tiny_tokenizer):
-    folder = save_model_folder(tiny_model, tiny_tokenizer, tmp_path / "pretrain" / "model")
-    assert model_kind(folder, EvalConfig()) == "pretrain"
-    assert model_kind(folder, EvalConfig(model_kind="sft")) == "sft"
+@pytest.mark.parametrize("kind", ["untrained", "pretrain"])
+def test_kind_comes_from_the_folder_metadata_not_its_path(tmp_path, tiny_model, tiny_tokenizer, kind):
+    # the flow saves to stages/<stage>-<hash>/model: no path part says what the model is
+    folder = save_model_folder(tiny_model, tiny_tokenizer, tmp_path / f"{kind}-0123abcd" / "model",
+                               info=ModelInfo(kind, schedule="cosine"))
+    info = read_model_info(folder)
+    assert model_kind(info, EvalConfig()) == kind
+    assert model_kind(info, EvalConfig(model_kind="sft")) == "sft"
+    assert model_kind(None, EvalConfig()) == "sft"
     cfg = EvalConfig(**{**SMALL, "tasks": ["ppl", "repetition"], "plots": False})
     metrics = run_eval(folder, tmp_path / "eval", cfg)
+    assert metrics["meta"]["model"]["kind"] == kind and metrics["meta"]["schedule"] == "cosine"
     assert "conditional" not in metrics["ppl_bound"]
     assert set(metrics["repetition_by_mode"]) == {"plain"} and metrics["benchmarks"] == {}
     assert metrics["repetition"] == metrics["repetition_by_mode"]["plain"]

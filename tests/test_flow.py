@@ -2,10 +2,17 @@
 two-process ZeRO-2 training stage."""
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from dgpt_core.model_info import read_model_info, read_sampler_defaults
 
 EXPECTED_STAGES = ["data", "pretrain", "sft", "untrained-model", "eval-untrained", "eval-pretrain", "eval-sft", "publish"]
 
@@ -47,6 +54,28 @@ def test_first_run_completes_every_stage_and_writes_the_summary(two_runs):
     assert summary["publish"]["verified"] and not summary["publish"]["uploaded"]
     assert (Path(summary["publish"]["folder"]) / "README.md").exists()
     assert (root / "latest").resolve() == (root / "second").resolve()
+    for kind in ("untrained", "pretrain", "sft"):
+        link = root / "first" / "models" / kind
+        assert link.resolve() == Path(summary["models"][kind]).resolve()
+        assert Path(summary["models"][kind]).parent.name.startswith(f"{kind}-"), "stage folders say what they hold"
+        assert read_model_info(root / "latest" / "models" / kind).kind == kind
+    assert summary["model_links"]["sft"] == str(root / "first" / "models" / "sft")
+
+
+def test_sft_folder_decodes_with_the_best_setting_of_its_own_eval(two_runs):
+    root, first, _ = two_runs
+    folder = root / "latest" / "models" / "sft"
+    info = read_model_info(folder)
+    assert info.answer_canvas == 24 and info.answer_padding == "eos" and info.context_messages > 1
+    defaults = read_sampler_defaults(folder)
+    skills = json.loads(Path(first["evals"]["sft"]["metrics_path"]).read_text())["benchmarks"]["dgpt_skills"]
+    best = max(row["exact_match"] for row in skills.values())
+    assert defaults["max_new_tokens"] == 24 and defaults["temperature"] == 0.0
+    assert defaults["strategy"] in skills and defaults["schedule"] == info.schedule
+    chosen = skills[defaults["strategy"]]
+    if int(chosen["steps"]) == defaults["steps"]:
+        assert chosen["exact_match"] >= best - 0.01
+    assert read_sampler_defaults(root / "latest" / "models" / "pretrain") == {"schedule": "linear", "t_eps": 0.001}
 
 
 def test_second_run_hits_the_cache_for_every_stage(two_runs):
@@ -81,3 +110,80 @@ def test_mlflow_has_parent_and_child_runs_metrics_artifacts_and_the_registered_m
     version = client.get_model_version_by_alias(registered["name"], registered["alias"])
     assert version.run_id == second["mlflow"]["stage_run_ids"]["sft"], "the alias follows the newest run"
     assert client.get_model_version(registered["name"], first["registered_model"]["version"]).run_id == by_name["sft"].info.run_id
+
+
+# README command (as written) -> the shortened form run here; every command of the README's
+# "Command line" block must be listed, so a new README command cannot go untested
+README_COMMANDS = {
+    "source .venv/bin/activate": None,  # the test already runs inside the environment
+    "dgpt prepare --preset tiny": "dgpt prepare --preset ci",
+    "dgpt run --preset tiny --set sft.max_steps=500": "dgpt run --preset ci --set sft.max_steps=4",
+    "dgpt train --preset tiny": "dgpt train --preset ci --set pretrain.max_steps=2 --set sft.max_steps=2 --samples 1",
+    "dgpt eval runs/latest/models/sft --limit 50 --out runs/eval-sft":
+        "dgpt eval runs/latest/models/sft --limit 2 --out runs/eval-sft --strategies confidence --steps-grid",
+    "dgpt publish runs/latest/models/sft --repo-id you/name": "same",
+    "dgpt bench --suite all --model runs/latest/models/sft --out runs/bench":
+        "dgpt bench --suite sample --model runs/latest/models/sft --out runs/bench --preset ci --reps 1 --no-plots",
+    "python scripts/bench_gpu.py runs/bench-gpu --smoke": None,  # tests/test_bench.py runs the smoke path
+    'dgpt generate runs/latest/models/sft --prompt "What is 12 plus 30?"': "same",
+    'dgpt generate runs/latest/models/sft --prompt "What is 12 plus 30?" --strategy confidence --steps 8 --stream': "same",
+    'dgpt generate runs/latest/models/sft --prompt "Reverse the words: cat dog" --strategy threshold --threshold 0.9 '
+    "--max-new-tokens 32 --block-size 8 --steps 8 --prefix-cache": "same",
+    "dgpt chat runs/latest/models/sft": "same",
+}
+
+
+def readme_block(heading: str, language: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1]
+    return section.split(f"```{language}\n", 1)[1].split("\n```", 1)[0]
+
+
+def readme_commands() -> list[str]:
+    """The Command line block's commands, continuation lines joined, comments dropped."""
+    joined = readme_block("Command line", "bash").replace("\\\n", " ")
+    return [shlex.join(shlex.split(line, comments=True)) for line in joined.splitlines() if line.strip()]
+
+
+def test_every_readme_command_works_after_the_main_job(two_runs, tmp_path):
+    root, _, _ = two_runs
+    listed = {shlex.join(shlex.split(c)): short for c, short in README_COMMANDS.items()}
+    assert readme_commands() == list(listed), "README commands and this test's table differ"
+    assert shutil.which("dgpt"), "the dgpt command is on PATH in the project's environment"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "runs").symlink_to(root)
+    # a fresh shell: not the process group this test process set up for its in-process training
+    inherited = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in inherited and not k.startswith("ACCELERATE_")}
+    for command, short in listed.items():
+        if short is None:
+            continue
+        line = command if short == "same" else short
+        stdin = "What is 12 plus 30?\n/reset\n/exit\n" if " chat " in line else None
+        done = subprocess.run(shlex.split(line), cwd=work, env=env, input=stdin, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        if line.startswith("dgpt generate"):
+            assert "[nfe=" in done.stderr, line
+        if " chat " in line:
+            assert "history cleared" in done.stdout
+    assert (work / "runs" / "eval-sft" / "metrics.json").exists() and (work / "runs" / "bench" / "bench.json").exists()
+    notebook = readme_block("From a notebook", "python")
+    done = subprocess.run([sys.executable, "-c", notebook], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# runs last: it moves `latest` and the registry alias
+def test_the_global_seed_reaches_every_training_stage(two_runs):
+    from flows.pretrain_sft import pretrain_sft
+
+    root, first, _ = two_runs
+    reseeded = pretrain_sft(preset="ci", output_dir=str(root), run_name="seed1", overrides=["seed=1"], only=["sft"])
+    assert reseeded["cache_hit"]["pretrain"] is False and reseeded["cache_hit"]["sft"] is False
+    for stage in ("pretrain", "sft"):
+        assert reseeded["models"][stage] != first["models"][stage]
+        assert reseeded["train_metrics"][stage]["train_loss"] != first["train_metrics"][stage]["train_loss"]
+    config = (root / "seed1" / "run_config.yaml").read_text()
+    assert config.count("seed: 1") == 8 and "seed: 0" not in config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 import transformers
 
 from dgpt_core.config import ModelConfig
-from dgpt_core.export import save_model_folder
+from dgpt_core.export import PIPELINE_FILES, save_model_folder
 from dgpt_core.generate_cli import add_chat_parser, add_generate_parser, sampler_options
 from dgpt_core.model import build_model
 from dgpt_core.pipeline import TextDiffusionPipeline, render
@@ -102,9 +104,53 @@ def test_unknown_option_is_an_error(pipe):
         save_model_folder(pipe.model, pipe.tokenizer, "/nonexistent/never", {"bogus": 1})
 
 
+def test_empty_prompt_is_an_error(pipe):
+    for prompt in ("", "  \n", [{"role": "user", "content": " "}],
+                   [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": ""}]):
+        with pytest.raises(ValueError, match="empty prompt: give some text"):
+            pipe(prompt, steps=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"empty prompt \(inputs \[1\]\)"):
+        pipe(["the cat", ""], stream=True, steps=2, max_new_tokens=4)
+
+
+def test_prompt_over_the_window_warns_and_still_generates(pipe, tokenizer):
+    long = " ".join(["the cat sat on a mat"] * 4)
+    n = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert n > 64
+    with pytest.warns(UserWarning, match=rf"prompt of {n} tokens \+ canvas of 8 exceeds the model's maximum "
+                                         rf"length of 64: the oldest {n + 8 - 64} prompt tokens are cut"):
+        out = pipe(long, steps=2, max_new_tokens=8, seed=0)
+    assert isinstance(out[0]["generated_text"], str)
+    with pytest.warns(UserWarning, match=rf"prompt 1 of {n} tokens \+ canvas of 4 .* oldest {n + 4 - 64} "):
+        states = list(pipe(["the cat", long], stream=True, steps=2, max_new_tokens=12, block_size=4, seed=0))
+    assert states[-1]["done"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("the cat", steps=2, max_new_tokens=8, seed=0)
+
+
+def test_pipeline_files_import_only_torch_transformers_and_each_other():
+    source = Path(__file__).parents[1] / "dgpt_core"
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    for name in PIPELINE_FILES:
+        tree = ast.parse((source / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = set() if node.level else {(node.module or "").split(".")[0]}
+                if node.level:
+                    assert f"{node.module}.py" in PIPELINE_FILES, (name, node.module)
+            else:
+                continue
+            assert roots <= allowed, (name, roots - allowed)
+
+
 def test_folder_contents(folder):
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "pipeline.py", "sampling.py"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", *PIPELINE_FILES} <= names
+    assert "schedules.py" in PIPELINE_FILES
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"]["text-diffusion"]["impl"] == "pipeline.TextDiffusionPipeline"
     assert config["sampler_defaults"] == DEFAULTS

@@ -38,6 +38,7 @@ MODEL_FILES = {
     "sampling_types.py",
     "sampling_ops.py",
     "prefix_cache.py",
+    "schedules.py",
     "run_config.yaml",
     "train_metrics.json",
 }

@@ -3,6 +3,7 @@
 import shutil
 
 import datasets
+import pytest
 import torch
 
 from dgpt_core.collator import DiffusionCollator
@@ -58,3 +59,18 @@ def test_resumed_losses_equal_the_uninterrupted_run(tiny_tokenizer, tmp_path):
     assert sorted(got) == list(range(1, 9))
     for step in range(5, 9):
         assert got[step] == expected[step], (step, got[step], expected[step])
+
+
+def test_train_loss_is_the_mean_over_the_steps_of_this_session(tiny_tokenizer, tmp_path):
+    full = make_trainer(tiny_tokenizer, tmp_path / "full")
+    fresh = full.train()
+    losses = step_losses(full)
+    assert fresh.metrics["train_loss"] == pytest.approx(sum(losses.values()) / 8, rel=1e-6)
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed = make_trainer(tiny_tokenizer, tmp_path / "resumed")
+    output = resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-4"))
+    session_mean = sum(losses[step] for step in range(5, 9)) / 4
+    assert output.metrics["train_loss"] == pytest.approx(session_mean, rel=1e-6)
+    logged = [h["train_loss"] for h in resumed.state.log_history if "train_loss" in h]
+    assert logged == [output.metrics["train_loss"]], "the logged (MLflow) value is the corrected one"

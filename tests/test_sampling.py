@@ -206,6 +206,50 @@ def test_predicted_delete_removes_visible_generated_tokens(model):
     assert not torch.isin(states[-1].canvas, torch.tensor([IDS.mask, IDS.delete])).any()
 
 
+SPURIOUS = 9
+
+
+def spurious_then_delete(delete: bool) -> Callable[..., torch.Tensor]:
+    """A logits hook over an 8-token canvas: position i predicts 20 + i (confidence rising from
+    0.88 at i = 0 to 0.93, below the edit threshold 0.99), position 7 <|im_end|> (0.95); step 0
+    writes SPURIOUS at position 2 for sure, and with `delete` every visible SPURIOUS predicts
+    <|delete|> for sure."""
+
+    def hook(step: int, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        size = logits.shape[1]
+        out = torch.full_like(logits, -1e4)
+        pos = torch.arange(size)
+        out[:, pos, 20 + pos] = 2.0 + 0.1 * pos.float()
+        out[:, size - 1, 20 + size - 1] = -1e4
+        out[:, size - 1, IDS.im_end] = 3.0
+        out[:, :, 40] = 0.0
+        if step == 0:
+            out[:, 2] = -1e4
+            out[:, 2, SPURIOUS] = 1e4
+        if delete:
+            out[..., IDS.delete] = torch.where(x[:, -size:] == SPURIOUS, 1e4, -1e4)
+        return out
+
+    return hook
+
+
+def test_stream_shows_a_deleted_token_gone_and_a_mask_appended(model):
+    """Step 1 (confidence, 8 masks over 4 steps) reveals positions 2 (SPURIOUS) and 7 (<|im_end|>);
+    step 2 reveals 6 and 5 and deletes SPURIOUS: the tokens after it move left and a mask enters
+    at the end. The final answer lacks SPURIOUS and is one token shorter than without deletion."""
+    cfg = SamplerConfig(strategy="confidence", steps=4, max_new_tokens=8, temperature=0.0, edit=True,
+                        edit_threshold=0.99, edit_rate=0.1)
+    m, end = IDS.mask, IDS.im_end
+    states = list(stream(model, PROMPTS, IDS, cfg, logits_hook=spurious_then_delete(True)))
+    assert states[1].canvas.tolist() == [[m, m, SPURIOUS, m, m, m, m, end]] * 2
+    assert states[2].canvas.tolist() == [[m, m, m, m, 25, 26, end, m]] * 2
+    assert states[-1].canvas.tolist() == [[20, 21, 22, 23, 25, 26, end, end]] * 2
+    kept = generate(model, PROMPTS, IDS, cfg, logits_hook=spurious_then_delete(False))
+    deleted = generate(model, PROMPTS, IDS, cfg, logits_hook=spurious_then_delete(True))
+    assert kept.answers == [[20, 21, SPURIOUS, 23, 24, 25, 26]] * 2
+    assert deleted.answers == [[20, 21, 22, 23, 25, 26]] * 2 and deleted.stopped == [True, True]
+
+
 def test_semi_autoregressive_beyond_max_length(model):
     widths = []
 

@@ -112,9 +112,10 @@ def test_labels_of_masked_swapped_and_inserted_positions():
     masked, edits = batch["masked_positions"], batch["edit_positions"]
     assert not (masked & edits).any()
     assert (ids[masked] == MASK).all()
-    inserted = ids == DELETE
-    assert inserted.any() and (labels[inserted] == DELETE).all(), "every <|delete|> input is labelled"
-    assert edits[inserted].all()
+    inserted = labels == DELETE
+    assert inserted.any() and edits[inserted].all(), "every inserted token is scored by the edit loss"
+    assert not (ids == DELETE).any(), "the <|delete|> token itself never enters the input"
+    assert not any(int(tok) in SPECIALS for tok in ids[inserted]), "spurious tokens are ordinary tokens"
     swapped = edits & ~inserted
     assert swapped.any() and (ids[swapped] != labels[swapped]).all(), "a swap always changes the token"
     assert not any(int(tok) in SPECIALS for tok in ids[swapped]), "replacements are never special tokens"
@@ -137,7 +138,28 @@ def test_insertion_never_exceeds_max_length_and_keeps_first_token():
         for row in range(16):
             originals = first_real[row][first_real[row] != IGNORE_INDEX]
             assert originals[0] == 6, "the first real token is never dropped"
-        assert ((batch["input_ids"] == DELETE) == (labels == DELETE)).all(), "no unlabelled <|delete|>"
+        assert not (batch["input_ids"] == DELETE).any()
+        assert (batch["edit_positions"][labels == DELETE]).all(), "no spurious token without its label"
+
+
+def test_spurious_tokens_copy_their_neighbour_or_are_random_ordinary_tokens():
+    collator = make_collator(edit_start=0.0, edit_prob=0.0, insert_prob=0.3, insert_copy_prob=0.5)
+    collator.set_progress(1.0)
+    batch = collator([{"input_ids": list(range(6, 36))} for _ in range(32)])
+    ids, labels = batch["input_ids"], batch["labels"]
+    inserted = labels == DELETE
+    following = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), PAD)], 1)
+    copies = inserted & (ids == following)
+    share = copies.sum().item() / inserted.sum().item()
+    assert inserted.sum() > 100 and 0.35 < share < 0.65, share
+    randoms = inserted & ~copies
+    assert randoms.any() and not any(int(t) in SPECIALS for t in ids[randoms])
+    all_copies = make_collator(edit_start=0.0, edit_prob=0.0, insert_prob=0.3, insert_copy_prob=1.0)
+    all_copies.set_progress(1.0)
+    batch = all_copies([{"input_ids": list(range(6, 36))} for _ in range(8)])
+    inserted = batch["labels"] == DELETE
+    following = torch.cat([batch["input_ids"][:, 1:], torch.full((8, 1), PAD)], 1)
+    assert torch.equal(batch["input_ids"][inserted], following[inserted])
 
 
 def test_edit_loss_targets_visible_scores_every_visible_eligible_token():

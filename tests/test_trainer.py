@@ -147,10 +147,17 @@ def test_trainer_logs_the_loss_parts_and_curriculum(tiny_model, tiny_tokenizer, 
 
 @pytest.fixture
 def single_process_distributed_env(monkeypatch, tmp_path_factory):
-    env = {**single_process_env(), "DS_ACCELERATOR": "cpu",
+    """A one-process DeepSpeed group for the test; afterwards no DeepSpeed state is left behind
+    (accelerate sets ACCELERATE_USE_DEEPSPEED=true for good, which turns later Trainers into
+    DeepSpeed ones)."""
+    from accelerate.state import AcceleratorState
+
+    env = {**single_process_env(), "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "false",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("ext")))}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_zero2_training_through_the_deepspeed_engine(tiny_tokenizer, tmp_path, single_process_distributed_env):
