@@ -49,3 +49,18 @@ def test_overrides_are_applied_and_validated():
         load_run_config("tiny", ["sft.learning_rate"])
     with pytest.raises(FileNotFoundError, match="unknown preset"):
         load_run_config("nope")
+
+
+def test_the_global_seed_is_the_default_of_every_seed_and_a_section_seed_overrides_it():
+    config = load_run_config("ci", ["seed=5"])
+    assert [section.seed for section, _ in config.seed_inheritance()] == [5] * 7
+    config = load_run_config("ci", ["seed=5", "sft.seed=2", "data.skills.seed=9"])
+    seeds = {id(section): section.seed for section, _ in config.seed_inheritance()}
+    assert seeds[id(config.sft)] == seeds[id(config.sft.diffusion)] == 2, "the collator follows its stage"
+    assert config.data.skills.seed == 9 and config.data.seed == config.pretrain.seed == config.eval.seed == 5
+    assert RunConfig.model_validate(config.model_dump()) == config
+
+
+def test_the_main_job_trains_deletion_during_sft():
+    sft = load_run_config("tiny").sft.diffusion
+    assert sft.edit_start == 0.0 and sft.insert_prob > 0
