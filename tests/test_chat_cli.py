@@ -106,7 +106,8 @@ def test_multi_turn_model_gets_the_history_it_was_trained_on(multi_turn, monkeyp
     assert "single-turn" not in capsys.readouterr().out
     # no sampler option on the command line: the folder's defaults decide
     assert all(c["kwargs"] == {"stream": True} for c in calls)
-    defaults = {"schedule": "cosine", "strategy": "confidence", "steps": 4, "max_new_tokens": 4}
+    defaults = {"schedule": "cosine", "t_eps": 1e-3, "strategy": "confidence", "steps": 4, "max_new_tokens": 4,
+                "temperature": 0.0}
     assert calls[0]["defaults"] == defaults
 
 
