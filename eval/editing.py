@@ -2,8 +2,8 @@
 
 Each held-out answer (its content tokens and its <|im_end|>; the end-of-text padding after it stays
 clean) gets random-token swaps and spurious insertions (a random token other than the one it
-precedes, or a copy of it: a duplicated word), as the training collator makes them. Nothing is masked: one forward on the corrupted row, and the argmax
-(mask token excluded) at every answer-canvas position is compared with what the edit loss teaches
+precedes, or a copy of it: a duplicated word), as the training collator makes them. Nothing is
+masked: one forward on the corrupted row, and the argmax (mask token excluded) at every answer-canvas position is compared with what the edit loss teaches
 there: the original token at a swap, <|delete|> at an insertion, the token itself everywhere else.
 Every row draws its corruption from its own seeded generator, so the numbers do not depend on
 batching and a rerun gives identical values.
@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
+from dgpt_core.elbo import stable_seed
 from dgpt_core.model import logits_at
-
-from .likelihood import stable_seed
 
 CONTEXT, CLEAN, SWAP, INSERT = -1, 0, 1, 2
 """Role of a position in a corrupted row: not scored (prompt), clean canvas, swapped, inserted."""

@@ -19,10 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dgpt_core.elbo import Row, Variant, elbo_nll, score_variants, stable_seed, t_grid
+from dgpt_core.elbo import Row, Variant, score_variants
 from dgpt_core.model import logits_at
-
-__all__ = ["Row", "elbo_nll", "greedy_matches", "mc_nll", "split_windows", "stable_seed", "t_grid", "windows_to_rows"]
 
 
 def _mc_variants(rows: Sequence[Row], seeds: Sequence[int], mc_num: int) -> list[Variant]:

@@ -25,12 +25,13 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from dgpt_core.elbo import elbo_nll, stable_seed
 from dgpt_core.model_info import INFO_KEY
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
 from dgpt_core.sampling_types import DEFAULTS_KEY
 from dgpt_core.schedules import get_schedule
 
-from .likelihood import elbo_nll, greedy_matches, mc_nll, split_windows, stable_seed, windows_to_rows
+from .likelihood import greedy_matches, mc_nll, split_windows, windows_to_rows
 
 
 def _int_or_none(value: Any) -> int | None:

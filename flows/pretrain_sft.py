@@ -298,20 +298,18 @@ def _link_models(run_dir: Path, models: dict[str, str]) -> dict[str, str]:
     keeps working): stable names for a run's untrained, pretrain and sft models."""
     folder = run_dir / "models"
     folder.mkdir(exist_ok=True)
-    links = {}
     for kind, model_dir in models.items():
-        link = folder / kind
-        tmp = folder / f".{kind}-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(os.path.relpath(model_dir, folder))
-        tmp.replace(link)
-        links[kind] = str(link)
-    return links
+        _replace_symlink(folder / kind, os.path.relpath(model_dir, folder))
+    return {kind: str(folder / kind) for kind in models}
 
 
 def _point_latest(root: Path, run_dir: Path) -> None:
-    latest = root / "latest"
-    tmp = root / f".latest-{os.getpid()}"
+    _replace_symlink(root / "latest", run_dir.name)
+
+
+def _replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically (a reader sees the old or the new target, never none)."""
+    tmp = link.with_name(f".{link.name}-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    tmp.replace(latest)
+    tmp.symlink_to(target)
+    tmp.replace(link)

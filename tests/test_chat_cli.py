@@ -3,7 +3,6 @@ messages, empty prompts and over-long prompts."""
 
 from __future__ import annotations
 
-import argparse
 import builtins
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +11,10 @@ from typing import Any
 import pytest
 import torch
 
+from dgpt_core.cli import build_parser
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import save_model_folder
-from dgpt_core.generate_cli import add_chat_parser, add_generate_parser, chat_context
+from dgpt_core.generate_cli import chat_context
 from dgpt_core.model import build_model
 from dgpt_core.model_info import ModelInfo
 from dgpt_core.pipeline import TextDiffusionPipeline
@@ -46,14 +46,6 @@ def multi_turn(model, tiny_tokenizer, tmp_path_factory) -> Path:
     return save(model, tiny_tokenizer, tmp_path_factory.mktemp("chat") / "multi", 4)
 
 
-def _cli() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgpt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    add_chat_parser(sub)
-    return parser
-
-
 def chat(folder: Path, lines: list[str], monkeypatch, *options: str) -> list[dict[str, Any]]:
     """Run `dgpt chat` on scripted input lines; per pipeline call: the messages, the call options,
     the pipeline's sampler defaults and the answer it returned."""
@@ -76,7 +68,7 @@ def chat(folder: Path, lines: list[str], monkeypatch, *options: str) -> list[dic
     script = iter(lines)
     monkeypatch.setattr(TextDiffusionPipeline, "__call__", spy)
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(script))
-    args = _cli().parse_args(["chat", str(folder), *options])
+    args = build_parser(["generate", "chat"]).parse_args(["chat", str(folder), *options])
     assert args.func(args) == 0
     return calls
 
@@ -134,7 +126,7 @@ def test_chat_prints_the_cut_warning_as_one_line(multi_turn, monkeypatch, capsys
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_generate_refuses_an_empty_prompt(single_turn, capsys, prompt):
     with pytest.raises(SystemExit) as exit_info:
-        _cli().parse_args(["generate", str(single_turn), "--prompt", "hi", "--prompt", prompt])
+        build_parser(["generate", "chat"]).parse_args(["generate", str(single_turn), "--prompt", "hi", "--prompt", prompt])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert errors == ["dgpt generate: error: argument --prompt: empty prompt: give some text to answer"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ast
 import io
 import json
@@ -18,9 +17,10 @@ import pytest
 import torch
 import transformers
 
+from dgpt_core.cli import build_parser
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import PIPELINE_FILES, save_model_folder
-from dgpt_core.generate_cli import add_chat_parser, add_generate_parser, sampler_options
+from dgpt_core.generate_cli import sampler_options
 from dgpt_core.model import build_model
 from dgpt_core.pipeline import TextDiffusionPipeline, render
 from dgpt_core.tokenizer import train_bpe_tokenizer
@@ -187,21 +187,13 @@ def test_fresh_process_pipeline_from_folder(folder, tmp_path):
     assert result["n_states"] == DEFAULTS["steps"] + 1
 
 
-def _cli() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgpt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    add_chat_parser(sub)
-    return parser
-
-
 def test_cli_generate(folder, capsys):
-    args = _cli().parse_args(
+    args = build_parser(["generate", "chat"]).parse_args(
         ["generate", str(folder), "--prompt", "hi", "--prompt", "the cat", "--seed", "0"]
     )
     assert args.func(args) == 0
     assert capsys.readouterr().err.count("[nfe=4 stopped=") == 2  # one answer per prompt
-    args = _cli().parse_args(
+    args = build_parser(["generate", "chat"]).parse_args(
         [
             "generate",
             str(folder),
@@ -216,7 +208,7 @@ def test_cli_generate(folder, capsys):
         ]
     )
     assert args.func(args) == 0
-    args = _cli().parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "threshold",
+    args = build_parser(["generate", "chat"]).parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "threshold",
                               "--threshold", "0.5", "--steps", "4", "--block-size", "4", "--prefix-cache"])
     assert sampler_options(args) == {"strategy": "threshold", "threshold": 0.5, "steps": 4, "block_size": 4,
                                      "prefix_cache": True}
@@ -234,7 +226,7 @@ def test_cli_chat_keeps_history(folder, monkeypatch, capsys):
 
     monkeypatch.setattr(TextDiffusionPipeline, "preprocess", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhow are you\n/reset\nbye\n/exit\n"))
-    args = _cli().parse_args(["chat", str(folder), "--steps", "2", "--system", "be brief"])
+    args = build_parser(["generate", "chat"]).parse_args(["chat", str(folder), "--steps", "2", "--system", "be brief"])
     assert args.func(args) == 0
     roles = [[m["role"] for m in chat] for (chat,) in seen]
     assert roles == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
