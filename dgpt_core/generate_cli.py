@@ -28,7 +28,7 @@ from typing import Any, TextIO, get_args
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from .model_info import read_model_info
+from .model_info import model_info_of
 from .pipeline import MASK_SYMBOL, Message, TextDiffusionPipeline
 from .sampling import PositionSelection, Strategy
 
@@ -162,15 +162,6 @@ def chat_context(
     return opening + list(history[-keep:])
 
 
-def _context_limit(model_dir: str) -> int | None:
-    """`context_messages` of the folder's model info; None without one (or for a Hub id)."""
-    try:
-        info = read_model_info(model_dir)
-    except FileNotFoundError:
-        return None
-    return None if info is None else info.context_messages
-
-
 def _show(updates: Iterable[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
     """Draw every streamed update; returns the last one."""
     view, update = LiveView(), {}
@@ -204,7 +195,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model_dir, args.device)
     options = sampler_options(args)
-    limit = _context_limit(args.model_dir)
+    info = model_info_of(pipe.model)
+    limit = None if info is None else info.context_messages
     history: list[Message] = []
     print(
         f"chatting with {args.model_dir}; /reset clears the history, /exit or Ctrl-D quits ({MASK_SYMBOL} = mask)"

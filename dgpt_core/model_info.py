@@ -83,6 +83,13 @@ def _rewrite_config(model_dir: str | Path, updates: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
+def model_info_of(model: Any) -> ModelInfo | None:
+    """The ModelInfo a loaded model's config carries (transformers keeps config.json's extra keys
+    as attributes), or None."""
+    data = getattr(getattr(model, "config", None), INFO_KEY, None)
+    return None if data is None else ModelInfo.from_dict(data)
+
+
 def read_model_info(model_dir: str | Path) -> ModelInfo | None:
     """The folder's ModelInfo, or None for a folder written without one (e.g. a Hub checkpoint)."""
     data = json.loads(_config_path(model_dir).read_text()).get(INFO_KEY)

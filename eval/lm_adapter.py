@@ -26,7 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from dgpt_core.elbo import elbo_nll, stable_seed
-from dgpt_core.model_info import INFO_KEY
+from dgpt_core.model_info import ModelInfo, model_info_of
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
 from dgpt_core.sampling_types import DEFAULTS_KEY
 from dgpt_core.schedules import get_schedule
@@ -56,10 +56,9 @@ class FolderDefaults:
         config = getattr(model, "config", None)
         sampler = {"strategy": "confidence", "temperature": 0.0, **(getattr(config, DEFAULTS_KEY, None) or {})}
         sampler.pop("max_new_tokens", None)
-        info = getattr(config, INFO_KEY, None) or {}
-        canvas = info.get("answer_canvas") if info.get("kind") == "sft" else None
-        return cls(sampler, sampler.get("schedule", info.get("schedule", "linear")),
-                   float(sampler.get("t_eps", info.get("t_eps", 1e-3))), canvas)
+        info = model_info_of(model) or ModelInfo("untrained")
+        canvas = info.answer_canvas if info.kind == "sft" else None
+        return cls(sampler, sampler.get("schedule", info.schedule), float(sampler.get("t_eps", info.t_eps)), canvas)
 
 
 @register_model("dgpt", "diffusiongpt")

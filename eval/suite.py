@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dgpt_core.data.skills import check_answer
-from dgpt_core.model_info import INFO_KEY, ModelInfo
+from dgpt_core.model_info import ModelInfo, model_info_of
 from dgpt_core.sampling import SamplerConfig, TokenIds
 from dgpt_core.schedules import get_schedule
 
@@ -76,8 +76,7 @@ class _Suite:
         self.notes: list[str] = []
         self.model, self.tok = (model, tokenizer) if model is not None else load_model(model_dir)
         self.ids = TokenIds.from_tokenizer(self.tok)
-        info_dict = getattr(self.model.config, INFO_KEY, None)
-        self.info = ModelInfo.from_dict(info_dict) if info_dict else None
+        self.info = model_info_of(self.model)
         self.kind = model_kind(self.info, cfg)
         self.max_len = int(self.model.config.max_position_embeddings)
         self.data_cfg, self.data_source = evdata.data_config_for(model_dir)
