@@ -16,7 +16,7 @@ from transformers import ModernBertForMaskedLM, PreTrainedTokenizerBase, PreTrai
 from dgpt_core.config import ModelConfig
 from dgpt_core.data.skills import SkillItem, generate_skills, read_skills_jsonl
 from dgpt_core.model import build_model
-from dgpt_core.run_config import RunConfig, load_run_config
+from dgpt_core.run_config import RunConfig, load_run_config, read_folder_run_config
 from dgpt_core.tokenizer import (
     add_diffusion_tokens,
     load_tokenizer,
@@ -97,8 +97,7 @@ def load_subject(
     notes: list[str] = []
     if model_dir is not None:
         model_dir = Path(model_dir)
-        config_path = model_dir / "run_config.yaml"
-        run = RunConfig.from_yaml(config_path) if config_path.exists() else load_run_config(preset)
+        run = read_folder_run_config(model_dir) or load_run_config(preset)
         tokenizer = load_tokenizer(model_dir)
         model = ModernBertForMaskedLM.from_pretrained(str(model_dir)).eval()
         description = f"{model_dir} (trained)"

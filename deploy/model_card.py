@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .config import PublishConfig
+from dgpt_core.publish_config import PublishConfig
 
 log = logging.getLogger(__name__)
 

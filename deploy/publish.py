@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dgpt_core.hub import is_offline
+from dgpt_core.publish_config import PublishConfig
 
-from .config import PublishConfig
 from .model_card import build_model_card, load_metrics
 
 log = logging.getLogger(__name__)

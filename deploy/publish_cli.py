@@ -1,6 +1,6 @@
 """`dgpt publish MODEL_DIR [--repo-id ID] [--dry-run] [--out DIR] [--eval-dir NAME=DIR ...]`.
 
-Registered in dgpt_core.cli.SUBCOMMANDS as "publish": ("deploy.publish_cli", "add_publish_parser").
+Registered in flows.cli.SUBCOMMANDS as "publish": ("deploy.publish_cli", "add_publish_parser").
 The token is read from the environment variable named by `token_env` (default HF_TOKEN); there is
 deliberately no flag for it, so it never lands in shell history or process listings.
 """
@@ -15,9 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from dgpt_core.publish_config import PublishConfig
 from dgpt_core.run_config import parse_override
-
-from .config import PublishConfig
 
 
 def add_publish_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

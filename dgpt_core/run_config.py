@@ -9,11 +9,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from deploy.config import PublishConfig
-from eval.config import EvalConfig
-
 from .config import DiffusionConfig, ModelConfig, StrictConfig, TrainingConfig
 from .data.config import DataConfig, TokenizerConfig
+from .eval_config import EvalConfig
+from .publish_config import PublishConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -161,4 +160,17 @@ def load_run_config(name_or_path: str | Path = "tiny", overrides: list[str] | No
         raise ValueError(f"invalid config from {path} with overrides {overrides or []}:\n{err}") from None
 
 
-load_preset = load_run_config
+FOLDER_CONFIG_NAME = "run_config.yaml"
+"""The resolved RunConfig saved in every model folder, stage folder and run folder."""
+
+
+def read_folder_run_config(folder: str | Path) -> RunConfig | None:
+    """The resolved run config saved in a model (or run) folder; None when the folder has none.
+    A file that no longer validates (an older or foreign config) is a ValueError naming it."""
+    path = Path(folder) / FOLDER_CONFIG_NAME
+    if not path.exists():
+        return None
+    try:
+        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (ValidationError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not a valid run config: {err}") from None

@@ -33,7 +33,7 @@ from .trainer import (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "sft")
+TRAINING_STAGES = ("pretrain", "sft")
 
 
 @dataclass
@@ -114,8 +114,8 @@ def train_stage(
     complete one short of max_steps. Otherwise (no such checkpoint, or `resume` False) the stage
     trains from scratch and the folder's old checkpoints are removed first.
     """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {TRAINING_STAGES}")
     cfg = getattr(run, stage)
     out_dir = Path(out_dir)
     if cfg.deepspeed and "RANK" not in os.environ:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m dgpt_core.train", description=main.__doc__)
     parser.add_argument("--run-config", required=True, help="resolved RunConfig YAML")
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", required=True, choices=TRAINING_STAGES)
     parser.add_argument("--dataset-dir", required=True)
     parser.add_argument("--tokenizer-dir", required=True)
     parser.add_argument("--out-dir", required=True)

@@ -32,15 +32,15 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     from .data.stages import prepare_all
     from .run_config import load_run_config
-    from .train import STAGES, train_stage
+    from .train import TRAINING_STAGES, train_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     run = load_run_config(args.preset, args.overrides)
     root = Path(args.output_dir or Path(run.output_dir) / run.preset)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(STAGES))
+    unknown = sorted(set(wanted) - set(TRAINING_STAGES))
     if unknown:
-        print(f"dgpt train: unknown stages {unknown}; choose from {list(STAGES)}", file=sys.stderr)
+        print(f"dgpt train: unknown stages {unknown}; choose from {list(TRAINING_STAGES)}", file=sys.stderr)
         return 2
     run.save_yaml(root / "run_config.yaml")
     timings: dict[str, float] = {}
@@ -49,7 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
     timings["data"] = time.perf_counter() - start
 
     model_dir = None
-    for stage in STAGES:
+    for stage in TRAINING_STAGES:
         if stage not in wanted or not getattr(run, stage).enabled:
             continue
         print(f"\n=== {stage} ===", file=sys.stderr)

@@ -123,11 +123,11 @@ def remove_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return folders
 
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "deploy" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "deepspeed"
 
 
 def resolve_deepspeed(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-    """A DeepSpeed config dict, JSON path, or the name of one shipped in deploy/deepspeed (zero2)."""
+    """A DeepSpeed config dict, JSON path, or the name of one shipped in dgpt_core/deepspeed (zero2)."""
     if not isinstance(value, str) or Path(value).exists():
         return value
     shipped = DEEPSPEED_CONFIG_DIR / (value if value.endswith(".json") else f"{value}.json")

@@ -14,7 +14,7 @@ Public API:
 
 from __future__ import annotations
 
-from .config import EvalConfig
+from dgpt_core.eval_config import EvalConfig
 
 __all__ = ["EvalConfig", "run_eval"]
 

@@ -1,6 +1,6 @@
 """Run lm-eval tasks through our adapter: the local offline tasks, and standard tasks by name.
 
-Local tasks live in eval/tasks (YAML + utils.py) and read JSONL files written at eval time
+Local tasks live in eval/lm_eval_tasks (YAML + utils.py) and read JSONL files written at eval time
 (`write_task_data`); their paths reach the tasks as TaskManager metadata. Standard tasks
 (hellaswag, arc_easy, piqa, lambada, gsm8k, ...) go through the same adapter with lm-eval's own
 task index; without the Hub they fail within seconds, naming the task (`check_standard_tasks`).
@@ -20,7 +20,7 @@ from .data import write_jsonl
 
 log = logging.getLogger(__name__)
 
-TASK_DIR = Path(__file__).parent / "tasks"
+TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 SKILLS_GROUP = "dgpt_skills"
 CHITCHAT_TASK = "dgpt_chitchat_mc"
 TEXT_TASK = "dgpt_heldout_text"
@@ -76,7 +76,7 @@ _HINT_FILTER = _DropCustomKwargsHint()
 
 
 def local_task_manager(metadata: dict[str, Any]):
-    """A TaskManager over eval/tasks only (offline), with the data paths as metadata."""
+    """A TaskManager over eval/lm_eval_tasks only (offline), with the data paths as metadata."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=dict(metadata))

@@ -1,6 +1,6 @@
 """`dgpt eval MODEL_DIR [--out DIR] [--tasks ...] [--strategies ...] [--limit N]`.
 
-Registered in dgpt_core.cli.SUBCOMMANDS as "eval": ("eval.cli", "add_eval_parser"); also runs
+Registered in flows.cli.SUBCOMMANDS as "eval": ("eval.cli", "add_eval_parser"); also runs
 as `python -m eval.cli MODEL_DIR ...`.
 """
 
@@ -47,7 +47,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import EvalConfig
+    from dgpt_core.eval_config import EvalConfig
 
     data = EvalConfig.from_yaml(args.config).model_dump() if args.config else {}
     flags = {

@@ -20,8 +20,8 @@ from typing import Any
 from dgpt_core.data.config import DataConfig, SourceSpec
 from dgpt_core.data.skills import SkillItem, generate_skills, read_skills_jsonl
 from dgpt_core.data.sources import LoadStats, iter_chat, iter_text, render_chat_text, resolve
-
-from .config import EvalConfig
+from dgpt_core.eval_config import EvalConfig
+from dgpt_core.run_config import FOLDER_CONFIG_NAME, read_folder_run_config
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,15 @@ PLAIN_ASSISTANT = "\nassistant:"
 
 
 def data_config_for(model_dir: str | Path) -> tuple[DataConfig, str]:
-    """The data config the model was trained with (run_config.yaml), else the default."""
-    path = Path(model_dir) / "run_config.yaml"
-    if path.exists():
-        from dgpt_core.run_config import RunConfig
-
-        try:
-            return RunConfig.from_yaml(path).data, str(path)
-        except Exception as err:  # noqa: BLE001 - an older/foreign config: fall back, say so
-            log.warning("could not read %s (%s); using the default data config", path, err)
-    return DataConfig(), "default DataConfig()"
+    """The data config the model was trained with (its run_config.yaml), else the default."""
+    try:
+        run = read_folder_run_config(model_dir)
+    except ValueError as err:  # an older/foreign config: fall back, say so
+        log.warning("%s; using the default data config", err)
+        run = None
+    if run is None:
+        return DataConfig(), "default DataConfig()"
+    return run.data, str(Path(model_dir) / FOLDER_CONFIG_NAME)
 
 
 def _interleave(groups: Sequence[Sequence[Any]]) -> Iterator[Any]:

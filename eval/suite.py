@@ -21,17 +21,17 @@ from typing import Any
 import torch
 
 from dgpt_core.data.skills import check_answer
+from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import ModelInfo, model_info_of
 from dgpt_core.sampling import SamplerConfig, TokenIds
 from dgpt_core.schedules import get_schedule
 
 from . import benchmarks as bm
 from . import data as evdata
-from .config import EvalConfig
 from .editing import editing_metrics
 from .ppl import answer_rows, ppl_bound, text_rows
-from .repetition import compare_strategies
 from .report import write_outputs
+from .strategy_comparison import compare_strategies
 
 log = logging.getLogger(__name__)
 

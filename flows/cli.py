@@ -1,44 +1,45 @@
-"""`dgpt run`: the pretrain-sft flow locally (Prefect starts a temporary server; no setup).
+"""The `dgpt` command: one sub-command per stage, each parser defined beside the code it runs.
 
-    dgpt run --preset tiny [--set sft.learning_rate=1e-4 ...] [--output-dir DIR]
-             [--refresh sft eval] [--from sft] [--only eval] [--run-name NAME]
+This dispatcher sits in the top layer because its sub-commands come from every layer (library,
+eval, deploy, bench, flows). A sub-command's module is imported only when that command (or the
+full `dgpt --help`) is asked for, so `dgpt chat` does not load Prefect, MLflow or lm-eval.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
-from dgpt_core.run_config import add_config_arguments
-from flows.pretrain_sft import STAGES
+# sub-command name -> (module, function adding its parser)
+SUBCOMMANDS = {
+    "train": ("dgpt_core.train_cli", "add_train_parser"),
+    "generate": ("dgpt_core.generate_cli", "add_generate_parser"),
+    "chat": ("dgpt_core.generate_cli", "add_chat_parser"),
+    "prepare": ("dgpt_core.data.cli", "add_prepare_parser"),
+    "eval": ("eval.cli", "add_eval_parser"),
+    "publish": ("deploy.publish_cli", "add_publish_parser"),
+    "bench": ("bench.cli", "add_bench_parser"),
+    "run": ("flows.run_cli", "add_run_parser"),
+}
 
 
-def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("run", help="run the whole pipeline (Prefect flow pretrain-sft)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--output-dir", default=None, help="output root (default: the preset's output_dir)")
-    parser.add_argument("--run-name", default=None, help="name of the run folder (default: preset-timestamp)")
-    parser.add_argument("--refresh", nargs="+", default=[], choices=STAGES, help="recompute these stages")
-    parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
-                        help="recompute this stage and every later one")
-    parser.add_argument("--only", nargs="+", default=None, choices=STAGES,
-                        help="run only these stages (upstream stages come from the cache)")
-    parser.set_defaults(func=run_flow)
+def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgpt", description="diffusionGPT: masked-diffusion chat models")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in names or SUBCOMMANDS:
+        module, function = SUBCOMMANDS[name]
+        getattr(importlib.import_module(module), function)(subparsers)
     return parser
 
 
-def run_flow(args: argparse.Namespace) -> int:
-    from dgpt_core.run_config import load_run_config
-    from flows.pretrain_sft import pretrain_sft
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser([command] if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
 
-    try:
-        load_run_config(args.preset, args.overrides)  # validate before starting Prefect
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dgpt run: {err}", file=sys.stderr)
-        return 2
-    summary = pretrain_sft(preset=args.preset, overrides=args.overrides, output_dir=args.output_dir,
-                           run_name=args.run_name, refresh=args.refresh, from_stage=args.from_stage, only=args.only)
-    print(json.dumps({k: summary.get(k) for k in ("run_name", "status", "wall_time_s", "cache_hit")}, indent=2))
-    return 0 if summary.get("status") == "completed" else 1
+
+if __name__ == "__main__":
+    sys.exit(main())

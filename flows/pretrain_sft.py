@@ -21,39 +21,15 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.context import get_run_context
 from prefect.filesystems import LocalFileSystem
 
+from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import choose_sampler_defaults, read_model_info, write_sampler_defaults
 from dgpt_core.run_config import RunConfig, load_run_config
-from eval.config import EvalConfig
 from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
 
 from .caching import stage_key
+from .plan import plan_stages
 from .report_card import write_report_card
 from .tracking import Tracker, git_state
-
-STAGES = ("data", "pretrain", "sft", "eval", "publish")
-UPSTREAM = {"data": (), "pretrain": ("data",), "sft": ("data", "pretrain"), "eval": ("data", "pretrain", "sft"),
-            "publish": ("sft", "eval")}
-
-
-def plan_stages(from_stage: str | None, only: list[str] | None, refresh: list[str] | None) -> tuple[list[str], set[str]]:
-    """(stages to run in order, stages forced to recompute). `only` runs just those stages (their
-    upstream stages run too, normally from the cache); `from_stage` recomputes it and everything
-    after; `refresh` recomputes the named stages."""
-    for name in [*(only or []), *(refresh or []), *([from_stage] if from_stage else [])]:
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}: expected one of {STAGES}")
-    forced = set(refresh or [])
-    if only:
-        wanted, stack = set(only), list(only)
-        while stack:
-            for dep in UPSTREAM[stack.pop()]:
-                if dep not in wanted:
-                    wanted.add(dep)
-                    stack.append(dep)
-        return [s for s in STAGES if s in wanted], forced | set(only)
-    if from_stage:
-        forced |= set(STAGES[STAGES.index(from_stage):])
-    return list(STAGES), forced
 
 
 class StageRunner:
@@ -110,10 +86,13 @@ def pretrain_sft(
     refresh: list[str] | None = None,
     from_stage: str | None = None,
     only: list[str] | None = None,
+    run_config: RunConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline for a preset; returns the run summary (also written to summary.json)."""
+    """Run the flow for a preset with `--set`-style overrides; returns the run summary (also written
+    to summary.json). `run_config` is the config already loaded from them (`dgpt run` parses it once
+    to validate it); a deployment run passes only preset and overrides and the flow loads it."""
     logger = get_run_logger()
-    run = load_run_config(preset, overrides)
+    run = run_config or load_run_config(preset, overrides)
     root = Path(output_dir or run.output_dir).resolve()
     flow_run = get_run_context().flow_run
     run_name = run_name or f"{run.preset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -177,8 +156,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
     data_key = stage_key("data", {"data": run.data.model_dump(mode="json"),
                                   "tokenizer": run.tokenizer.model_dump(mode="json"),
                                   "max_seq_len": run.model.max_seq_len})
-    data = runner("data", "data", data_task, key=data_key, run_config_path=config_path,
-                  out_dir=str(stages_dir / data_key))
+    data = runner("data", "data", data_task, key=data_key, data=run.data, tokenizer=run.tokenizer,
+                  max_seq_len=run.model.max_seq_len, out_dir=str(stages_dir / data_key))
     folders = data["folders"]
     out["data"] = folders
     if tracker:
@@ -201,7 +180,7 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
         upstream = [data_key] + ([keys["pretrain"]] if stage == "sft" and "pretrain" in keys else [])
         key = stage_key(stage, {"model": model_section, stage: cfg.model_dump(mode="json")}, upstream)
         child = runner.child(stage)
-        result = runner(stage, stage, train_task, key=key, stage=stage, run_config_path=config_path,
+        result = runner(stage, stage, train_task, key=key, stage=stage, run=run,
                         dataset_dir=folders[stage], tokenizer_dir=folders["tokenizer"],
                         out_dir=str(stages_dir / key), init_model_dir=cfg.init_from or previous_model,
                         tracking_env=tracker.stage_env(child) if tracker else {},
@@ -217,16 +196,17 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
         if "untrained" in run.eval_models:
             key = stage_key("untrained", {"model": model_section, "seed": run.pretrain.seed,
                                           "diffusion": run.pretrain.diffusion.model_dump(mode="json")}, [data_key])
-            result = runner("untrained-model", "eval", untrained_model_task, key=key, run_config_path=config_path,
+            result = runner("untrained-model", "eval", untrained_model_task, key=key, run=run,
                             tokenizer_dir=folders["tokenizer"], out_dir=str(stages_dir / key))
             out["models"]["untrained"] = result["model_dir"]
             keys["untrained"] = key
+        eval_cfg = eval_config_for(run.eval, folders)
         for name in run.eval_models:
             if name not in out["models"]:
                 continue
             key = stage_key("eval", {"eval": run.eval.model_dump(mode="json"), "model": name}, [keys[name], data_key])
-            result = runner(f"eval-{name}", "eval", eval_task, key=key, model_dir=out["models"][name],
-                            out_dir=str(stages_dir / key), run_config_path=config_path, data_folders=folders)
+            result = runner(f"eval-{name}", "eval", eval_task, key=key, model_kind=name, model_dir=out["models"][name],
+                            out_dir=str(stages_dir / key), cfg=eval_cfg)
             out["evals"][name] = {k: result[k] for k in ("metrics_path", "report_path", "out_dir")}
             keys[f"eval-{name}"] = key
             if name == "sft":
@@ -252,7 +232,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
         has_token = bool(os.environ.get(run.publish.token_env))
         key = stage_key("publish", {"publish": run.publish.model_dump(mode="json"), "token": has_token}, upstream)
         result = runner("publish", "publish", publish_task, key=key, model_dir=final_model,
-                        out_dir=str(stages_dir / key), run_config_path=config_path, eval_dirs=eval_dirs)
+                        out_dir=str(stages_dir / key), cfg=run.publish, eval_dirs=eval_dirs,
+                        run_config_path=config_path)
         out["publish"] = result
         if tracker:
             child = runner.child("publish")
@@ -260,6 +241,15 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                                                     "files": len(result["files"])}})
         step_done()
     return out
+
+
+def eval_config_for(cfg: EvalConfig, folders: dict[str, str]) -> EvalConfig:
+    """The eval settings with the run's own held-out data where the config names none."""
+    return cfg.model_copy(update={
+        "skills_jsonl": cfg.skills_jsonl or str(Path(folders["sft"]) / "skills_test.jsonl"),
+        "pretrain_data_dir": cfg.pretrain_data_dir or folders.get("pretrain"),
+        "sft_data_dir": cfg.sft_data_dir or folders.get("sft"),
+    })
 
 
 def _adopt_eval_sampler_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import run_bench
-from dgpt_core.cli import build_parser
+from flows.cli import build_parser
 
 SMALL = {"reps": 1, "train_vocabs": (1024,), "overhead_vocabs": (1024,), "lengths": (64,), "length_block": 32,
          "skills_per_skill": 1, "baseline_budget": 0.25, "ppl_sequences": 2}
@@ -82,7 +82,7 @@ def test_causal_nll_is_the_models_own_loss_at_the_trained_positions():
 def test_gpu_benchmark_script_smoke(tmp_path):
     """The prepared GPU script's every code path (ZeRO-2 step, MFU, sampler settings) at tiny sizes on the CPU."""
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(root / "scripts" / "bench_gpu.py"), str(tmp_path), "--smoke"], check=True,
+    subprocess.run([sys.executable, "-m", "bench.gpu", str(tmp_path), "--smoke"], check=True,
                    cwd=root, capture_output=True, timeout=600)
     result = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert {"deepspeed_zero2", "mfu", "tokens_per_s", "peak_memory_gib", "collator_share", "profile"} <= set(result["train"])

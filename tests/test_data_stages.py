@@ -160,7 +160,7 @@ def test_default_bpe_keeps_skill_words_single_tokens(tmp_path):
 
 
 def test_dgpt_prepare_ci_preset(tmp_path, capsys):
-    from dgpt_core.cli import main
+    from flows.cli import main
 
     overrides = ["--set", "data.skills.train_per_skill=20", "--set", "data.pretrain.sources=[{name: chitchat, max_items: 50}, {name: skills}]",
                  "--set", "data.sft.sources=[{name: skills}, {name: chitchat, max_items: 30}]"]

@@ -17,7 +17,7 @@ from eval.metrics.repetition.repetition import (
     repetition_metrics,
     unigram_entropy,
 )
-from eval.repetition import compare_strategies
+from eval.strategy_comparison import compare_strategies
 
 METRIC_DIR = Path(eval_pkg.__file__).parent / "metrics" / "repetition"
 

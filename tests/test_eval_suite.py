@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from dgpt_core.eval_config import EvalConfig
 from dgpt_core.export import save_model_folder
 from dgpt_core.model_info import ModelInfo, read_model_info
 from eval.cli import add_eval_parser, config_from_args, main
-from eval.config import EvalConfig
 from eval.suite import model_kind, run_eval
 
 VOLATILE = {"seconds", "ms_per_sample", "wall_time_s", "commit"}  # timings; HEAD may move mid-test
@@ -86,8 +86,8 @@ def test_kind_comes_from_the_folder_metadata_not_its_path(tmp_path, tiny_model, 
 
 
 def test_standard_task_fails_fast_offline(tmp_path, sft_folder, capsys):
-    from dgpt_core.cli import SUBCOMMANDS
-    from dgpt_core.cli import main as dgpt_main
+    from flows.cli import SUBCOMMANDS
+    from flows.cli import main as dgpt_main
 
     args = [str(sft_folder), "--out", str(tmp_path / "e"), "--tasks", "hellaswag", "dgpt_skills"]
     for entry in ([main] + ([lambda a: dgpt_main(["eval", *a])] if "eval" in SUBCOMMANDS else [])):

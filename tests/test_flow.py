@@ -124,7 +124,7 @@ README_COMMANDS = {
     "dgpt publish runs/latest/models/sft --repo-id you/name": "same",
     "dgpt bench --suite all --model runs/latest/models/sft --out runs/bench":
         "dgpt bench --suite sample --model runs/latest/models/sft --out runs/bench --preset ci --reps 1 --no-plots",
-    "python scripts/bench_gpu.py runs/bench-gpu --smoke": None,  # tests/test_bench.py runs the smoke path
+    "python -m bench.gpu runs/bench-gpu --smoke": None,  # tests/test_bench.py runs the smoke path
     'dgpt generate runs/latest/models/sft --prompt "What is 12 plus 30?"': "same",
     'dgpt generate runs/latest/models/sft --prompt "What is 12 plus 30?" --strategy confidence --steps 8 --stream': "same",
     'dgpt generate runs/latest/models/sft --prompt "Reverse the words: cat dog" --strategy threshold --threshold 0.9 '

@@ -17,13 +17,13 @@ import pytest
 import torch
 import transformers
 
-from dgpt_core.cli import build_parser
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import PIPELINE_FILES, save_model_folder
 from dgpt_core.generate_cli import sampler_options
 from dgpt_core.model import build_model
 from dgpt_core.pipeline import TextDiffusionPipeline, render
 from dgpt_core.tokenizer import train_bpe_tokenizer
+from flows.cli import build_parser
 
 WORDS = "the cat dog sat on a mat hello world how are you fine thanks red blue one two three".split()
 DEFAULTS = {"strategy": "confidence", "steps": 4, "max_new_tokens": 8}

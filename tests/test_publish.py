@@ -14,13 +14,13 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from deploy.config import PublishConfig
 from deploy.model_card import eval_records
 from deploy.publish import PublishError, list_upload_files, publish, stage_publish_folder
 from deploy.publish_cli import add_publish_parser
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import save_model_folder
 from dgpt_core.model import build_model
+from dgpt_core.publish_config import PublishConfig
 from dgpt_core.run_config import load_run_config
 
 from .fake_hub import FakeHub

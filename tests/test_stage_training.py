@@ -10,12 +10,12 @@ import pytest
 from transformers import ModernBertForMaskedLM, TrainerCallback
 
 from dgpt_core.elbo import Row, dataset_rows, elbo_per_token
-from dgpt_core.run_config import load_run_config
+from dgpt_core.run_config import RunConfig, load_run_config
 from dgpt_core.schedules import get_schedule
 from dgpt_core.tokenizer import load_tokenizer, special_token_ids
 from dgpt_core.train import single_process_env, train_stage
 from dgpt_core.trainer import COMPLETE_MARKER
-from flows.launch import run_training_stage
+from tasks.launch import run_training_stage
 
 from .conftest import structured_corpus
 
@@ -50,8 +50,8 @@ def stage_inputs(tiny_tokenizer, tmp_path_factory) -> tuple[str, str]:
     return str(root / "data"), str(root / "tokenizer")
 
 
-def run_config(tmp_path: Path, *overrides: str) -> str:
-    return str(load_run_config("ci", [*TINY, *overrides]).save_yaml(tmp_path / "run_config.yaml"))
+def run_config(tmp_path: Path, *overrides: str) -> RunConfig:
+    return load_run_config("ci", [*TINY, *overrides])
 
 
 def checkpoint_losses(out_dir: Path, step: int = 8) -> dict[int, float]:
@@ -102,7 +102,7 @@ def test_the_launcher_path_passes_resume_only_when_asked(stage_inputs, tmp_path,
         out.mkdir(parents=True, exist_ok=True)
         (out / "stage_result.json").write_text(json.dumps({"model_dir": str(out / "model"), "metrics": {}}))
 
-    monkeypatch.setattr("flows.launch.subprocess.run", fake_run)
+    monkeypatch.setattr("tasks.launch.subprocess.run", fake_run)
     run_training_stage(config, "pretrain", data, tokenizer, str(out), None, {}, resume=resume)
     assert ("--resume" in commands[0]) == resume
 

@@ -35,7 +35,8 @@ from .pretrain import (
 from .report import write_report
 from .sft import SFTSettings, count_statuses, render_example, tokenize_batch
 from .sources import LoadStats, iter_chat, iter_chat_routed, iter_text_routed, raise_on_errors, resolve
-from .tokenizer_stage import _reuse, _source_inputs, _uses_skills, log, prepare_tokenizer_stage
+from .stage_cache import log, reuse_complete, source_inputs, uses_skills
+from .tokenizer_stage import prepare_tokenizer_stage
 
 MAX_REPORTED_FAILURES = 50
 
@@ -79,10 +80,10 @@ def prepare_pretrain_stage(
     out_dir, pcfg = Path(out_dir), data_cfg.pretrain
     tok = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tok)
-    inputs = {**_source_inputs(data_cfg, pcfg.sources), "pretrain": pcfg.model_dump(mode="json"),
+    inputs = {**source_inputs(data_cfg, pcfg.sources), "pretrain": pcfg.model_dump(mode="json"),
               "tokenizer": fingerprint, "max_seq_len": max_seq_len}
     key = stage_key("pretrain", inputs)
-    if _reuse(out_dir, key, force, "pretrain"):
+    if reuse_complete(out_dir, key, force, "pretrain"):
         return out_dir
     t0 = time.perf_counter()
     wsum = sum(s.weight for s in pcfg.sources)
@@ -225,10 +226,10 @@ def prepare_sft_stage(
     tok = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tok)
     settings = SFTSettings.build(scfg, max_seq_len, tok)
-    inputs = {**_source_inputs(data_cfg, scfg.sources), "sft": scfg.model_dump(mode="json"),
+    inputs = {**source_inputs(data_cfg, scfg.sources), "sft": scfg.model_dump(mode="json"),
               "tokenizer": fingerprint, "max_seq_len": max_seq_len}
     key = stage_key("sft", inputs)
-    if _reuse(out_dir, key, force, "sft"):
+    if reuse_complete(out_dir, key, force, "sft"):
         return out_dir
     t0 = time.perf_counter()
     wsum = sum(s.weight for s in scfg.sources)
@@ -303,7 +304,7 @@ def prepare_sft_stage(
     with staging(out_dir) as tmp:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
         exported = {}
-        if _uses_skills(scfg.sources):
+        if uses_skills(scfg.sources):
             for sp in ("test", "validation"):
                 path = skills_mod.write_skills_jsonl(skills_mod.generate_skills(data_cfg.skills, sp), tmp / f"skills_{sp}.jsonl")
                 exported[sp] = path.name

@@ -1,10 +1,9 @@
 """The tokenizer stage: train a byte-level BPE on the pretraining mixture or load a pretrained
 tokenizer, check that skill words and numbers copy from prompt to answer, save it with its
-special tokens and chat template. Also the cache-key helpers the other stages share."""
+special tokens and chat template."""
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,33 +12,12 @@ import numpy as np
 
 from ..tokenizer import load_tokenizer, special_token_ids, tokenizer_fingerprint, train_bpe_tokenizer
 from . import skills as skills_mod
-from .config import DataConfig, SourceSpec, TokenizerConfig
-from .manifest import is_complete, stage_key, staging, write_manifest
+from .config import DataConfig, TokenizerConfig
+from .manifest import stage_key, staging, write_manifest
 from .pretrain import select_by_weight
 from .report import write_report
 from .sources import LoadStats, iter_text_routed, resolve
-
-log = logging.getLogger("dgpt.data")
-def _uses_skills(sources: list[SourceSpec]) -> bool:
-    return any(resolve(s).builtin == "skills" for s in sources)
-
-
-def _source_inputs(data_cfg: DataConfig, sources: list[SourceSpec]) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "sources": [s.model_dump(mode="json") for s in sources],
-        "seed": data_cfg.seed,
-        "validation_fraction": data_cfg.validation_fraction,
-    }
-    if _uses_skills(sources):
-        inputs["skills"] = data_cfg.skills.model_dump(mode="json")
-    return inputs
-
-
-def _reuse(out_dir: Path, key: str, force: bool, stage: str) -> bool:
-    if not force and is_complete(out_dir, key):
-        log.info("%s stage: reusing %s (manifest key %s)", stage, out_dir, key)
-        return True
-    return False
+from .stage_cache import log, reuse_complete, source_inputs, uses_skills
 
 
 def tokenizer_corpus(data_cfg: DataConfig, max_chars: int | None, stats: dict[str, dict] | None = None) -> list[str]:
@@ -102,9 +80,9 @@ def prepare_tokenizer_stage(
     out_dir = Path(out_dir)
     inputs: dict[str, Any] = {"tokenizer": tokenizer_cfg.model_dump(mode="json")}
     if tokenizer_cfg.kind == "bpe":
-        inputs["corpus"] = _source_inputs(data_cfg, data_cfg.pretrain.sources)
+        inputs["corpus"] = source_inputs(data_cfg, data_cfg.pretrain.sources)
     key = stage_key("tokenizer", inputs)
-    if _reuse(out_dir, key, force, "tokenizer"):
+    if reuse_complete(out_dir, key, force, "tokenizer"):
         return out_dir
     t0 = time.perf_counter()
     corpus_stats: dict[str, dict] = {}
@@ -120,7 +98,7 @@ def prepare_tokenizer_stage(
     seconds = time.perf_counter() - t0
     fingerprint = tokenizer_fingerprint(tok)
     check = _copy_check(tok)
-    if check["multi_token_skill_words"] and _uses_skills(data_cfg.sft.sources):
+    if check["multi_token_skill_words"] and uses_skills(data_cfg.sft.sources):
         log.warning(
             "tokenizer: %d skill words are not single tokens (%s ...): the skills text is too rare in the "
             "BPE corpus; raise the skills weight in data.pretrain.sources (tiny default: chitchat 0.1, skills 2.0)",

@@ -1,7 +1,7 @@
 """Time one denoising step of the sampler, split into model forward vs everything else.
 
-    python scripts/bench_sampler_step.py                    # hidden 64, 2 layers, vocab 4096, canvas 64, batch 8
-    python scripts/bench_sampler_step.py --vocab 50304 --edit
+    python -m bench.sampler_step                    # hidden 64, 2 layers, vocab 4096, canvas 64, batch 8
+    python -m bench.sampler_step --vocab 50304 --edit
 
 Random tiny ModernBERT, random prompts; the forward time is measured around the sampler's model
 call (backbone, plus the vocabulary projection at the positions drawn), the rest (drawing, scoring, selection, bookkeeping) is total minus forward. Per strategy the

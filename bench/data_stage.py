@@ -1,7 +1,7 @@
 """Measure the data stage: `dgpt prepare`-equivalent time on a preset, token counts, and the
 pretraining tokenization throughput (MB/s of UTF-8 text) with 1 and 2 processes.
 
-    python scripts/bench_tokenize.py [--preset tiny] [--num-proc 1 2] [--out DIR] [--json FILE]
+    python -m bench.data_stage [--preset tiny] [--num-proc 1 2] [--out DIR] [--json FILE]
 
 The throughput corpus is every chitchat conversation rendered as pretraining text plus the
 preset's skills text (~13 MB), tokenized with the preset's tokenizer through the same
@@ -38,10 +38,10 @@ def main() -> None:
     from dgpt_core.data.pretrain import tokenize_documents
     from dgpt_core.data.sources import LoadStats, iter_text_routed, resolve
     from dgpt_core.data.stages import prepare_all
-    from dgpt_core.run_config import load_preset
+    from dgpt_core.run_config import load_run_config
     from dgpt_core.tokenizer import load_tokenizer
 
-    cfg = load_preset(args.preset, args.overrides)
+    cfg = load_run_config(args.preset, args.overrides)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-data-"))
     results: dict = {"preset": args.preset, "cpus": os.cpu_count(), "prepare": {}, "throughput": {},
                      "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "(unset)")}

@@ -3,28 +3,24 @@ a confidence sampler run (batch 8, prompt 16, canvas 64, 32 steps), the replay o
 alone and the difference per op (the sampler overhead of `dgpt bench`), and one edit-stage diffusion
 training step (the preset's pretraining batch and length).
 
-    python scripts/profile_steps.py [--preset tiny] [--vocab 50257] [--rows 12]
+    python -m bench.profile_steps [--preset tiny] [--vocab 50257] [--rows 12]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import random_model, random_tokens, synthetic_tokenizer  # noqa: E402
-from bench.sample import recorded_draws, replay_forwards  # noqa: E402
-from dgpt_core.collator import DiffusionCollator  # noqa: E402
-from dgpt_core.loss import diffusion_loss  # noqa: E402
-from dgpt_core.run_config import load_run_config  # noqa: E402
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate  # noqa: E402
-from dgpt_core.tokenizer import special_token_ids  # noqa: E402
+from bench.common import random_model, random_tokens, synthetic_tokenizer
+from bench.sample import recorded_draws, replay_forwards
+from dgpt_core.collator import DiffusionCollator
+from dgpt_core.loss import diffusion_loss
+from dgpt_core.run_config import load_run_config
+from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.tokenizer import special_token_ids
 
 
 def table(title: str, fn, rows: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Training-step time split on a preset's model: collator vs forward+backward+optimizer.
 
-    python scripts/bench_train_step.py --preset tiny --stage sft --steps 20 [--data DIR]
+    python -m bench.train_step --preset tiny --stage sft --steps 20 [--data DIR]
 
 Uses the preset's prepared data when it exists (`dgpt prepare`), else prepares it.
 """

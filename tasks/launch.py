@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dgpt_core.run_config import RunConfig, StageConfig
-from dgpt_core.train import free_port
+from dgpt_core.train import free_port, train_stage
 
 
 @contextlib.contextmanager
@@ -53,7 +53,7 @@ def launcher_command(cfg: StageConfig, module_args: list[str]) -> list[str]:
 
 
 def run_training_stage(
-    run_config_path: str,
+    run: RunConfig,
     stage: str,
     dataset_dir: str,
     tokenizer_dir: str,
@@ -62,15 +62,13 @@ def run_training_stage(
     tracking_env: dict[str, str],
     resume: bool = True,
 ) -> dict[str, Any]:
-    """Train one stage; returns model_dir and metrics. With `resume` it continues from the stage's
-    last complete checkpoint short of max_steps (a rerun of an interrupted stage), else it starts
-    clean, removing the old checkpoints (a forced rerun)."""
-    run = RunConfig.from_yaml(run_config_path)
+    """Train one stage of `run`; returns model_dir and metrics. With `resume` it continues from the
+    stage's last complete checkpoint short of max_steps (a rerun of an interrupted stage), else it
+    starts clean, removing the old checkpoints (a forced rerun). One process trains here, on the
+    config object; launched processes read it from out_dir/run_config.yaml."""
     cfg: StageConfig = getattr(run, stage)
     report_to = "mlflow" if tracking_env else "none"
     if cfg.num_processes * cfg.num_nodes == 1:
-        from dgpt_core.train import train_stage
-
         with patched_env(dict(tracking_env)):
             try:
                 result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir=init_model_dir,
@@ -79,7 +77,8 @@ def run_training_stage(
                 _end_active_mlflow_runs()
         return {"model_dir": str(result.model_dir), "metrics": result.metrics}
 
-    module_args = ["--run-config", run_config_path, "--stage", stage, "--dataset-dir", dataset_dir,
+    run_config_path = run.save_yaml(Path(out_dir) / "run_config.yaml")
+    module_args = ["--run-config", str(run_config_path), "--stage", stage, "--dataset-dir", dataset_dir,
                    "--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--report-to", report_to]
     if resume:
         module_args.append("--resume")

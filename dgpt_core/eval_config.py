@@ -10,8 +10,8 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
-from dgpt_core.config import StrictConfig
-from dgpt_core.sampling import Strategy
+from .config import StrictConfig
+from .sampling_types import Strategy
 
 STRATEGIES = get_args(Strategy)
 LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition", "editing")

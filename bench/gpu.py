@@ -1,8 +1,8 @@
 """GPU benchmark, one command: bf16 diffusion training throughput and MFU of a ModernBERT-base-sized
 model under DeepSpeed ZeRO-2 on one GPU (sdpa attention), then sampler tokens/s.
 
-    python scripts/bench_gpu.py OUT_DIR                 # ~2-4 minutes on an H100 / H200
-    python scripts/bench_gpu.py OUT_DIR --smoke         # CPU, tiny sizes: exercises every code path
+    python -m bench.gpu OUT_DIR                 # ~2-4 minutes on an H100 / H200
+    python -m bench.gpu OUT_DIR --smoke         # CPU, tiny sizes: exercises every code path
 
 Writes OUT_DIR/bench_gpu.json and OUT_DIR/train_profile.txt (torch.profiler table of three more
 training steps; bench_gpu.json gives the GPU-busy share of their wall time). Model: hidden 768, 22 layers, 12 heads, GLU width 1152, vocab 50368,
@@ -24,14 +24,11 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 FULL = {"hidden": 768, "layers": 22, "heads": 12, "intermediate": 1152, "vocab": 50368, "seq": 1024,

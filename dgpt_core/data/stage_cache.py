@@ -1,0 +1,40 @@
+"""Cache keys of the data stages: what each stage's output depends on, and whether a complete
+output with that key can be reused."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, SourceSpec
+from .manifest import is_complete
+from .sources import resolve
+
+log = logging.getLogger("dgpt.data")
+
+
+def uses_skills(sources: list[SourceSpec]) -> bool:
+    """Whether any source is the built-in synthetic skills generator."""
+    return any(resolve(s).builtin == "skills" for s in sources)
+
+
+def source_inputs(data_cfg: DataConfig, sources: list[SourceSpec]) -> dict[str, Any]:
+    """What a stage built from `sources` depends on: the source specs, the data seed and split, and
+    the skills settings when a source generates skills."""
+    inputs: dict[str, Any] = {
+        "sources": [s.model_dump(mode="json") for s in sources],
+        "seed": data_cfg.seed,
+        "validation_fraction": data_cfg.validation_fraction,
+    }
+    if uses_skills(sources):
+        inputs["skills"] = data_cfg.skills.model_dump(mode="json")
+    return inputs
+
+
+def reuse_complete(out_dir: Path, key: str, force: bool, stage: str) -> bool:
+    """True (and logged) when out_dir already holds a complete stage with this key and no rerun is forced."""
+    if not force and is_complete(out_dir, key):
+        log.info("%s stage: reusing %s (manifest key %s)", stage, out_dir, key)
+        return True
+    return False
