@@ -1,2 +1,2 @@
-"""Deployment: Hub publishing (config.py, model_card.py, publish.py, publish_cli.py) and the
-DeepSpeed JSON configs (deepspeed/)."""
+"""Deployment: Hub publishing (model_card.py, publish.py, publish_cli.py; its typed settings are
+dgpt_core/publish_config.py) and the Prefect server, worker and deployment scripts (prefect/)."""

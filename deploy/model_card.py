@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from dgpt_core.data.config import DataConfig, PretrainDataConfig, SFTDataConfig
+from dgpt_core.markdown import markdown_table, significant
 from dgpt_core.publish_config import PublishConfig
+from dgpt_core.run_config import RunConfig, read_folder_run_config
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +130,6 @@ def parameter_count(folder: Path) -> int | None:
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -150,37 +138,35 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def read_run_config(path: Path) -> dict[str, Any]:
-    """The resolved run config as a plain tree ({} when missing or unreadable)."""
+def _run_config(folder: Path) -> RunConfig | None:
+    """The folder's run_config.yaml; None (the card says so) when it has none or an invalid one."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return read_folder_run_config(folder)
+    except ValueError as err:
+        log.warning("%s; the card will lack training settings", err)
+        return None
 
 
-def _sources(stage: dict[str, Any]) -> str:
-    specs = [s for s in stage.get("sources") or [] if isinstance(s, dict)]
+def _sources(stage: PretrainDataConfig | SFTDataConfig) -> str | None:
     parts = []
-    for s in specs:
+    for s in stage.sources:
         extra = []
-        if s.get("weight") not in (None, 1.0):
-            extra.append(f"weight {s['weight']}")
-        if s.get("max_items"):
-            extra.append(f"at most {s['max_items']} items")
-        parts.append(f"`{s.get('name')}`" + (f" ({', '.join(extra)})" if extra else ""))
-    return ", ".join(parts) or "–"
+        if s.weight != 1.0:
+            extra.append(f"weight {s.weight}")
+        if s.max_items:
+            extra.append(f"at most {s.max_items} items")
+        parts.append(f"`{s.name}`" + (f" ({', '.join(extra)})" if extra else ""))
+    return ", ".join(parts) or None
 
 
-def hub_datasets(run: dict[str, Any]) -> list[str]:
+def hub_datasets(data: DataConfig) -> list[str]:
     """Hub dataset ids among the data sources (the embedded offline sources have none)."""
     from dgpt_core.data.sources import ALIASES, REGISTRY
 
     ids: list[str] = []
-    data = run.get("data") or {}
-    for stage in ("pretrain", "sft"):
-        for spec in (data.get(stage) or {}).get("sources") or []:
-            name = ALIASES.get(str(spec.get("name")), str(spec.get("name")))
+    for stage in (data.pretrain, data.sft):
+        for spec in stage.sources:
+            name = ALIASES.get(spec.name, spec.name)
             hub_id = REGISTRY[name].hub_id if name in REGISTRY else name
             looks_local = name.startswith(("/", ".", "~")) or Path(name).suffix in {
                 ".txt",
@@ -193,38 +179,36 @@ def hub_datasets(run: dict[str, Any]) -> list[str]:
     return ids
 
 
-def _training_section(run: dict[str, Any], train_metrics: dict[str, Any]) -> list[str]:
-    if not run:
+def _training_section(run: RunConfig | None, train_metrics: dict[str, Any]) -> list[str]:
+    if run is None:
         return ["## Training", "", "The resolved run configuration was not available.", ""]
-    data, tok = run.get("data") or {}, run.get("tokenizer") or {}
-    rows = []
-    for stage in ("pretrain", "sft"):
-        s = run.get(stage) or {}
-        diff = s.get("diffusion") or {}
-        if not s.get("enabled", True):
-            rows.append([stage, "disabled", *["–"] * 6])
+    rows: list[list[Any]] = []
+    for stage, s, data in (("pretrain", run.pretrain, run.data.pretrain), ("sft", run.sft, run.data.sft)):
+        diff = s.diffusion
+        if not s.enabled:
+            rows.append([stage, "disabled", *[None] * 6])
             continue
         rows.append(
             [
                 stage,
-                _sources(data.get(stage) or {}),
-                s.get("max_steps"),
-                f"{s.get('per_device_batch_size')} x {s.get('gradient_accumulation_steps', 1)}",
-                f"{s.get('learning_rate')} ({s.get('lr_scheduler')})",
-                s.get("precision"),
-                f"{diff.get('schedule')}, {diff.get('loss_normalization')} normalization",
-                f"from {diff.get('edit_start')} of training, p={diff.get('edit_prob')}, insert p={diff.get('insert_prob')}",
+                _sources(data),
+                s.max_steps,
+                f"{s.per_device_batch_size} x {s.gradient_accumulation_steps}",
+                f"{s.learning_rate} ({s.lr_scheduler})",
+                s.precision,
+                f"{diff.schedule}, {diff.loss_normalization} normalization",
+                f"from {diff.edit_start} of training, p={diff.edit_prob}, insert p={diff.insert_prob}",
             ]
         )
     lines = [
         "## Training",
         "",
-        f"Preset `{run.get('preset', 'custom')}`, seed {run.get('seed')}; tokenizer: {tok.get('kind', '–')} "
-        f"(vocabulary {tok.get('vocab_size', '–')}). Pretraining uses the masked-diffusion (MDLM) loss on "
+        f"Preset `{run.preset}`, seed {run.seed}; tokenizer: {run.tokenizer.kind} "
+        f"(vocabulary {run.tokenizer.vocab_size}). Pretraining uses the masked-diffusion (MDLM) loss on "
         "packed plain text; SFT applies it to the final assistant answer only; the edit stage adds "
         "Seed-Diffusion-style token swaps the model learns to repair.",
         "",
-        _table(
+        markdown_table(
             [
                 "stage",
                 "data",
@@ -236,13 +220,14 @@ def _training_section(run: dict[str, Any], train_metrics: dict[str, Any]) -> lis
                 "edit corruption",
             ],
             rows,
+            fmt=significant,
         ),
         "",
     ]
     if train_metrics:
         keys = [k for k in ("train_loss", "val_elbo", "train_runtime") if k in train_metrics]
         lines += [
-            "Final stage metrics: " + ", ".join(f"{k} {_fmt(train_metrics[k])}" for k in keys) + ".",
+            "Final stage metrics: " + ", ".join(f"{k} {significant(train_metrics[k])}" for k in keys) + ".",
             "",
         ]
     lines += ["The complete resolved configuration is in [`run_config.yaml`](run_config.yaml).", ""]
@@ -267,7 +252,9 @@ def _eval_section(
     ]
     if labels:
         lines += [
-            _table(["metric", *names], [[lab, *[per_eval[n].get(lab) for n in names]] for lab in labels]),
+            markdown_table(
+                ["metric", *names], [[lab, *[per_eval[n].get(lab) for n in names]] for lab in labels], fmt=significant
+            ),
             "",
         ]
     else:
@@ -311,11 +298,11 @@ def build_model_card(
     folder (reports and plots linked from the card).
     """
     evals = evals or {}
-    run = read_run_config(folder / "run_config.yaml")
+    run = _run_config(folder)
     config = _read_json(folder / "config.json")
     train_metrics = _read_json(folder / "train_metrics.json")
     name = (
-        cfg.model_name or (cfg.repo_id or "").split("/")[-1] or f"diffusiongpt-{run.get('preset', 'model')}"
+        cfg.model_name or (cfg.repo_id or "").split("/")[-1] or f"diffusiongpt-{run.preset if run else 'model'}"
     )
     repo = cfg.repo_id or f"YOUR_NAMESPACE/{name}"
     records = eval_records(evals[primary]) if primary in evals else []
@@ -324,7 +311,7 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag=TASK_TYPE,
         tags=[*BASE_TAGS, *cfg.tags],
-        datasets=hub_datasets(run) or None,
+        datasets=(hub_datasets(run.data) if run else []) or None,
         language=["en"],
         model_name=name,
         eval_results=[r.to_eval_result() for r in records] or None,
@@ -373,7 +360,7 @@ def build_model_card(
         "",
         "## Model",
         "",
-        _table(["field", "value"], arch),
+        markdown_table(["field", "value"], arch, fmt=significant),
         "",
         *_training_section(run, train_metrics),
         *_eval_section(evals, eval_links or {}, primary),

@@ -125,11 +125,13 @@ def elbo_nll(
     mask_id: int,
     pad_id: int,
     schedule: NoiseSchedule,
-    t_points: int = 16,
-    mask_draws: int = 2,
-    batch_size: int = 32,
+    t_points: int,
+    mask_draws: int,
+    batch_size: int,
 ) -> list[float]:
-    """Per row, the ELBO bound on -log p(targets | rest) in nats (summed over the targets)."""
+    """Per row, the ELBO bound on -log p(targets | rest) in nats (summed over the targets). The
+    estimator settings have no defaults here: the eval's come from EvalConfig (ppl_t_points,
+    ppl_mask_draws, batch_size), training's validation from its stage config."""
     variants = elbo_variants(rows, seeds, schedule, t_points, mask_draws)
     return score_variants(model, rows, variants, mask_id, pad_id, batch_size)
 

@@ -6,14 +6,13 @@ metrics.json (meta.settings), so a rerun with the same settings gives the same n
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from .config import StrictConfig
-from .sampling_types import Strategy
+from .sampling_types import STRATEGIES, SamplerConfig
 
-STRATEGIES = get_args(Strategy)
 LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition", "editing")
 """Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study,
 the editing metric."""
@@ -33,7 +32,7 @@ class EvalConfig(StrictConfig):
     steps: int = Field(16, ge=1)
     """Denoising steps (per block when block_size is set) of every generation; for the
     `threshold` strategy a cap (it stops once nothing is left to decode)."""
-    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    threshold: float = Field(SamplerConfig.threshold, gt=0.0, le=1.0)
     """Confidence a mask needs to be revealed in parallel by the `threshold` strategy (Fast-dLLM)."""
     steps_grid: list[int] = Field(default_factory=lambda: [4, 8, 16])
     """Step counts of the quality-vs-steps sweep on dgpt_skills (plot: exact match vs NFE per
@@ -128,7 +127,7 @@ class EvalConfig(StrictConfig):
     def _known_strategies(cls, value: list[str]) -> list[str]:
         bad = [s for s in value if s not in STRATEGIES]
         if bad or not value:
-            raise ValueError(f"unknown strategies {bad}; choose from {STRATEGIES}")
+            raise ValueError(f"unknown strategies {bad}; choose from {list(STRATEGIES)}")
         return value
 
     @field_validator("steps_grid")

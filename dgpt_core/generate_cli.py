@@ -2,51 +2,47 @@
 
     dgpt generate MODEL_DIR --prompt "Hi there" [--prompt ...] [--strategy confidence --steps 16
                   --max-new-tokens 32 --block-size 16 --temperature 0.7 --seed 0 --edit --stream]
-    dgpt generate MODEL_DIR --prompt "Hi there" --strategy threshold --threshold 0.9 --steps 16
+    dgpt generate MODEL_DIR --prompt "Hi there" --strategy threshold --steps 16
                   --max-new-tokens 256 --block-size 32 --prefix-cache     # fast decoding
     dgpt chat MODEL_DIR [--system "You are terse."] [sampler options]
 
 Prompts go through the tokenizer's chat template as a user turn unless `--raw`. On a terminal,
 `--stream` and the chat redraw the canvas after every denoising step, masks shown as '░'.
-Sampler options not given come from the model folder's `sampler_defaults`. The chat sends the
-model no more history than its SFT examples had (`context_messages` of the folder's model info);
-the pipeline's warnings (e.g. a prompt cut to fit the model's window) are printed as one line.
+The sampler options are the fields of `SamplerConfig` (`--max-new-tokens` for max_new_tokens,
+`--edit` / `--no-edit` for a bool, the field's docstring as help); those not given come from the
+model folder's `sampler_defaults`. The chat sends the model no more history than its SFT examples
+had (`context_messages` of the folder's model info); the pipeline's warnings (e.g. a prompt cut
+to fit the model's window) are printed as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import dataclasses
+import inspect
 import math
 import shutil
 import sys
+import textwrap
 import time
+import types
+import typing
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TextIO, get_args
+from typing import Any, Literal, TextIO
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from .model_info import model_info_of
 from .pipeline import MASK_SYMBOL, Message, TextDiffusionPipeline
-from .sampling import PositionSelection, Strategy
+from .sampling_types import SamplerConfig
 
-SAMPLER_ARGS = (
-    "strategy",
-    "position_selection",
-    "threshold",
-    "steps",
-    "max_new_tokens",
-    "block_size",
-    "temperature",
-    "top_p",
-    "seed",
-    "edit",
-    "edit_threshold",
-    "edit_rate",
-    "prefix_cache",
-)
+NOT_ON_COMMAND_LINE: frozenset[str] = frozenset()
+"""SamplerConfig fields without a command-line option: those whose values cannot be typed in (a
+callable, say); none so far. A field of a type `_sampler_argument` cannot map must be named here."""
 
 
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -84,26 +80,53 @@ def _non_empty(text: str) -> str:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler (default: the model folder's sampler_defaults)")
-    group.add_argument("--strategy", choices=get_args(Strategy), default=None)
-    group.add_argument("--position-selection", choices=get_args(PositionSelection), default=None)
-    group.add_argument("--threshold", type=float, default=None, help="confidence to reveal a mask (threshold strategy)")
-    group.add_argument("--steps", type=int, default=None, help="denoising steps (per block)")
-    group.add_argument("--max-new-tokens", type=int, default=None, help="canvas length")
-    group.add_argument("--block-size", type=int, default=None, help="semi-autoregressive block length")
-    group.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--edit", action=argparse.BooleanOptionalAction, default=None, help="Seed-style edits")
-    group.add_argument("--edit-threshold", type=float, default=None)
-    group.add_argument("--edit-rate", type=float, default=None)
-    group.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
-                       help="approximate prefix key/value cache for block decoding")
+    hints = typing.get_type_hints(SamplerConfig)
+    docs = _field_docs(SamplerConfig)
+    for name in sampler_fields():
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, dest=name, default=None, help=docs[name].replace("%", "%%"),
+                           **_sampler_argument(name, hints[name]))
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def sampler_fields() -> list[str]:
+    """The SamplerConfig fields that are command-line options, in declaration order."""
+    return [f.name for f in dataclasses.fields(SamplerConfig) if f.name not in NOT_ON_COMMAND_LINE]
+
+
+def _sampler_argument(name: str, hint: Any) -> dict[str, Any]:
+    """argparse keywords for a field of type `hint`; `X | None` is taken as X (None = not given)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if hint in (int, float, str):
+        return {"type": hint}
+    if typing.get_origin(hint) is Literal:
+        return {"choices": args}
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return {"type": args[0], "nargs": "*"}
+    raise TypeError(f"SamplerConfig.{name}: no command-line form for {hint}; add it to NOT_ON_COMMAND_LINE")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a class, whitespace collapsed: read from the source,
+    since Python keeps no field docstrings at run time."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    assert isinstance(node, ast.ClassDef)
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(node.body, node.body[1:])
+        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+    }
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     """The sampler options given on the command line."""
-    return {name: getattr(args, name) for name in SAMPLER_ARGS if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in sampler_fields() if getattr(args, name) is not None}
 
 
 def load_pipeline(model_dir: str, device: str | None = None) -> TextDiffusionPipeline:

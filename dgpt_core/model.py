@@ -91,4 +91,5 @@ def logits_at(
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in unwrap(model).parameters())
+    """Parameters of the model; a ZeRO-3 partitioned parameter counts its full size (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap(model).parameters())

@@ -29,7 +29,7 @@ class PrefixCache:
     values: list[torch.Tensor]
 
     def rows(self, index: torch.Tensor) -> PrefixCache:
-        """The cache of some rows (threshold decoding drops finished rows from the batch)."""
+        """The cache of some rows (a strategy that compacts drops finished rows from the batch)."""
         return PrefixCache([k[index] for k in self.keys], [v[index] for v in self.values])
 
 

@@ -8,10 +8,10 @@ the weights of exported model folders and imported there by the `text-diffusion`
 Prompts are left-padded (attention mask 0), so every row's context ends at the same column and
 the canvas follows it; rotary positions make this exact. Tokens are drawn only where the canvas
 can change (masked positions, plus visible generated ones when editing), by float64 inverse-CDF
-draws from one seedable `torch.Generator`. The options and result types are in
-`sampling_types.py`, the tensor primitives in `sampling_ops.py`, the approximate prefix cache in
-`prefix_cache.py`, the noise schedules the ancestral sampler follows in `schedules.py` (all copied
-with this file).
+draws from one seedable `torch.Generator`. The options, the rule of each strategy (`STRATEGIES`)
+and the result types are in `sampling_types.py`, the tensor primitives in `sampling_ops.py`, the
+approximate prefix cache in `prefix_cache.py`, the noise schedules the ancestral sampler follows
+in `schedules.py` (all copied with this file).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from .sampling_ops import (
     delete_shift,
     draw,
     draw_from_hidden,
-    score_positions,
     select_positions,
     threshold_commit,
 )
 from .sampling_types import (
+    STRATEGIES,
     LogitsHook,
     PositionSelection,
     Prompts,
@@ -46,14 +46,16 @@ from .sampling_types import (
     SampleResult,
     SamplerState,
     Strategy,
+    StrategyRule,
     TokenIds,
     TokensHook,
 )
 from .schedules import NoiseSchedule
 
 __all__ = [
-    "LogitsHook", "PositionSelection", "Prompts", "SampleResult", "SamplerConfig", "SamplerState", "Strategy",
-    "TokenIds", "TokensHook", "cut_at_stop", "delete_shift", "generate", "left_pad", "stream",
+    "STRATEGIES", "LogitsHook", "PositionSelection", "Prompts", "SampleResult", "SamplerConfig", "SamplerState",
+    "Strategy", "StrategyRule", "TokenIds", "TokensHook", "cut_at_stop", "delete_shift", "generate", "left_pad",
+    "stream",
 ]
 
 
@@ -197,13 +199,14 @@ def _denoise_block(
 ) -> Iterator[tuple[torch.Tensor, int, bool]]:
     """Denoise `size` masks after the context in at most cfg.steps steps; after each step yield
     the block (rows, size), the forward passes so far and whether the block is finished.
-    With strategy="threshold" (and no editing) a row leaves the forward batch once it is finished."""
-    cfg, mask_id = run.cfg, run.ids.mask
+    When the strategy's rule compacts (and without editing) a row leaves the forward batch once it
+    is finished."""
+    cfg, rule, mask_id = run.cfg, run.cfg.rule, run.ids.mask
     rows, width = context.shape
     blk = context.new_full((rows, size), mask_id)
     attn = torch.cat([context_mask, context_mask.new_ones((rows, size))], 1)
     forward = _Forward(run, width)
-    compact = cfg.strategy == "threshold" and not cfg.edit
+    compact = rule.compacts and not cfg.edit
     live = torch.arange(rows, device=context.device)
     for j in range(cfg.steps):
         editing = cfg.edit and j < cfg.steps - 1
@@ -215,16 +218,17 @@ def _denoise_block(
         if run.tokens_hook is not None:
             blk = run.tokens_hook(first_step + j, torch.cat([context, blk], 1))[:, width:]
         pending = blk == mask_id
-        if cfg.strategy == "threshold":  # masks after a row's stop token are not needed
+        if rule.ends_at_stop:
             pending &= ~after_stop(blk, run.stops)
         unfinished = pending.any(1)
         last = j == cfg.steps - 1 or (not cfg.edit and not bool(unfinished.any()))
-        if last and cfg.strategy == "threshold":
+        if last and rule.ends_at_stop:
             blk = blk.masked_fill(blk == mask_id, run.ids.pad)
         yield blk, forward.nfe, last
         if last:
             return
-        live = unfinished.nonzero().squeeze(1)
+        if compact:
+            live = unfinished.nonzero().squeeze(1)
 
 
 class _Forward:
@@ -242,8 +246,7 @@ class _Forward:
         self.run, self.width = run, width
         config = getattr(run.model, "config", None)
         self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
-        self.may_draw_from_hidden = (self.split and run.cfg.top_p == 1
-                                     and run.cfg.strategy in ("random", "confidence", "threshold"))
+        self.may_draw_from_hidden = self.split and run.cfg.top_p == 1 and not run.cfg.rule.needs_distribution
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
         self.prefix: PrefixCache | None = None  # of all rows: the block's first forward has them all
@@ -319,10 +322,10 @@ def _denoise_step(
     """One reverse step t -> s on the block (batch, size), t = remaining / steps and s = t - 1 / steps;
     `remaining` counts this step too.
     `get_draw(positions, masked_at, editing)` draws tokens at the block positions `positions`."""
-    cfg, ids, gen = run.cfg, run.ids, run.gen
+    cfg, rule, ids, gen = run.cfg, run.cfg.rule, run.ids, run.gen
     masked = blk == ids.mask
     reveal = None
-    if cfg.strategy == "random":
+    if rule.score is None:
         # positions are chosen independently of the tokens, so tokens are drawn for them alone
         p = run.schedule.reveal_probability(remaining / cfg.steps, (remaining - 1) / cfg.steps)
         u = torch.rand(masked.shape, generator=gen, dtype=torch.float64, device=blk.device)
@@ -336,12 +339,12 @@ def _denoise_step(
     drawn = blk.clone()
     drawn[cand] = tok
 
-    if reveal is None:
+    if rule.score is not None:
         score = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
-        score[cand] = score_positions(cfg.strategy, dist).double()
+        score[cand] = rule.score(dist).double()
         score = score.masked_fill(~masked, float("-inf"))
         count = (masked.sum(1) + remaining - 1) // remaining  # what finishes within the steps left
-        if cfg.strategy == "threshold":
+        if rule.threshold_commit:
             chosen = threshold_commit(score, count, cfg.threshold)
         else:
             sample = cfg.position_selection == "sample"

@@ -1,5 +1,6 @@
 """Tensor primitives of the sampler: token draws (from logits, or straight from hidden states),
-position scores and selections, threshold commits (Fast-dLLM), stop detection and deletion shifts.
+the strategies' position scores, position selections, threshold commits (Fast-dLLM), stop
+detection and deletion shifts.
 
 Imports only torch: like `sampling.py`, this file is copied beside the weights of exported model
 folders (see export.PIPELINE_FILES) and imported there by the `text-diffusion` pipeline.
@@ -194,15 +195,21 @@ def max_and_argmax(lg: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, tor
     return top, start + first
 
 
-def score_positions(strategy: str, drawn: Drawn) -> torch.Tensor:
-    """Per drawn position: confidence p(x_hat) (confidence, threshold), margin p1 - p2, or -H(p)."""
-    if strategy in ("confidence", "threshold"):
-        return drawn.confidence()
+def confidence_score(drawn: Drawn) -> torch.Tensor:
+    """Per drawn position: p(drawn token)."""
+    return drawn.confidence()
+
+
+def margin_score(drawn: Drawn) -> torch.Tensor:
+    """Per drawn position: p1 - p2, the gap between the two likeliest tokens."""
+    top2 = drawn.probs().topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def neg_entropy_score(drawn: Drawn) -> torch.Tensor:
+    """Per drawn position: -H(p)."""
     probs = drawn.probs()
-    if strategy == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    return (probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(-1)  # -H; 2-3x faster than entr
+    return (probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(-1)  # 2-3x faster than entr
 
 
 def select_positions(

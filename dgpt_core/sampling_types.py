@@ -1,21 +1,58 @@
-"""The sampler's public types: strategies, hooks, special-token ids, options, states and results.
+"""The sampler's public types: strategies and their rules, hooks, special-token ids, options,
+states and results.
 
-Imports only torch, the standard library and the sibling `schedules.py`: copied beside the
-weights of exported model folders with `sampling.py`.
+Imports only torch, the standard library and the sibling `schedules.py` and `sampling_ops.py`:
+copied beside the weights of exported model folders with `sampling.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import torch
 
+from .sampling_ops import Drawn, confidence_score, margin_score, neg_entropy_score
 from .schedules import ScheduleName
 
 Strategy = Literal["random", "confidence", "margin", "entropy", "threshold"]
+"""The keys of `STRATEGIES` (a test holds the two equal)."""
+
+
+@dataclass(frozen=True)
+class StrategyRule:
+    """Everything the sampler does differently per strategy (see `STRATEGIES`)."""
+
+    score: Callable[[Drawn], torch.Tensor] | None
+    """Score of each drawn position; a step reveals the best-scored masks. None: ancestral, each
+    mask is revealed with the schedule's probability, chosen before any token is drawn (and only
+    those positions are drawn)."""
+    needs_distribution: bool = False
+    """`score` reads the whole distribution, not only p(drawn token): steps cannot draw straight
+    from the hidden states (`sampling_ops.draw_from_hidden`)."""
+    threshold_commit: bool = False
+    """Reveal every mask whose score reaches `SamplerConfig.threshold`, at least the count that
+    finishes within the steps (Fast-dLLM), instead of exactly that count; `position_selection`
+    is not used."""
+    ends_at_stop: bool = False
+    """A row's block is finished once a stop token has no mask before it; the masks after it
+    become pad when the block ends."""
+    compacts: bool = False
+    """Without editing, a finished row leaves the forward batch for the block's later steps."""
+
+
+STRATEGIES: Mapping[Strategy, StrategyRule] = MappingProxyType({
+    "random": StrategyRule(score=None),
+    "confidence": StrategyRule(score=confidence_score),
+    "margin": StrategyRule(score=margin_score, needs_distribution=True),
+    "entropy": StrategyRule(score=neg_entropy_score, needs_distribution=True),
+    "threshold": StrategyRule(score=confidence_score, threshold_commit=True, ends_at_stop=True, compacts=True),
+})
+"""The rule of each strategy: adding a strategy is one entry here (and its name in `Strategy`)."""
+
 PositionSelection = Literal["topk", "sample"]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """`(step, x, logits) -> logits`; x is the model input window (batch, context + block), logits
@@ -110,7 +147,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "strategy": self.strategy in get_args(Strategy),
+            "strategy": self.strategy in STRATEGIES,
             "position_selection": self.position_selection in get_args(PositionSelection),
             "position_temperature": self.position_temperature > 0,
             "threshold": 0 < self.threshold <= 1,
@@ -131,6 +168,11 @@ class SamplerConfig:
             )
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+
+    @property
+    def rule(self) -> StrategyRule:
+        """The rule of `strategy`."""
+        return STRATEGIES[self.strategy]
 
     def stop_ids(self, token_ids: TokenIds) -> tuple[int, ...]:
         """The stop tokens in effect: `stop_token_ids`, or the defaults of `token_ids` when None."""

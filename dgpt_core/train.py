@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 import torch
 from transformers import ModernBertForMaskedLM, TrainerCallback, set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from .collator import DiffusionCollator
 from .elbo import dataset_rows
@@ -161,6 +162,7 @@ def train_stage(
     model_dir = out_dir / "model"
     if trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 3:
         trainer.save_model(str(model_dir))  # gathers the ZeRO-3 shards into full weights
+        unset_hf_deepspeed_config()  # else this load, and every later one in the process, is partitioned again
         model = ModernBertForMaskedLM.from_pretrained(model_dir)
     if trainer.is_world_process_zero():
         save_model_folder(model, tokenizer, model_dir, info=stage_model_info(run, stage, data["train"], token_ids))

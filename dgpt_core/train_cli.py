@@ -2,7 +2,7 @@
 
     dgpt train --preset tiny [--set sft.max_steps=500 ...] [--output-dir DIR] [--stages pretrain,sft]
 
-The orchestrated pipeline (`dgpt run`, Prefect) adds caching, tracking, eval and publishing around
+The orchestrated flow (`dgpt run`, Prefect) adds caching, tracking, eval and publishing around
 the same stage functions; this command is the plain path, e.g. for a notebook-like quick run.
 """
 
@@ -66,7 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def show_samples(model_dir: Path, skills_jsonl: Path, count: int) -> None:
-    """Answer a few held-out skills prompts with the saved pipeline folder and print them."""
+    """Answer a few held-out skills prompts with the saved model folder (its text-diffusion pipeline) and print them."""
     from transformers import pipeline
 
     from .data.skills import check_answer, read_skills_jsonl

@@ -1,27 +1,19 @@
-"""The eval suite: perplexity bounds, lm-eval tasks through our adapter, repetition metrics.
+"""The eval suite: perplexity bounds, lm-eval tasks through our adapter, strategy comparison, editing.
 
-Public API:
-    config:      EvalConfig
-    suite:       run_eval(model_dir, out_dir, cfg) -> metrics dict (what the pipeline's eval stage calls)
-    ppl:         ppl_bound, text_rows, answer_rows, summarize
-    likelihood:  elbo_nll, mc_nll, greedy_matches, split_windows, Row
-    lm_adapter:  DiffusionLM (lm-eval model "dgpt")
-    benchmarks:  write_task_data, local_task_manager, run_tasks, flatten, check_standard_tasks
-    repetition:  compare_strategies; metrics/repetition (an `evaluate` module loadable by path)
-    report:      write_outputs, render_markdown
-    cli:         add_eval_parser (`dgpt eval`)
+Its settings are `dgpt_core.eval_config.EvalConfig` (in the library, so configs load without torch
+or lm-eval) and the ELBO estimator is `dgpt_core.elbo`. This package exports nothing itself;
+import its modules:
+
+    suite:                run_eval(model_dir, out_dir, cfg) -> metrics dict (the pipeline's eval stage)
+    ppl:                  ppl_bound, text_rows, answer_rows, summarize
+    likelihood:           mc_nll, greedy_matches, split_windows, windows_to_rows
+    lm_adapter:           DiffusionLM (lm-eval model "dgpt")
+    benchmarks:           write_task_data, local_task_manager, run_tasks, flatten, check_standard_tasks
+    data:                 held-out data and prompts (from the model folder's run_config.yaml)
+    strategy_comparison:  compare_strategies
+    editing:              editing_metrics, corrupt_example
+    report:               write_outputs, render_markdown
+    cli:                  add_eval_parser (`dgpt eval`)
+    lm_eval_tasks/:       the local lm-eval tasks (YAML + utils.py)
+    metrics/repetition/:  repetition metrics (an `evaluate` module loadable by path)
 """
-
-from __future__ import annotations
-
-from dgpt_core.eval_config import EvalConfig
-
-__all__ = ["EvalConfig", "run_eval"]
-
-
-def __getattr__(name: str):  # lazy: the config must import without torch/lm-eval
-    if name == "run_eval":
-        from .suite import run_eval
-
-        return run_eval
-    raise AttributeError(name)

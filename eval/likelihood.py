@@ -3,14 +3,15 @@
 Two estimators of -log p(target tokens | the other tokens of the row), both upper bounds in
 expectation (REFERENCE.md section 1):
 
-- `elbo_nll`: the MDLM ELBO on a fixed stratified t grid with seeded masks (the library's
-  `dgpt_core.elbo`, which training also uses for its validation curve; re-exported here);
+- `dgpt_core.elbo.elbo_nll`: the MDLM ELBO on a fixed stratified t grid with seeded masks (in the
+  library: training uses it for its validation curve);
 - `mc_nll`: LLaDA's estimator, `E_l[(L / l) * sum over l masked targets of -log p]` with
   l ~ U{1..L} (stratified over the draws) and l positions drawn uniformly; one draw when L = 1.
 
 Only target positions are ever masked; everything else in the row is visible context. Every row
 draws its masks from its own generator seeded by the caller, so a number does not depend on how
-rows are batched or ordered, and a rerun gives the identical value.
+rows are batched or ordered, and a rerun gives the identical value. The estimators' settings
+(mc_num, batch_size) have no defaults here: callers pass their EvalConfig's.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def mc_nll(
     *,
     mask_id: int,
     pad_id: int,
-    mc_num: int = 16,
-    batch_size: int = 32,
+    mc_num: int,
+    batch_size: int,
 ) -> list[float]:
-    """Per row, LLaDA's Monte-Carlo estimate of -log p(targets | rest) in nats."""
+    """Per row, LLaDA's Monte-Carlo estimate of -log p(targets | rest) in nats (`mc_num` draws per
+    row; the caller passes EvalConfig's mc_num and batch_size)."""
     return score_variants(model, rows, _mc_variants(rows, seeds, mc_num), mask_id, pad_id, batch_size)
 
 
@@ -87,7 +89,7 @@ def greedy_matches(
     pad_id: int,
     never_ids: Sequence[int],
     max_len: int,
-    batch_size: int = 32,
+    batch_size: int,
 ) -> list[bool]:
     """Whether greedy decoding of len(cont) masks after each context yields the continuation.
 

@@ -12,6 +12,9 @@
 - loglikelihood_rolling: minus the ELBO bound of the text (fixed t grid, seeded masks).
 
 Likelihood masks are seeded by the request content, so a number never depends on batching.
+Arguments left unset: sampler options take the model folder's `sampler_defaults`, then
+`SamplerConfig`'s own defaults; likelihood settings (mc_num, t_points, mask_draws, batch_size,
+seed, greedy_check) take the defaults of the eval suite's `EvalConfig`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from dgpt_core.elbo import elbo_nll, stable_seed
+from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import ModelInfo, model_info_of
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
 from dgpt_core.sampling_types import DEFAULTS_KEY
 from dgpt_core.schedules import get_schedule
 
 from .likelihood import greedy_matches, mc_nll, split_windows, windows_to_rows
+
+EVAL_DEFAULTS = EvalConfig()
+"""Where the likelihood settings left unset come from (lm-eval builds the adapter from a string)."""
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -44,8 +51,7 @@ class FolderDefaults:
     used for every adapter argument left unset."""
 
     sampler: dict[str, Any]
-    """Sampler options of the folder, with the adapter's own fallbacks (confidence order, argmax
-    tokens) where the folder has none."""
+    """Sampler options of the folder (`SamplerConfig`'s defaults stand for those it lacks)."""
     schedule: str
     t_eps: float
     canvas: int | None
@@ -54,7 +60,7 @@ class FolderDefaults:
     @classmethod
     def of(cls, model: torch.nn.Module) -> FolderDefaults:
         config = getattr(model, "config", None)
-        sampler = {"strategy": "confidence", "temperature": 0.0, **(getattr(config, DEFAULTS_KEY, None) or {})}
+        sampler = dict(getattr(config, DEFAULTS_KEY, None) or {})
         sampler.pop("max_new_tokens", None)
         info = model_info_of(model) or ModelInfo("untrained")
         canvas = info.answer_canvas if info.kind == "sft" else None
@@ -76,16 +82,16 @@ class DiffusionLM(LM):
         block_size: int | None = None,
         temperature: float | None = None,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int = EVAL_DEFAULTS.seed,
         canvas: int | None = None,
         max_canvas: int = 256,
-        mc_num: int = 16,
-        greedy_check: bool = True,
-        t_points: int = 16,
-        mask_draws: int = 2,
+        mc_num: int = EVAL_DEFAULTS.mc_num,
+        greedy_check: bool = EVAL_DEFAULTS.greedy_check,
+        t_points: int = EVAL_DEFAULTS.ppl_t_points,
+        mask_draws: int = EVAL_DEFAULTS.ppl_mask_draws,
         schedule: str | None = None,
         t_eps: float | None = None,
-        batch_size: int | str | None = 32,
+        batch_size: int | str | None = EVAL_DEFAULTS.batch_size,
         device: str | None = None,
         **_: Any,
     ) -> None:
@@ -125,7 +131,7 @@ class DiffusionLM(LM):
         self.t_points, self.mask_draws = int(t_points), int(mask_draws)
         self.schedule = get_schedule(schedule, float(t_eps))
         bs = _int_or_none(batch_size) if not str(batch_size).startswith("auto") else None
-        self.batch_size = bs or 32
+        self.batch_size = bs or EVAL_DEFAULTS.batch_size
         self.stats: dict[str, float] = defaultdict(float)
         """Totals over generate_until calls: batches, requests, nfe, seconds, stopped, answer_tokens."""
         self.generations: list[dict[str, Any]] = []

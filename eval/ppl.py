@@ -47,15 +47,16 @@ def ppl_bound(
     mask_id: int,
     pad_id: int,
     schedule: NoiseSchedule,
-    t_points: int = 16,
-    mask_draws: int = 2,
+    t_points: int,
+    mask_draws: int,
+    batch_size: int,
     seed: int = 0,
-    batch_size: int = 32,
     norm_tokens: Sequence[int] | None = None,
     dataset: str = "",
 ) -> dict[str, Any]:
-    """The bound over `rows` (targets = the noised positions). `norm_tokens` are the per-row
-    token counts that divide the bound (default: the number of targets).
+    """The bound over `rows` (targets = the noised positions). `t_points`, `mask_draws` and
+    `batch_size` are the caller's EvalConfig values (ppl_t_points, ppl_mask_draws, batch_size);
+    `norm_tokens` are the per-row token counts that divide the bound (default: the number of targets).
 
     Returns value (perplexity bound), stderr, n_tokens, dataset, nll_per_token, nll_stderr,
     n_sequences and the estimator settings; with `norm_tokens` also n_scored_tokens and

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dgpt_core.markdown import markdown_table
+
 BAR_METRICS = ("distinct_1", "distinct_2", "distinct_3", "rep_4", "loop_rate", "stop_rate")
 COMPARISON_METRICS = (
     "distinct_1", "distinct_2", "distinct_3", "rep_4", "unigram_entropy", "loop_rate",
@@ -14,28 +16,18 @@ COMPARISON_METRICS = (
 )
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
+def _fmt(value: Any) -> str:
+    """Floats to 3 decimals (3 significant digits when very large or small; NaN as n/a)."""
+    if isinstance(value, float) and not math.isnan(value):
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
             return f"{value:.3g}"
-        return f"{value:.{digits}f}"
-    return str(value)
+        return f"{value:.3f}"
+    return "n/a" if isinstance(value, float) else str(value)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _escape(text: str) -> str:
-    return text.replace("\n", "\\n").replace("|", "\\|")
+    """A Markdown table of eval numbers (`dgpt_core.markdown.markdown_table` with `_fmt`)."""
+    return markdown_table(header, rows, fmt=_fmt)
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -180,8 +172,8 @@ def _editing_section(editing: dict[str, Any]) -> list[str]:
         return []
     rows = [
         ["swaps fixed (predicted the original token)", editing["swap_fix_rate"], editing["swaps"]],
-        [_escape("insertions flagged (predicted <|delete|>)"), editing["delete_recall"], editing["inserts"]],
-        [_escape("<|delete|> predictions on insertions (precision)"), editing["delete_precision"], ""],
+        ["insertions flagged (predicted <|delete|>)", editing["delete_recall"], editing["inserts"]],
+        ["<|delete|> predictions on insertions (precision)", editing["delete_precision"], ""],
         ["clean positions changed (false edits)", editing["false_edit_rate"], editing["clean"]],
     ]
     return [
@@ -203,7 +195,8 @@ def _samples_section(samples: dict[str, Any]) -> list[str]:
                 continue
             out += [f"**{strategy}**", ""]
             keys = list(items[0])
-            out += [table(keys, [[_escape(str(it.get(k, ""))) for k in keys] for it in items]), ""]
+            rows = [[str(it.get(k, "")).replace("\n", "\\n") for k in keys] for it in items]  # line breaks shown
+            out += [table(keys, rows), ""]
     return out
 
 

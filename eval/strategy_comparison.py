@@ -25,12 +25,13 @@ def compare_strategies(
     strategies: Sequence[str],
     config: SamplerConfig,
     *,
-    batch_size: int = 32,
+    batch_size: int,
     keep_samples: int = 3,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, str]]]]:
     """Per strategy: metrics {distinct_1/2/3, rep_4, unigram_entropy, loop_rate, mean_length
     (answer tokens), stop_rate, nfe (forward passes per sampler call), nfe_total, seconds,
-    ms_per_sample, n_samples}; and the first `keep_samples` (prompt, output) pairs."""
+    ms_per_sample, n_samples}; and the first `keep_samples` (prompt, output) pairs. `batch_size`:
+    prompts per sampler call (the caller's EvalConfig.batch_size)."""
     ids = TokenIds.from_tokenizer(tokenizer)
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, str]]] = {}

@@ -12,8 +12,6 @@ Everything is seeded: the same settings give the same numbers.
 from __future__ import annotations
 
 import logging
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 from dgpt_core.data.skills import check_answer
 from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import ModelInfo, model_info_of
+from dgpt_core.provenance import commit_label, library_versions
 from dgpt_core.sampling import SamplerConfig, TokenIds
 from dgpt_core.schedules import get_schedule
 
@@ -52,18 +51,6 @@ def load_model(model_dir: str | Path):
     model = ModernBertForMaskedLM.from_pretrained(str(model_dir))
     model.eval()
     return model, load_tokenizer(str(model_dir))
-
-
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _cap(n: int, limit: int | None) -> int:
@@ -294,28 +281,16 @@ def run_eval(
     metrics["meta"] = {
         "model": {"path": str(Path(model_dir).resolve()), "kind": suite.kind, "max_seq_len": suite.max_len,
                   "vocab_size": len(suite.tok), "parameters": sum(p.numel() for p in suite.model.parameters())},
-        "commit": git_commit(),
+        "commit": commit_label(),
         "settings": cfg.model_dump(mode="json"),
         "seed": cfg.seed,
         "schedule": suite.schedule.name,
         "data_config": suite.data_source,
         "repetition_mode": primary,
-        "versions": _versions(),
+        "versions": library_versions(),
         "notes": suite.notes,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
     write_outputs(out_dir, metrics, suite.samples, plots=cfg.plots)
     return metrics
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "lm_eval", "evaluate", "datasets"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out

@@ -1,5 +1,6 @@
-"""Prefect flows: the `pretrain-sft` pipeline and its orchestration helpers (caching keys,
-MLflow tracking, launching, reporting). The library they orchestrate is `dgpt_core`."""
+"""The top layer: the `pretrain-sft` Prefect flow and its orchestration helpers (stage plan,
+caching keys, MLflow tracking, report card) and the `dgpt` command's dispatcher. The flow runs the
+Prefect tasks of `tasks/`, which call the library (`dgpt_core`), `eval` and `deploy`."""
 
 import os
 

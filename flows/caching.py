@@ -1,4 +1,4 @@
-"""Cache keys of the pipeline stages.
+"""Cache keys of the flow stages.
 
 A stage is skipped when its resolved config section, the keys of the stages it consumes, and the
 source of the code it runs are unchanged. Prefect's TASK_SOURCE policy only hashes a task's own
@@ -20,12 +20,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "data": ("dgpt_core/data", "dgpt_core/tokenizer.py", "dgpt_core/hub.py", "dgpt_core/config.py"),
     "untrained": ("dgpt_core",),
-    "pretrain": ("dgpt_core",),
-    "sft": ("dgpt_core",),
+    "pretrain": ("dgpt_core", "tasks/launch.py"),
+    "sft": ("dgpt_core", "tasks/launch.py"),
     "eval": ("dgpt_core", "eval"),
-    "publish": ("deploy", "dgpt_core/export.py", "dgpt_core/pipeline.py", "dgpt_core/sampling.py",
-                "dgpt_core/sampling_types.py", "dgpt_core/sampling_ops.py", "dgpt_core/prefix_cache.py",
-                "dgpt_core/schedules.py", "dgpt_core/model_info.py"),
+    "publish": ("dgpt_core", "deploy"),
 }
 _HASHED_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".jinja"}
 

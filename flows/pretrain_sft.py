@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from datetime import UTC, datetime
@@ -20,16 +21,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import get_run_context
 from prefect.filesystems import LocalFileSystem
+from prefect.logging.handlers import APILogHandler
 
 from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import choose_sampler_defaults, read_model_info, write_sampler_defaults
+from dgpt_core.provenance import git_state
 from dgpt_core.run_config import RunConfig, load_run_config
 from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
 
 from .caching import stage_key
 from .plan import plan_stages
 from .report_card import write_report_card
-from .tracking import Tracker, git_state
+from .tracking import Tracker
 
 
 class StageRunner:
@@ -92,6 +95,7 @@ def pretrain_sft(
     to summary.json). `run_config` is the config already loaded from them (`dgpt run` parses it once
     to validate it); a deployment run passes only preset and overrides and the flow loads it."""
     logger = get_run_logger()
+    _forward_library_logs()
     run = run_config or load_run_config(preset, overrides)
     root = Path(output_dir or run.output_dir).resolve()
     flow_run = get_run_context().flow_run
@@ -264,6 +268,19 @@ def _adopt_eval_sampler_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[
             "threshold": cfg.threshold, "block_size": cfg.block_size, "seed": cfg.seed}
     defaults = choose_sampler_defaults(benchmarks["dgpt_skills"], benchmarks.get("dgpt_skills_steps", {}), canvas, base)
     write_sampler_defaults(model_dir, defaults)
+
+
+LIBRARY_LOGGERS = ("dgpt_core", "eval", "deploy", "tasks")
+"""Loggers of the layers the tasks run; their INFO records reach the console and the Prefect UI."""
+
+
+def _forward_library_logs() -> None:
+    """Send the library's log records to the Prefect run logs (tasks do not capture prints)."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+            logger.addHandler(APILogHandler())
 
 
 def _numbers(manifest: dict[str, Any]) -> dict[str, float]:

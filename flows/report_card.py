@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dgpt_core.markdown import markdown_table, significant
+from dgpt_core.provenance import git_state, library_versions
 from dgpt_core.run_config import RunConfig
-
-from .tracking import git_state
-
-LIBRARIES = ("torch", "transformers", "deepspeed", "datasets", "prefect", "mlflow", "lm_eval")
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -36,17 +33,6 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-
-
 def _hardware() -> str:
     try:
         import torch
@@ -58,13 +44,7 @@ def _hardware() -> str:
 
 
 def _versions() -> str:
-    found = []
-    for name in LIBRARIES:
-        try:
-            found.append(f"{name} {metadata.version(name.replace('_', '-'))}")
-        except metadata.PackageNotFoundError:
-            continue
-    return ", ".join(found)
+    return ", ".join(f"{name} {version}" for name, version in library_versions().items())
 
 
 def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) -> Path:
@@ -89,17 +69,18 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
     rows = []
     for stage, seconds in summary.get("wall_time_s", {}).items():
         metrics = train.get(stage, {})
-        rows.append([stage, seconds, summary.get("cache_hit", {}).get(stage, "-"), metrics.get("parameters"),
+        rows.append([stage, seconds, summary.get("cache_hit", {}).get(stage), metrics.get("parameters"),
                      metrics.get("tokens_seen"), metrics.get("train_loss"), metrics.get("val_elbo")])
-    lines += _table(["stage", "wall time (s)", "cache hit", "parameters", "tokens seen", "final train loss",
-                     "validation ELBO (nats/token)"], rows) + [""]
+    lines += [markdown_table(["stage", "wall time (s)", "cache hit", "parameters", "tokens seen", "final train loss",
+                              "validation ELBO (nats/token)"], rows, fmt=significant), ""]
 
     evals = summary.get("evals", {})
     if evals:
         metrics_by_model = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in evals.items()}
         heads = {name: headline(m) for name, m in metrics_by_model.items()}
         keys = list(dict.fromkeys(k for h in heads.values() for k in h))
-        lines += ["## Evaluation", "", *_table(["metric", *heads], [[k, *(heads[m].get(k) for m in heads)] for k in keys]), ""]
+        table = markdown_table(["metric", *heads], [[k, *(heads[m].get(k) for m in heads)] for k in keys], fmt=significant)
+        lines += ["## Evaluation", "", table, ""]
         for name, paths in evals.items():
             out = Path(paths["out_dir"])
             plots = " ".join(f"[{p.stem}]({p})" for p in sorted(out.glob("*.png")))

@@ -15,7 +15,7 @@ from flows.plan import FLOW_STAGES
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("run", help="run the whole pipeline (Prefect flow pretrain-sft)", description=__doc__,
+    parser = subparsers.add_parser("run", help="run the whole flow: data -> pretrain -> SFT -> eval -> publish (Prefect flow pretrain-sft)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="output root (default: the preset's output_dir)")

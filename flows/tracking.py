@@ -1,4 +1,4 @@
-"""MLflow tracking of a pipeline run: one parent run per flow run, one child run per stage.
+"""MLflow tracking of a flow run: one parent run per flow run, one child run per stage.
 
 Training subprocesses (deepspeed / torchrun) cannot see the parent's active run, so each stage
 gets its run id and the tracking URI through `stage_env`, which the HF MLflowCallback honours.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from dgpt_core.run_config import TrackingConfig
-
-from .caching import PROJECT_ROOT
 
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -37,19 +34,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: str(tree)[:MAX_PARAM_LENGTH]}
-
-
-def git_state() -> dict[str, str]:
-    """Commit and dirty flag of the project checkout ('unknown' outside git)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD") or "unknown"
-        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", "unknown"
-    return {"git.commit": commit, "git.dirty": dirty}
 
 
 class Tracker:

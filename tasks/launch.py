@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -14,6 +15,8 @@ from typing import Any
 
 from dgpt_core.run_config import RunConfig, StageConfig
 from dgpt_core.train import free_port, train_stage
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -85,7 +88,7 @@ def run_training_stage(
     if init_model_dir:
         module_args += ["--init-model-dir", init_model_dir]
     cmd = launcher_command(cfg, module_args)
-    print(f"launching {stage}: {shlex.join(cmd)}")
+    log.info("launching %s: %s", stage, shlex.join(cmd))
     subprocess.run(cmd, env={**os.environ, **tracking_env}, check=True)
     return json.loads((Path(out_dir) / "stage_result.json").read_text())
 

@@ -21,7 +21,10 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return parameters["key"]
 
 
-CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True)
+# log_prints off: Prefect's print patch also logs prints into a redirected sys.stdout, which turns
+# dill's captured bytecode disassembly (datasets fingerprinting) into hundreds of log lines and
+# leaves dill's globals scan empty. The library logs through `logging` (see flows/__init__.py).
+CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True, log_prints=False)
 
 
 @task(name="data", task_run_name="data", **CACHED)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -152,10 +155,72 @@ def test_chitchat_alternates_user_assistant():
         assert all(m["content"].strip() for m in row["messages"])
 
 
-def test_heldout_split_is_seeded_stable_and_shared():
+KEYS = [f"file.jsonl:{i}" for i in range(4000)]
+
+
+def test_is_heldout_holds_out_about_the_fraction_by_seed_label_and_key():
+    held = {k for k in KEYS if is_heldout("src", k, 0, 0.2)}
+    # about the fraction (binomial sd over 4000 keys: 0.006)
+    assert 0.18 < len(held) / len(KEYS) < 0.22
+    assert not any(is_heldout("src", k, 0, 0.0) for k in KEYS) and not any(is_heldout("src", k, 0, -1) for k in KEYS)
+    assert all(is_heldout("src", k, 0, 1.0) for k in KEYS)
+    # a larger fraction only moves rows from train to validation, never back
+    smaller = {k for k in KEYS if is_heldout("src", k, 0, 0.1)}
+    assert smaller < held and 0.08 < len(smaller) / len(KEYS) < 0.12
+    # another seed, or another source with the same keys, draws a different, independent split:
+    # it overlaps this one about as much as chance (0.2 * 0.2 of the keys), not more
+    for label, seed in (("src", 1), ("other", 0)):
+        other = {k for k in KEYS if is_heldout(label, k, seed, 0.2)}
+        assert 0.18 < len(other) / len(KEYS) < 0.22
+        assert 0.03 < len(other & held) / len(KEYS) < 0.05
+
+
+def test_is_heldout_is_the_same_in_every_process():
+    """A seeded hash of its inputs, not Python's per-process salted hash(): another process with
+    another hash seed holds out exactly the same keys (so every stage, run apart, agrees)."""
+    here = [k for k in KEYS[:500] if is_heldout("src", k, 7, 0.3)]
+    code = ("import json, sys; from dgpt_core.data.sources import is_heldout; "
+            "print(json.dumps([k for k in json.load(sys.stdin) if is_heldout('src', k, 7, 0.3)]))")
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], input=json.dumps(KEYS[:500]), capture_output=True,
+                             text=True, check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert json.loads(out.stdout) == here
+
+
+def _routed(path, seed=0, fraction=0.25, **spec):
+    cfg = DataConfig(validation_fraction=fraction, seed=seed)
+    res = resolve(SourceSpec(name=str(path), **spec))
+    return [(sp, c["messages"][0]["content"]) for sp, c in iter_chat_routed(res, cfg, LoadStats())]
+
+
+def _chat_rows(n, start=0):
+    return [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(start, start + n)]
+
+
+def test_the_routed_split_is_disjoint_seeded_and_stable_when_rows_are_appended(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", _chat_rows(400))
+    routed = _routed(path)
+    # every valid row lands in exactly one split, about the configured share in validation
+    assert sorted(q for _, q in routed) == sorted(f"q{i}" for i in range(400))
+    validation = {q for sp, q in routed if sp == "validation"}
+    train = {q for sp, q in routed if sp == "train"}
+    assert not validation & train and 0.18 < len(validation) / 400 < 0.32
+    assert _routed(path) == routed  # the same seed: the same split
+    other_seed = {q for sp, q in _routed(path, seed=1) if sp == "validation"}
+    assert other_seed != validation and 0.18 < len(other_seed) / 400 < 0.32
+    # appending rows (a grown file) keeps every old row where it was; max_items reads a prefix
+    write_jsonl(path, _chat_rows(400) + _chat_rows(200, start=400))
+    grown = dict((q, sp) for sp, q in _routed(path))
+    assert len(grown) == 600 and all(grown[q] == sp for sp, q in routed)
+    assert _routed(path, max_items=400) == routed
+    # validation_fraction 0: everything trains
+    assert {sp for sp, _ in _routed(path, fraction=0.0)} == {"train"}
+
+
+def test_heldout_split_is_shared_by_the_chat_and_text_views_of_a_source():
     cfg = DataConfig(validation_fraction=0.2)
-    spec = SourceSpec(name="chitchat", max_items=200)
-    res = resolve(spec)
+    res = resolve(SourceSpec(name="chitchat", max_items=200))
     conv_split = {c["row"]: sp for sp, c in iter_chat_routed(res, cfg, LoadStats())}
     assert 0.1 < sum(sp == "validation" for sp in conv_split.values()) / len(conv_split) < 0.3
     # the pretraining text of the same source holds out the same conversations
@@ -163,5 +228,7 @@ def test_heldout_split_is_seeded_stable_and_shared():
     rows = [c["row"] for c in chitchat.iter_conversations(200)]
     with_assistant = [r for r in rows if r in conv_split]
     assert [text_splits[rows.index(r)] for r in with_assistant] == [conv_split[r] for r in with_assistant]
-    assert is_heldout("a", "k", 0, 0.5) == is_heldout("a", "k", 0, 0.5)
-    assert any(is_heldout("a", str(k), 0, 0.5) != is_heldout("a", str(k), 1, 0.5) for k in range(20))
+    # more items of the source leave the first 200 where they were
+    more = {c["row"]: sp for sp, c in iter_chat_routed(resolve(SourceSpec(name="chitchat", max_items=400)), cfg,
+                                                       LoadStats())}
+    assert all(more[r] == sp for r, sp in conv_split.items())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -18,6 +21,7 @@ from dgpt_core.data.config import (
 from dgpt_core.data.manifest import MANIFEST, is_complete, read_manifest, staging, write_manifest
 from dgpt_core.data.sources import DataValidationError
 from dgpt_core.data.stages import prepare_all, prepare_sft_stage
+from dgpt_core.run_config import load_run_config
 from dgpt_core.tokenizer import EOS, IM_END, PAD, load_tokenizer
 
 SEQ = 96
@@ -96,7 +100,7 @@ def test_sft_dataset_format(built):
 def test_reuse_and_force(built, caplog):
     root, folders = built
     before = read_manifest(folders["sft"])["created_at"], (folders["sft"] / MANIFEST).stat().st_mtime_ns
-    caplog.set_level("INFO", logger="dgpt.data")
+    caplog.set_level("INFO")  # whatever the data logger is called
     prepare_all(small_cfg(), TokenizerConfig(vocab_size=400, corpus_max_chars=300_000), SEQ, root)
     assert (folders["sft"] / MANIFEST).stat().st_mtime_ns == before[1]
     assert "reusing" in caplog.text
@@ -136,18 +140,6 @@ def test_staging_without_manifest_is_never_complete(tmp_path):
     assert is_complete(target, "k") and not is_complete(target, "other")
 
 
-def test_cli_prepare_parser():
-    import argparse
-
-    from dgpt_core.data.cli import add_prepare_parser
-
-    parser = argparse.ArgumentParser()
-    add_prepare_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["prepare", "--preset", "ci", "--set", "data.num_proc=2", "--output-dir", "x"])
-    assert args.preset == "ci" and args.overrides == ["data.num_proc=2"] and args.output_dir == "x"
-    assert callable(args.func)
-
-
 def test_default_bpe_keeps_skill_words_single_tokens(tmp_path):
     """The embedded default mixture trains a 1024 BPE where every skill word is one token."""
     cfg = DataConfig(skills=SkillsConfig(train_per_skill=1500, validation_per_skill=0, test_per_skill=0))
@@ -159,17 +151,116 @@ def test_default_bpe_keeps_skill_words_single_tokens(tmp_path):
     assert summary["copyable_answers"] == "100/100"
 
 
-def test_dgpt_prepare_ci_preset(tmp_path, capsys):
+# --------------------------------------------------------------------------- `dgpt prepare`
+
+STAGES = ("tokenizer", "pretrain", "sft")
+SMALL = ["data.skills.train_per_skill=20", "data.skills.validation_per_skill=2", "data.skills.test_per_skill=3",
+         "data.pretrain.sources=[{name: chitchat, max_items: 50}, {name: skills}]",
+         "data.sft.sources=[{name: skills}, {name: chitchat, max_items: 30}]", "tokenizer.vocab_size=400"]
+
+
+def dgpt(*args: str) -> tuple[int, str, str]:
+    """`dgpt ARGS` through the real dispatcher: (exit code, stdout, stderr)."""
     from flows.cli import main
 
-    overrides = ["--set", "data.skills.train_per_skill=20", "--set", "data.pretrain.sources=[{name: chitchat, max_items: 50}, {name: skills}]",
-                 "--set", "data.sft.sources=[{name: skills}, {name: chitchat, max_items: 30}]"]
-    assert main(["prepare", "--preset", "ci", "--output-dir", str(tmp_path), *overrides]) == 0
-    out = capsys.readouterr().out
-    for name in ("tokenizer", "pretrain", "sft"):
-        assert f"{name}: {tmp_path / name}" in out and is_complete(tmp_path / name)
-    assert main(["prepare", "--preset", "ci", "--output-dir", str(tmp_path), "--set", "data.pretrain.sources=[{name: fineweb-edu}]"]) == 2
-    assert "HuggingFaceFW/fineweb-edu" in capsys.readouterr().err
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """`dgpt prepare --preset ci` with small sizes and output_dir set: (data root, exit code, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("prepare")
+    code, out, err = dgpt("prepare", "--preset", "ci", *sets(f"output_dir={root}", *SMALL))
+    return root / "ci" / "data", code, out, err
+
+
+def test_dgpt_prepare_writes_each_stage_where_and_as_the_config_says(prepared):
+    data, code, out, err = prepared
+    assert code == 0, err
+    # one line per stage: its folder (under <output_dir>/<preset>/data) and its manifest's headline numbers
+    lines = out.strip().splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == list(STAGES)
+    for name, line in zip(STAGES, lines):
+        folder, summary = line.split(": ", 1)[1].split("  ", 1)
+        assert Path(folder) == data / name and is_complete(data / name)
+        m = read_manifest(data / name)
+        assert m["stage"] == name and json.loads(summary) == {"stage": name, "splits": m.get("splits"),
+                                                             "seconds": m.get("seconds")}
+    # every --set reached its stage
+    run = load_run_config("ci", SMALL)
+    assert len(load_tokenizer(data / "tokenizer")) == 400
+    pretrain = read_manifest(data / "pretrain")
+    assert {r["source"]: r["rows_read"] for r in pretrain["counts"]["sources"]}["chitchat"] == 50
+    assert pretrain["max_seq_len"] == run.model.max_seq_len == 128
+    sft = read_manifest(data / "sft")
+    skills_row = next(r for r in sft["counts"]["sources"] if r["source"] == "skills")
+    assert skills_row["examples"] == 20 * len(run.data.skills.skills)
+    assert len(datasets.load_from_disk(str(data / "sft"))["test"]) == 3 * len(run.data.skills.skills)
+    assert read_manifest(data / "pretrain")["tokenizer"]["fingerprint"] == sft["tokenizer"]["fingerprint"]
+
+
+def test_dgpt_prepare_reuses_finished_stages_and_force_rebuilds_one(prepared):
+    data, code, _, err = prepared
+    assert code == 0, err
+    root = data.parent.parent
+    mtimes = {name: (data / name / MANIFEST).stat().st_mtime_ns for name in STAGES}
+    fingerprint = read_manifest(data / "tokenizer")["tokenizer"]["fingerprint"]
+    assert dgpt("prepare", "--preset", "ci", *sets(f"output_dir={root}", *SMALL))[0] == 0
+    assert {name: (data / name / MANIFEST).stat().st_mtime_ns for name in STAGES} == mtimes, "nothing rebuilt"
+    code, out, err = dgpt("prepare", "--preset", "ci", "--stage", "tokenizer", "--force",
+                          *sets(f"output_dir={root}", *SMALL))
+    assert code == 0, err
+    assert [line.split(": ", 1)[0] for line in out.strip().splitlines()] == ["tokenizer"]
+    after = {name: (data / name / MANIFEST).stat().st_mtime_ns for name in STAGES}
+    assert after["tokenizer"] != mtimes["tokenizer"] and after["pretrain"] == mtimes["pretrain"]
+    assert read_manifest(data / "tokenizer")["tokenizer"]["fingerprint"] == fingerprint, "deterministic rebuild"
+
+
+def test_dgpt_prepare_one_stage_into_an_output_dir(prepared, tmp_path):
+    data, _, _, _ = prepared
+    code, out, err = dgpt("prepare", "--preset", "ci", "--stage", "tokenizer", "--output-dir", str(tmp_path),
+                          *sets(*SMALL))
+    assert code == 0, err
+    assert out.startswith(f"tokenizer: {tmp_path / 'tokenizer'}  ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+    assert read_manifest(tmp_path / "tokenizer")["key"] == read_manifest(data / "tokenizer")["key"]
+
+
+def test_dgpt_prepare_list_sources_prints_the_registry_and_builds_nothing(tmp_path):
+    code, out, _ = dgpt("prepare", "--list-sources", "--output-dir", str(tmp_path / "data"))
+    assert code == 0
+    for name in ("skills", "chitchat", "fineweb-edu", "smol-smoltalk", "HuggingFaceFW/fineweb-edu"):
+        assert name in out
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--set", "data.bogus=1"], "data.bogus"),
+    (["--set", "data.validation_fraction=2"], "data.validation_fraction"),
+    (["--set", "data.skills.train_per_skill"], "data.skills.train_per_skill"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--set", "data.pretrain.sources=[{name: fineweb-edu}]"], "HuggingFaceFW/fineweb-edu"),  # offline Hub source
+], ids=["unknown key", "bad value", "no value", "unknown preset", "offline hub source"])
+def test_dgpt_prepare_with_a_bad_config_exits_2_with_one_error_line(args, named, tmp_path, monkeypatch):
+    from dgpt_core import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_reachable.cache_clear()
+    preset = [] if "--preset" in args else ["--preset", "ci"]
+    code, out, err = dgpt("prepare", *preset, "--output-dir", str(tmp_path / "data"), *args)
+    hub.hub_reachable.cache_clear()
+    assert code == 2 and out == ""
+    assert "Traceback" not in err and named in err
+    assert [line for line in err.splitlines() if line.startswith("dgpt prepare: ")] == \
+        [err.splitlines()[0]], "one error line, first"
+    assert not [p for p in tmp_path.rglob("*") if p.is_dir() and is_complete(p)], "no stage was written"
 
 
 def test_pretrained_tokenizer_stage(tmp_path, monkeypatch):

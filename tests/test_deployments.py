@@ -99,13 +99,55 @@ def test_the_smoke_deployment_is_the_ci_preset_offline_on_cpu():
     assert smoke["concurrency_limit"] == 1 and not smoke.get("schedules")
 
 
-def test_scripts_are_valid_bash_and_strict():
-    for script in sorted(SCRIPTS.glob("*.sh")):
-        subprocess.run(["bash", "-n", str(script)], check=True)
-        text = script.read_text()
-        assert "set -euo pipefail" in text or "common.sh" in text, script.name
-        if script.name != "common.sh":
-            assert os.access(script, os.X_OK), f"{script.name} is not executable"
+SCRIPT_FILES = sorted(SCRIPTS.glob("*.sh"))
+STRICT = "set -euo pipefail"
+
+
+def _first_command(text: str) -> str:
+    """The first line of a script that is neither blank nor a comment (nor the shebang)."""
+    return next(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("script", SCRIPT_FILES, ids=lambda p: p.name)
+def test_every_script_is_valid_bash_and_turns_on_strict_mode_first(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert _first_command(script.read_text()) == STRICT, f"{script.name} must start with `{STRICT}` itself"
+    if script.name != "common.sh":  # sourced, never run
+        assert script.read_text().startswith("#!/usr/bin/env bash\n") and os.access(script, os.X_OK), script.name
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPT_FILES if p.name != "common.sh"], ids=lambda p: p.name)
+def test_strict_mode_is_in_force_before_the_script_runs_anything(script, tmp_path):
+    """The script runs beside a stand-in common.sh that reports the shell options it is sourced
+    under: errexit, nounset and pipefail must already be on (not just set later by common.sh)."""
+    (tmp_path / script.name).write_text(script.read_text())
+    (tmp_path / "common.sh").write_text('echo "flags=$-"\n'
+                                        'echo "pipefail=$(shopt -qo pipefail && echo on || echo off)"\nexit 0\n')
+    out = subprocess.run(["bash", str(tmp_path / script.name)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    flags = dict(line.split("=", 1) for line in out.stdout.split())
+    assert "e" in flags["flags"] and "u" in flags["flags"] and flags["pipefail"] == "on", (script.name, flags)
+
+
+@pytest.mark.parametrize("args", [["server.sh", "bogus"], ["stop.sh", "--worker"], ["worker.sh"],
+                                  ["worker.sh", "cpu-pool", "--bogus"]], ids=" ".join)
+def test_bad_arguments_exit_2_with_usage(args, tmp_path):
+    env = {**os.environ, "DGPT_PREFECT_DIR": str(tmp_path / "state")}
+    out = subprocess.run(["bash", str(SCRIPTS / args[0]), *args[1:]], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("usage: "), (out.returncode, out.stderr)
+
+
+def test_a_script_without_a_server_fails_with_one_clear_error(tmp_path):
+    """pools.sh / deploy.sh with no server started and no PREFECT_API_URL: exit 1 and say how to start one."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"DGPT_PREFECT_DIR": str(tmp_path / "state")})
+    for script in ("pools.sh", "deploy.sh"):
+        out = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 1, (script, out.returncode, out.stderr)
+        assert out.stderr.strip().splitlines()[-1] == (
+            "[dgpt-prefect] error: no Prefect server: start one with deploy/prefect/server.sh start "
+            "(or set PREFECT_API_URL)"), out.stderr
 
 
 # --------------------------------------------------------------------------- the real cycle

@@ -13,7 +13,9 @@ from lm_eval.api.registry import get_model
 
 from dgpt_core.data.config import SkillsConfig
 from dgpt_core.data.skills import generate_skills
+from dgpt_core.eval_config import EvalConfig
 from dgpt_core.export import save_model_folder
+from dgpt_core.sampling import SamplerConfig
 from dgpt_core.tokenizer import special_token_ids
 from eval import benchmarks as bm
 from eval.data import chitchat_task_rows, skills_task_rows
@@ -151,6 +153,21 @@ def test_registered_and_built_from_arg_string(tmp_path, tiny_model, tiny_tokeniz
     assert lm.batch_size == 4 and lm.max_len == 64
     out = lm.generate_until([_instance("generate_until", ("the red", {"until": ["\n"], "max_gen_toks": 4}))])
     assert isinstance(out[0], str)
+
+
+def test_unset_arguments_follow_the_folder_then_the_library_defaults(tmp_path, tiny_model, tiny_tokenizer):
+    bare = save_model_folder(tiny_model, tiny_tokenizer, tmp_path / "bare", {})  # no sampler defaults
+    plain = DiffusionLM.create_from_arg_string(f"pretrained={bare}")
+    assert plain.sampler == SamplerConfig(seed=EvalConfig().seed)  # no folder defaults: SamplerConfig's own
+    defaults = EvalConfig()
+    assert (plain.mc_num, plain.t_points, plain.mask_draws, plain.batch_size, plain.seed, plain.greedy_check) == (
+        defaults.mc_num, defaults.ppl_t_points, defaults.ppl_mask_draws, defaults.batch_size, defaults.seed,
+        defaults.greedy_check)
+    folder = save_model_folder(tiny_model, tiny_tokenizer, tmp_path / "tuned",
+                               {"strategy": "margin", "steps": 5, "temperature": 0.0, "max_new_tokens": 8})
+    tuned = DiffusionLM.create_from_arg_string(f"pretrained={folder},steps=3")
+    assert (tuned.sampler.strategy, tuned.sampler.steps, tuned.sampler.temperature) == ("margin", 3, 0.0)
+    assert tuned.sampler.max_new_tokens == SamplerConfig().max_new_tokens  # the canvas is the task's
 
 
 def test_skills_tasks_cover_the_library_skills():

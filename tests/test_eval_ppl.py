@@ -51,7 +51,7 @@ def memorised(tiny_tokenizer):
 
 def _bound(model, tok, seqs, **kw):
     ids = special_token_ids(tok)
-    opts = {"t_points": 8, "mask_draws": 2, "seed": 0, **kw}
+    opts = {"t_points": 8, "mask_draws": 2, "seed": 0, "batch_size": 32, **kw}
     return ppl_bound(model, text_rows(seqs), mask_id=ids["mask"], pad_id=ids["pad"], schedule=LINEAR, **opts)
 
 
@@ -98,7 +98,8 @@ def test_mc_estimate_of_one_token_is_exact(tiny_model, tiny_tokenizer):
     ids = special_token_ids(tiny_tokenizer)
     seq = tiny_tokenizer("the red cat sat on the mat .")["input_ids"]
     target = 4
-    got = mc_nll(tiny_model, [Row(seq, [target])], [0], mask_id=ids["mask"], pad_id=ids["pad"], mc_num=8)[0]
+    got = mc_nll(tiny_model, [Row(seq, [target])], [0], mask_id=ids["mask"], pad_id=ids["pad"], mc_num=8,
+                 batch_size=32)[0]
     x = torch.tensor([seq])
     pos = torch.zeros_like(x, dtype=torch.bool)
     pos[0, target] = True
@@ -113,8 +114,8 @@ def test_mc_estimate_averages_to_the_full_mask_expectation(tiny_model, tiny_toke
     ids = special_token_ids(tiny_tokenizer)
     seq = tiny_tokenizer("the red cat sat on the mat .")["input_ids"]
     row = Row(seq, list(range(2, 6)))
-    a = mc_nll(tiny_model, [row], [0], mask_id=ids["mask"], pad_id=ids["pad"], mc_num=64)[0]
-    b = mc_nll(tiny_model, [row], [1], mask_id=ids["mask"], pad_id=ids["pad"], mc_num=64)[0]
+    a = mc_nll(tiny_model, [row], [0], mask_id=ids["mask"], pad_id=ids["pad"], mc_num=64, batch_size=32)[0]
+    b = mc_nll(tiny_model, [row], [1], mask_id=ids["mask"], pad_id=ids["pad"], mc_num=64, batch_size=32)[0]
     assert a == pytest.approx(b, rel=0.1)
     assert a > 0
 
@@ -152,7 +153,7 @@ def test_greedy_check_agrees_with_the_sampler(tiny_model, tiny_tokenizer):
     made = generate(tiny_model, prompts, ids, cfg)
     decoded = made.canvas[:, made.prompt_width :].tolist()
     never = [ids.mask, ids.pad, ids.im_start, ids.delete]
-    common = {"mask_id": ids.mask, "pad_id": ids.pad, "never_ids": never, "max_len": 64}
+    common = {"mask_id": ids.mask, "pad_id": ids.pad, "never_ids": never, "max_len": 64, "batch_size": 32}
     assert greedy_matches(tiny_model, list(zip(prompts, decoded)), **common) == [True] * 3
     altered = [row[:-1] + [row[-1] + 1 if row[-1] + 1 != ids.mask else row[-1] + 2] for row in decoded]
     assert greedy_matches(tiny_model, list(zip(prompts, altered)), **common) == [False] * 3

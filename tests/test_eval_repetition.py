@@ -96,8 +96,9 @@ def test_compare_strategies_same_prompts_and_seed(tiny_model, tiny_tokenizer):
     prompts = [tiny_tokenizer("the red cat")["input_ids"], tiny_tokenizer("1 plus 1 is")["input_ids"]]
     config = SamplerConfig(steps=4, max_new_tokens=8, temperature=0.0, seed=0)
     strategies = ["random", "confidence", "margin", "entropy"]
-    first, samples = compare_strategies(tiny_model, tiny_tokenizer, prompts, strategies, config, keep_samples=1)
-    again, _ = compare_strategies(tiny_model, tiny_tokenizer, prompts, strategies, config, keep_samples=1)
+    opts = {"batch_size": 32, "keep_samples": 1}
+    first, samples = compare_strategies(tiny_model, tiny_tokenizer, prompts, strategies, config, **opts)
+    again, _ = compare_strategies(tiny_model, tiny_tokenizer, prompts, strategies, config, **opts)
     assert list(first) == strategies and set(samples) == set(strategies)
     timing = {"seconds", "ms_per_sample"}
     for strategy in strategies:

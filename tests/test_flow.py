@@ -78,6 +78,32 @@ def test_sft_folder_decodes_with_the_best_setting_of_its_own_eval(two_runs):
     assert read_sampler_defaults(root / "latest" / "models" / "pretrain") == {"schedule": "linear", "t_eps": 0.001}
 
 
+def test_task_runs_are_named_for_their_work_and_logs_carry_library_lines_not_bytecode(two_runs):
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    _, first, _ = two_runs
+    flow_run = UUID(first["flow_run_id"])
+    APILogHandler().flush()  # send every queued log line before reading them back
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
+        logs, page = [], True
+        while page:  # the API answers at most its default limit of lines per call
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])), offset=len(logs))
+            logs += page
+    assert sorted(run.name for run in task_runs) == sorted(
+        ["data", "train-pretrain", "train-sft", "untrained-model", "eval-untrained", "eval-pretrain", "eval-sft",
+         "publish"])
+    messages = [log.message for log in logs]
+    bytecode = [m for m in messages if any(op in m for op in ("LOAD_GLOBAL", "LOAD_FAST", "RETURN_VALUE", "RESUME"))]
+    assert not bytecode, f"{len(bytecode)} of {len(messages)} lines are disassembly: {bytecode[:3]}"
+    assert any(m.startswith("sft stage:") for m in messages), "data-stage logging reaches the run logs"
+    assert any("===== eval-sft =====" in m for m in messages), "the flow's own prints are still logged"
+
+
 def test_second_run_hits_the_cache_for_every_stage(two_runs):
     root, first, second = two_runs
     assert second["status"] == "completed"

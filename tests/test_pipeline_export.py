@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import json
 import os
@@ -17,17 +18,39 @@ import pytest
 import torch
 import transformers
 
+from dgpt_core import pipeline as pipeline_module
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import PIPELINE_FILES, save_model_folder
-from dgpt_core.generate_cli import sampler_options
+from dgpt_core.generate_cli import NOT_ON_COMMAND_LINE
 from dgpt_core.model import build_model
 from dgpt_core.pipeline import TextDiffusionPipeline, render
+from dgpt_core.sampling import SamplerConfig
 from dgpt_core.tokenizer import train_bpe_tokenizer
 from flows.cli import build_parser
 
 WORDS = "the cat dog sat on a mat hello world how are you fine thanks red blue one two three".split()
 DEFAULTS = {"strategy": "confidence", "steps": 4, "max_new_tokens": 8}
 CHAT = [{"role": "user", "content": "hello how are you"}]
+CLI_OPTIONS = {
+    "strategy": (["--strategy", "margin"], "margin"),
+    "position_selection": (["--position-selection", "sample"], "sample"),
+    "position_temperature": (["--position-temperature", "0.5"], 0.5),
+    "threshold": (["--threshold", "0.5"], 0.5),
+    "schedule": (["--schedule", "cosine"], "cosine"),
+    "t_eps": (["--t-eps", "0.01"], 0.01),
+    "steps": (["--steps", "3"], 3),
+    "max_new_tokens": (["--max-new-tokens", "6"], 6),
+    "temperature": (["--temperature", "0.5"], 0.5),
+    "top_p": (["--top-p", "0.8"], 0.8),
+    "seed": (["--seed", "7"], 7),
+    "edit": (["--edit"], True),
+    "edit_threshold": (["--edit-threshold", "0.5"], 0.5),
+    "edit_rate": (["--edit-rate", "0.5"], 0.5),
+    "stop_token_ids": (["--stop-token-ids", "4", "0"], (4, 0)),
+    "block_size": (["--block-size", "3"], 3),
+    "prefix_cache": (["--prefix-cache"], True),
+}
+"""Per sampler option of `dgpt generate`: arguments giving it a value other than the defaults, and that value."""
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +233,25 @@ def test_cli_generate(folder, capsys):
     assert args.func(args) == 0
     args = build_parser(["generate", "chat"]).parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "threshold",
                               "--threshold", "0.5", "--steps", "4", "--block-size", "4", "--prefix-cache"])
-    assert sampler_options(args) == {"strategy": "threshold", "threshold": 0.5, "steps": 4, "block_size": 4,
-                                     "prefix_cache": True}
     assert args.func(args) == 0
     assert "[nfe=" in capsys.readouterr().err
+
+
+def test_every_sampler_field_is_a_cli_option_that_reaches_the_sampler(folder, monkeypatch):
+    """Each SamplerConfig field is a `dgpt generate` option or excluded on purpose; the options given
+    make the config the sampler runs with, and those not given leave the folder's defaults alone."""
+    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    assert set(CLI_OPTIONS) | NOT_ON_COMMAND_LINE == fields and not set(CLI_OPTIONS) & NOT_ON_COMMAND_LINE
+    configs = []
+    original = pipeline_module.generate
+    monkeypatch.setattr(pipeline_module, "generate",
+                        lambda model, prompts, ids, config: configs.append(config) or original(model, prompts, ids, config))
+    parser = build_parser(["generate", "chat"])
+    given = [arg for argv, _ in CLI_OPTIONS.values() for arg in argv]
+    for argv in ([], given):
+        args = parser.parse_args(["generate", str(folder), "--prompt", "hi", *argv])
+        assert args.func(args) == 0
+    assert configs == [SamplerConfig(**DEFAULTS), SamplerConfig(**{n: v for n, (_, v) in CLI_OPTIONS.items()})]
 
 
 def test_cli_chat_keeps_history(folder, monkeypatch, capsys):

@@ -80,3 +80,13 @@ def test_one_step_blocks_are_exact(model):
                         stop_token_ids=(), seed=0)
     cached = generate(model, PROMPTS, IDS, cfg.replace(prefix_cache=True))
     assert torch.equal(cached.canvas, generate(model, PROMPTS, IDS, cfg).canvas)
+
+
+def test_rows_finishing_apart_keep_the_cache_of_every_row(model):
+    """A strategy that does not compact (random: each row reveals its masks at its own pace) keeps
+    finished rows in the forward batch, so their cached context stays in use too."""
+    cfg = SamplerConfig(strategy="random", steps=5, max_new_tokens=12, block_size=4, temperature=0.0,
+                        stop_token_ids=(), seed=0, prefix_cache=True)
+    assert not cfg.rule.compacts
+    result = generate(model, PROMPTS, IDS, cfg)
+    assert not (result.canvas == IDS.mask).any()

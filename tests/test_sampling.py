@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import get_args
 
 import pytest
 import torch
 from transformers import ModernBertForMaskedLM
 
 from dgpt_core.sampling import (
+    STRATEGIES,
     SamplerConfig,
+    Strategy,
     TokenIds,
     cut_at_stop,
     delete_shift,
@@ -21,7 +24,8 @@ from dgpt_core.sampling import (
 
 from .tiny_models import IDS, MAX_LEN, PROMPTS, tiny_modernbert
 
-SCORE_STRATEGIES = ("confidence", "margin", "entropy")
+SCORE_STRATEGIES = tuple(s for s, rule in STRATEGIES.items() if rule.score is not None and not rule.threshold_commit)
+"""The strategies that reveal a count of best-scored masks per step (where position_selection applies)."""
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,8 @@ def force_token(token: int, positions: slice) -> Callable[..., torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("strategy", "selection"),
-    [("random", "topk")] + [(s, sel) for s in SCORE_STRATEGIES for sel in ("topk", "sample")],
+    [(s, "topk") for s in STRATEGIES if s not in SCORE_STRATEGIES]
+    + [(s, sel) for s in SCORE_STRATEGIES for sel in ("topk", "sample")],
 )
 def test_strategy_fills_canvas_keeps_prompt_counts_nfe(model, strategy, selection):
     cfg = no_stop(strategy=strategy, position_selection=selection, steps=6, max_new_tokens=12, seed=0)
@@ -60,10 +65,14 @@ def test_strategy_fills_canvas_keeps_prompt_counts_nfe(model, strategy, selectio
     assert not (generated == IDS.mask).any()
     assert not torch.isin(generated, torch.tensor([IDS.pad, IDS.im_start, IDS.delete])).any()
     assert result.answers == generated.tolist() and result.stopped == [False, False]
-    if strategy == "random":
-        assert 1 <= result.nfe <= 6
-    else:
+    if strategy in SCORE_STRATEGIES:
         assert result.nfe == 6
+    else:
+        assert 1 <= result.nfe <= 6
+
+
+def test_strategy_literal_names_the_table():
+    assert get_args(Strategy) == tuple(STRATEGIES)
 
 
 def test_model_sees_the_exact_prompt(model):
@@ -385,11 +394,12 @@ def test_draw_from_hidden_skips_a_fully_banned_chunk():
         assert (dist.tokens >= 1024).all() and torch.isfinite(dist.confidence()).all()
 
 
-@pytest.mark.parametrize("strategy", ["random", "confidence", "threshold"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sampler_drawing_from_hidden_states_matches_drawing_from_logits(model, monkeypatch, strategy, temperature):
-    """With the chunk threshold at 0 every step draws through `draw_from_hidden`; an identity logits
-    hook forces the logits path. Greedy runs agree token for token; sampled runs both finish."""
+    """With the chunk threshold at 0 every step of a strategy that needs only p(drawn token) draws
+    through `draw_from_hidden` (the others never do); an identity logits hook forces the logits
+    path. Greedy runs agree token for token; sampled runs both finish."""
     from dgpt_core import sampling
 
     cfg = no_stop(strategy=strategy, steps=4, max_new_tokens=8, temperature=temperature, seed=0, threshold=0.5)
@@ -399,7 +409,7 @@ def test_sampler_drawing_from_hidden_states_matches_drawing_from_logits(model, m
     monkeypatch.setattr(sampling, "PROJECTION_CHUNK", 0)
     fused = generate(model, PROMPTS, IDS, cfg)
     plain = generate(model, PROMPTS, IDS, cfg, logits_hook=lambda step, x, logits: logits)
-    assert calls
+    assert bool(calls) != STRATEGIES[strategy].needs_distribution
     assert not (fused.canvas == IDS.mask).any()
     never = torch.tensor([IDS.mask, IDS.pad, IDS.im_start, IDS.delete])
     assert not torch.isin(fused.canvas[:, fused.prompt_width :], never).any()

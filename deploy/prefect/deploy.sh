@@ -6,6 +6,7 @@
 #
 # DGPT_ROOT is unset for `prefect deploy` so that the pull step's {{ $DGPT_ROOT }} stays a
 # placeholder and is resolved on each worker at run time (worker.sh exports the worker's checkout).
+set -euo pipefail
 # shellcheck source=deploy/prefect/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_prefect

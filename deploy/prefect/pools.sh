@@ -5,6 +5,7 @@
 #   deploy/prefect/pools.sh [POOL...]
 #
 # A pool-wide cap on concurrent runs: DGPT_GPU_POOL_LIMIT=N (applied to gpu-pool).
+set -euo pipefail
 # shellcheck source=deploy/prefect/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_prefect

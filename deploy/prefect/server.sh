@@ -7,6 +7,7 @@
 #
 # Writes $DGPT_PREFECT_DIR/server.pid, server.log, api_url and env.sh (`source` it to point the
 # prefect CLI at this server). Settings: see common.sh (DGPT_PREFECT_PORT, PREFECT_HOME, ...).
+set -euo pipefail
 # shellcheck source=deploy/prefect/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

@@ -6,6 +6,7 @@
 #   deploy/prefect/stop.sh                # workers, then the server
 #   deploy/prefect/stop.sh --workers      # workers only
 #   deploy/prefect/stop.sh --worker POOL  # one pool's worker
+set -euo pipefail
 # shellcheck source=deploy/prefect/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

@@ -14,6 +14,7 @@
 # this virtualenv's Python and inherit this environment (HF_TOKEN, MLFLOW_TRACKING_URI, ...) plus the
 # deployment's job variables. Talks to $PREFECT_API_URL, else the local server of server.sh.
 # Name: DGPT_WORKER_NAME (default HOST-POOL).
+set -euo pipefail
 # shellcheck source=deploy/prefect/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

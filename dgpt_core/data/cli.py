@@ -44,14 +44,14 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.list_sources:
         print(describe_registry())
         return 0
-    from ..run_config import load_preset
+    from ..run_config import load_run_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    cfg = load_preset(args.preset, args.overrides)
-    root = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.preset / "data"
-    max_seq_len = cfg.model.max_seq_len
     t0 = time.perf_counter()
     try:
+        cfg = load_run_config(args.preset, args.overrides)
+        root = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.preset / "data"
+        max_seq_len = cfg.model.max_seq_len
         if args.stage == "all":
             folders = stages.prepare_all(cfg.data, cfg.tokenizer, max_seq_len, root, force=args.force)
         else:

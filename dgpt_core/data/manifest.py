@@ -1,9 +1,10 @@
 """Stage manifests: written last, so a folder without one is never taken as done.
 
 A stage writes into `<folder>.partial-<pid>`, writes `manifest.json` there last, then swaps the
-finished folder into place. `is_complete(folder)` is what caches (the CLI, the orchestration
-layer) check; `manifest["key"]` hashes the stage's inputs and code so a changed config or code
-is never served from an old folder.
+finished folder into place. `is_complete(folder, key)` is what the data stages check before
+reusing a folder (`dgpt prepare`, `dgpt train` and the flow's data task all go through them; the
+flow's Prefect cache sits on top, keyed by flows/caching.py); `manifest["key"]` hashes the
+stage's inputs and code so a changed config or code is never served from an old folder.
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..markdown import markdown_table
+
 
 def _fmt(value: Any) -> str:
+    """Numbers with thousands separators (floats to 4 significant digits)."""
     if isinstance(value, float):
         return f"{value:,.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -16,13 +19,11 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """One table of dict rows (columns: every key, in first-seen order; a missing key is empty)."""
     if not rows:
         return ["(none)", ""]
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
-    return [*lines, ""]
+    return [markdown_table(cols, [[r.get(c, "") for c in cols] for r in rows], fmt=_fmt), ""]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

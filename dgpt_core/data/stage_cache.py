@@ -11,7 +11,7 @@ from .config import DataConfig, SourceSpec
 from .manifest import is_complete
 from .sources import resolve
 
-log = logging.getLogger("dgpt.data")
+log = logging.getLogger("dgpt_core.data")
 
 
 def uses_skills(sources: list[SourceSpec]) -> bool:
@@ -30,6 +30,14 @@ def source_inputs(data_cfg: DataConfig, sources: list[SourceSpec]) -> dict[str, 
     if uses_skills(sources):
         inputs["skills"] = data_cfg.skills.model_dump(mode="json")
     return inputs
+
+
+def tokenized_stage_inputs(data_cfg: DataConfig, stage: str, tokenizer_fingerprint: str, max_seq_len: int) -> dict[str, Any]:
+    """What the pretrain or SFT stage's output depends on: its sources, its own settings, the
+    tokenizer and the sequence length."""
+    section = getattr(data_cfg, stage)
+    return {**source_inputs(data_cfg, section.sources), stage: section.model_dump(mode="json"),
+            "tokenizer": tokenizer_fingerprint, "max_seq_len": max_seq_len}
 
 
 def reuse_complete(out_dir: Path, key: str, force: bool, stage: str) -> bool:

@@ -35,7 +35,7 @@ from .pretrain import (
 from .report import write_report
 from .sft import SFTSettings, count_statuses, render_example, tokenize_batch
 from .sources import LoadStats, iter_chat, iter_chat_routed, iter_text_routed, raise_on_errors, resolve
-from .stage_cache import log, reuse_complete, source_inputs, uses_skills
+from .stage_cache import log, reuse_complete, tokenized_stage_inputs, uses_skills
 from .tokenizer_stage import prepare_tokenizer_stage
 
 MAX_REPORTED_FAILURES = 50
@@ -80,8 +80,7 @@ def prepare_pretrain_stage(
     out_dir, pcfg = Path(out_dir), data_cfg.pretrain
     tok = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tok)
-    inputs = {**source_inputs(data_cfg, pcfg.sources), "pretrain": pcfg.model_dump(mode="json"),
-              "tokenizer": fingerprint, "max_seq_len": max_seq_len}
+    inputs = tokenized_stage_inputs(data_cfg, "pretrain", fingerprint, max_seq_len)
     key = stage_key("pretrain", inputs)
     if reuse_complete(out_dir, key, force, "pretrain"):
         return out_dir
@@ -226,8 +225,7 @@ def prepare_sft_stage(
     tok = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tok)
     settings = SFTSettings.build(scfg, max_seq_len, tok)
-    inputs = {**source_inputs(data_cfg, scfg.sources), "sft": scfg.model_dump(mode="json"),
-              "tokenizer": fingerprint, "max_seq_len": max_seq_len}
+    inputs = tokenized_stage_inputs(data_cfg, "sft", fingerprint, max_seq_len)
     key = stage_key("sft", inputs)
     if reuse_complete(out_dir, key, force, "sft"):
         return out_dir
