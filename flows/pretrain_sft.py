@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,13 @@ def pretrain_sft(
     """Run the flow for a preset with `--set`-style overrides; returns the run summary (also written
     to summary.json). `run_config` is the config already loaded from them (`dgpt run` parses it once
     to validate it); a deployment run passes only preset and overrides and the flow loads it."""
+    with library_logs_in_prefect():
+        return _run_flow(run_config or load_run_config(preset, overrides), output_dir, run_name, refresh, from_stage, only)
+
+
+def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refresh: list[str] | None,
+              from_stage: str | None, only: list[str] | None) -> dict[str, Any]:
     logger = get_run_logger()
-    _forward_library_logs()
-    run = run_config or load_run_config(preset, overrides)
     root = Path(output_dir or run.output_dir).resolve()
     flow_run = get_run_context().flow_run
     run_name = run_name or f"{run.preset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
@@ -274,13 +279,22 @@ LIBRARY_LOGGERS = ("dgpt_core", "eval", "deploy", "tasks")
 """Loggers of the layers the tasks run; their INFO records reach the console and the Prefect UI."""
 
 
-def _forward_library_logs() -> None:
-    """Send the library's log records to the Prefect run logs (tasks do not capture prints)."""
+@contextlib.contextmanager
+def library_logs_in_prefect() -> Iterator[None]:
+    """While the flow runs, the library's INFO records also go to the Prefect run logs (its tasks
+    do not capture prints); afterwards the loggers are as they were."""
+    added = []
     for name in LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
+        logger, handler = logging.getLogger(name), APILogHandler()
+        added.append((logger, handler, logger.level))
+        logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
-            logger.addHandler(APILogHandler())
+    try:
+        yield
+    finally:
+        for logger, handler, level in added:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def _numbers(manifest: dict[str, Any]) -> dict[str, float]:

@@ -166,7 +166,7 @@ def test_zero2_training_through_the_deepspeed_engine(tiny_tokenizer, tmp_path, s
     from dgpt_core.config import ModelConfig
     from dgpt_core.model import build_model
 
-    zero2 = str(Path(__file__).parents[1] / "deploy" / "deepspeed" / "zero2.json")
+    zero2 = str(Path(__file__).parents[1] / "dgpt_core" / "deepspeed" / "zero2.json")
     cfg = DiffusionConfig(edit_start=0.0, insert_prob=0.05)
     args = training_arguments(
         TrainingConfig(max_steps=6, per_device_batch_size=8, logging_steps=3, deepspeed=zero2, use_cpu=True),
