@@ -76,7 +76,8 @@ class EvalConfig(StrictConfig):
     ppl_max_sequences: int = Field(64, gt=0)
     """Held-out sequences scored by each bound (before `limit`)."""
     schedule: Literal["auto", "linear", "loglinear", "cosine"] = "auto"
-    """Noise schedule of the bound; auto = the model's training schedule (run_config.yaml), else linear."""
+    """Noise schedule of the bound; auto = the training schedule the model folder records (config.json
+    `diffusion_gpt.schedule`), else linear."""
     t_eps: float = Field(1e-3, gt=0.0, lt=0.5)
     """Lower end of the t grid."""
 

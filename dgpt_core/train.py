@@ -21,7 +21,7 @@ from .elbo import dataset_rows
 from .export import save_model_folder
 from .model import build_model, count_parameters
 from .model_info import ModelInfo, context_messages_of, info_for_stage
-from .run_config import RunConfig, StageConfig
+from .run_config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
 from .schedules import get_schedule
 from .tokenizer import load_tokenizer, special_token_ids
 from .trainer import (
@@ -166,7 +166,7 @@ def train_stage(
         model = ModernBertForMaskedLM.from_pretrained(model_dir)
     if trainer.is_world_process_zero():
         save_model_folder(model, tokenizer, model_dir, info=stage_model_info(run, stage, data["train"], token_ids))
-        run.save_yaml(model_dir / "run_config.yaml")
+        run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
         (model_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

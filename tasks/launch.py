@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dgpt_core.run_config import RunConfig, StageConfig
+from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
 from dgpt_core.train import free_port, train_stage
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run_training_stage(
                 _end_active_mlflow_runs()
         return {"model_dir": str(result.model_dir), "metrics": result.metrics}
 
-    run_config_path = run.save_yaml(Path(out_dir) / "run_config.yaml")
+    run_config_path = run.save_yaml(Path(out_dir) / FOLDER_CONFIG_NAME)
     module_args = ["--run-config", str(run_config_path), "--stage", stage, "--dataset-dir", dataset_dir,
                    "--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--report-to", report_to]
     if resume:

@@ -14,7 +14,7 @@ from prefect.context import TaskRunContext
 from dgpt_core.data.config import DataConfig, TokenizerConfig
 from dgpt_core.eval_config import EvalConfig
 from dgpt_core.publish_config import PublishConfig
-from dgpt_core.run_config import RunConfig
+from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -54,7 +54,7 @@ def untrained_model_task(key: str, run: RunConfig, tokenizer_dir: str, out_dir: 
     set_seed(run.pretrain.seed)
     model_dir = save_model_folder(build_model(run.model, tokenizer), tokenizer, Path(out_dir) / "model",
                                   info=info_for_stage(run, "untrained"))
-    run.save_yaml(model_dir / "run_config.yaml")
+    run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
     return {"model_dir": str(model_dir), "metrics": {}}
 
 

@@ -65,3 +65,15 @@ def test_the_library_imports_no_orchestration_or_tracking(layer_package):
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             hits += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
     assert not hits, hits
+
+
+def test_the_dispatcher_loads_only_the_chosen_commands_layers():
+    """`dgpt chat` / `dgpt run --help` build their parsers without Prefect, MLflow or lm-eval."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flows.cli import build_parser; build_parser(['chat', 'generate', 'run']); "
+            "print(sorted(m for m in ('prefect', 'mlflow', 'lm_eval') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
