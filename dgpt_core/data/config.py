@@ -180,3 +180,38 @@ class TokenizerConfig(StrictConfig):
     """Characters of training text fed to the BPE trainer: the pretraining mixture's train
     documents (each source `weight` times, or a weight-proportional share of this cap when a
     token budget is set or the source streams), shuffled, cut at this size; None = all."""
+
+
+class WorldConfig(StrictConfig):
+    """The synthetic world of people (Allen-Zhu & Li, Physics of LMs 3.1): biographies for
+    pretraining (knowledge storage), cloze probes and QA pairs (extraction), a seeded person split."""
+
+    people: int = Field(100, ge=2)
+    """Number of people; each gets a unique full name (at most first names x last names)."""
+    biographies_per_person: int = Field(5, ge=1)
+    """Biographies per person in the pretraining text, each with its own sentence templates
+    (cycling through the attribute's templates) and, with permute_sentences, its own order."""
+    attributes: list[
+        Literal["birth_date", "birth_city", "university", "major", "employer", "work_city"]
+    ] = Field(
+        default_factory=lambda: ["birth_date", "birth_city", "university", "major", "employer", "work_city"],
+        min_length=1,
+    )
+    """Attributes every person has, one sentence each per biography (work_city is the employer's
+    city, drawn with the employer even when the employer is not listed)."""
+    templates_per_attribute: int | None = Field(None, ge=1)
+    """Use only the first N sentence templates of each attribute (1 = the same sentence forms in
+    every biography; the first is the cloze probe's form); None = all of them."""
+    seed: int = 0
+    """Seed of names, attribute values, template choice, sentence order and the person split."""
+    heldout_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Share of people never in SFT (their QA is the extraction test), chosen by a seeded hash of
+    the full name, so adding people never moves anyone across the split."""
+    permute_sentences: bool = True
+    """Shuffle the sentence order of each biography (seeded); off = attribute order."""
+
+    @model_validator(mode="after")
+    def _unique_attributes(self) -> WorldConfig:
+        if len(set(self.attributes)) != len(self.attributes):
+            raise ValueError(f"attributes repeat: {self.attributes}")
+        return self
