@@ -12,6 +12,7 @@ import its modules:
     data:                 held-out data and prompts (from the model folder's run_config.yaml)
     strategy_comparison:  compare_strategies
     editing:              editing_metrics, corrupt_example
+    storage:              cloze_accuracy (facts a pretrained model stores, on the synthetic world)
     report:               write_outputs, render_markdown
     cli:                  add_eval_parser (`dgpt eval`)
     lm_eval_tasks/:       the local lm-eval tasks (YAML + utils.py)
