@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 import dgpt_core.sampling as sampling
+from bench.common import random_model, random_tokens, synthetic_tokenizer
+from dgpt_core.config import ModelConfig
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
 from dgpt_core.sampling_ops import draw
 
@@ -39,25 +40,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    ids = TokenIds(mask=2, pad=1, eos=0, im_end=4, delete=5, im_start=3)
-    config = ModernBertConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 32),
-        max_position_embeddings=args.prompt_len + args.canvas,
-        global_attn_every_n_layers=1,
-        pad_token_id=ids.pad,
-        eos_token_id=ids.eos,
-        bos_token_id=ids.eos,
-        cls_token_id=ids.eos,
-        sep_token_id=ids.eos,
-        mask_token_id=ids.mask,
-        attn_implementation="sdpa",
-    )
-    model = ModernBertForMaskedLM(config).eval()
-    prompts = torch.randint(6, args.vocab, (args.batch, args.prompt_len))
+    tokenizer = synthetic_tokenizer(args.vocab)
+    ids = TokenIds.from_tokenizer(tokenizer)
+    shape = ModelConfig(hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_layers=args.layers,
+                        num_heads=max(1, args.hidden // 32), max_seq_len=args.prompt_len + args.canvas,
+                        global_attn_every_n_layers=1, attn_implementation="sdpa")
+    model = random_model(shape, tokenizer).eval()
+    prompts = random_tokens(tokenizer, (args.batch, args.prompt_len))
 
     forward_s = 0.0
     model_call = sampling._Forward.__call__
