@@ -8,7 +8,10 @@ Then, beside the diffusion model:
 - `ppl`: its exact perplexity on held-out pretraining text (every token but the first of each
   sequence) and on held-out SFT answers given their prompts (`answer_ppl`), where
   the diffusion model reports its ELBO upper bounds on the same tokens;
-- `exact_match` on the skills test items, greedy generation with a KV cache;
+- `exact_match` on the skills test items, greedy generation with a KV cache; when the run's SFT
+  data is the world instead: `reversal_exact_match` (the name from a held-out person's birth date
+  and city: the reversal curse) and `heldout_exact_match` (attribute questions about held-out
+  people), on the trained answer canvas (bench.world);
 - `tokens_per_s` of that generation, timed alternately with our threshold decoding.
 """
 
@@ -32,8 +35,9 @@ from dgpt_core.train import load_stage_datasets
 from dgpt_core.trainer import training_arguments
 from eval.ppl import answer_rows, ppl_bound, text_rows
 
-from .common import BenchSizes, Subject, alternate, median_ratio, per_skill
-from .sample import decode_items, diffusion_decoder, skill_prompts
+from .common import BenchSizes, Subject, alternate, median_ratio
+from .sample import decode_items, diffusion_decoder, skills_workload
+from .world import qa_counts, qa_workload
 
 IGNORE = -100
 
@@ -147,12 +151,14 @@ def perplexities(subject: Subject, ar: GPT2LMHeadModel, sizes: BenchSizes) -> di
 
 
 def baseline_suite(subject: Subject, sizes: BenchSizes, out_dir: Path) -> dict[str, Any]:
+    """Train the matched GPT-2, then compare perplexities and greedy answers with ours: on the
+    world's reversed and attribute questions of held-out people when the run's SFT data is the
+    world (the reversal curse), else on the skills test items."""
     ar, info = train_baseline(subject, out_dir, sizes.baseline_budget)
     ppl = perplexities(subject, ar, sizes)
-    items = per_skill(subject.skills, sizes.skills_per_skill)
-    prompts = skill_prompts(subject, items)
+    workload = qa_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
+    canvas = workload.canvas
     ids = TokenIds.from_tokenizer(subject.tokenizer)
-    canvas = subject.run.eval.skills_canvas or 24
     stops = list(SamplerConfig().stop_ids(ids))
     ours_cfg = SamplerConfig(strategy="threshold", threshold=0.9, steps=canvas, max_new_tokens=canvas,
                              temperature=0.0, seed=0)
@@ -171,18 +177,22 @@ def baseline_suite(subject: Subject, sizes: BenchSizes, out_dir: Path) -> dict[s
 
     def runner(key: str) -> Callable[[], None]:
         def run() -> None:
-            results[key] = decode_items(items, prompts, sizes.batch_size, decoders[key], subject.tokenizer)
+            results[key] = decode_items(workload, sizes.batch_size, decoders[key], subject.tokenizer)
 
         return run
 
     seconds = alternate({key: runner(key) for key in decoders}, sizes.reps)
     tps = {k: [results[k].tokens / s for s in seconds[k]] for k in seconds}
-    summary = {}
+    summary: dict[str, Any] = {"workload": workload.name, "quality_keys": list(workload.quality_keys)}
     for key in ("ar", "ours"):
-        summary[key] = {**ppl[key], "exact_match": results[key].exact_match, "loop_rate": results[key].loop_rate,
+        summary[key] = {**ppl[key], **results[key].scores, "loop_rate": results[key].loop_rate,
                         "nfe": results[key].nfe, "tokens_per_s": statistics.median(tps[key])}
     summary["ar"].update({"parameters": info["parameters"], "training": info})
     summary["ours"].update({"parameters": info["diffusion_parameters"], "method": "threshold@0.9",
                             "ppl_is_upper_bound": True})
     summary["ours_vs_ar_tokens_per_s"] = median_ratio(tps["ours"], tps["ar"])
+    if subject.world is not None:
+        summary["world_items"] = qa_counts(subject, sizes)
+        summary["reversal_ours_minus_ar"] = (summary["ours"]["reversal_exact_match"]
+                                             - summary["ar"]["reversal_exact_match"])
     return summary

@@ -3,9 +3,13 @@
     dgpt bench --model runs/tiny/sft/model --out runs/tiny/bench            # every suite
     dgpt bench --suite sample --model DIR --preset tiny
     dgpt bench --preset ci --out /tmp/bench                                 # random weights, seconds
+    dgpt bench --preset ci --set 'data.sft.sources=[{name: world}]' --set data.sft.answer_canvas=64
 
 `--preset` picks the measurement sizes (bench/common.SIZES) and, without `--model`, the run config
-whose shape a random-weight model takes and whose data is prepared into `<out>/data`.
+whose shape a random-weight model takes and whose data is prepared into `<out>/data`; `--set`
+overrides that run config (or the model folder's). When its SFT data is the synthetic world, the
+decoding and baseline comparisons run on the world's held-out people (bench/world.py), else on the
+skills test items.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ def run_bench(
     data_dir: str | Path | None = None,
     skills_jsonl: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    run_overrides: list[str] | None = None,
     plots: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
     """Run `suites` and write bench.json, bench.md and the plots into out_dir; returns bench.json's
-    content. Suites not run this time are kept from an existing bench.json in out_dir, so the
+    content. `overrides` replace BenchSizes fields, `run_overrides` (`key.path=value`) change the
+    run config. Suites not run this time are kept from an existing bench.json in out_dir, so the
     suites can run one command at a time."""
     from .baseline import baseline_suite
     from .report import write_report
@@ -50,7 +56,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     sizes = dataclasses.replace(SIZES[preset], **(overrides or {}))
     start = time.perf_counter()
-    subject = load_subject(model_dir, preset, out, data_dir, skills_jsonl)
+    subject = load_subject(model_dir, preset, out, data_dir, skills_jsonl, run_overrides)
     previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
     result: dict[str, Any] = {k: v for k, v in previous.items() if k in SUITES and k not in suites}
     seconds: dict[str, float] = {k: v for k, v in previous.get("meta", {}).get("seconds", {}).items()
@@ -85,6 +91,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="saved model folder (default: random weights of --preset)")
     parser.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     parser.add_argument("--preset", choices=sorted(SIZES), default="tiny", help="measurement sizes (default: tiny)")
+    parser.add_argument("--set", dest="run_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run config value, e.g. data.world.people=12 (repeatable)")
     parser.add_argument("--data", default=None, help="prepared data root (tokenizer/, pretrain/, sft/)")
     parser.add_argument("--skills-jsonl", default=None, help="skills test items (default: <data>/sft/skills_test.jsonl)")
     parser.add_argument("--reps", type=int, default=None, help="alternating repetitions per comparison")
@@ -102,7 +110,8 @@ def _main(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in given.items() if v is not None}
     suites = SUITES if args.suite == "all" else (args.suite,)
     run_bench(args.out, suites=suites, model_dir=args.model, preset=args.preset, data_dir=args.data,
-              skills_jsonl=args.skills_jsonl, overrides=overrides, plots=not args.no_plots,
+              skills_jsonl=args.skills_jsonl, overrides=overrides, run_overrides=args.run_overrides,
+              plots=not args.no_plots,
               command="dgpt " + shlex.join(sys.argv[1:]))
     print(Path(args.out) / "bench.md")
     return 0

@@ -14,15 +14,24 @@ import torch
 from transformers import ModernBertForMaskedLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dgpt_core.config import ModelConfig
+from dgpt_core.data.config import WorldConfig
 from dgpt_core.data.skills import SkillItem, generate_skills, read_skills_jsonl
+from dgpt_core.data.stage_cache import uses_world
 from dgpt_core.model import build_model
-from dgpt_core.run_config import RunConfig, load_run_config, read_folder_run_config
+from dgpt_core.run_config import (
+    RunConfig,
+    load_run_config,
+    parse_override,
+    read_folder_run_config,
+    set_by_path,
+)
 from dgpt_core.tokenizer import (
     add_diffusion_tokens,
     load_tokenizer,
     non_special_token_ids,
     tokenizer_fingerprint,
 )
+from eval.data import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +65,21 @@ class BenchSizes:
     """Fraction of the preset's training steps the AR baseline runs (1.0 = the same token budget)."""
     ppl_sequences: int
     """Held-out sequences scored by the perplexity comparison."""
+    world_people: int
+    """Held-out people of the world workload (runs whose SFT data is the world): their biography
+    requests (decoding comparison), reversed and attribute questions (baseline comparison)."""
 
 
 SIZES = {
     "ci": BenchSizes(
         reps=2, train_steps=1, train_vocabs=(LARGE_VOCAB,), overhead_vocabs=(4096, LARGE_VOCAB),
         skills_per_skill=2, batch_size=16, thresholds=(0.5, 0.9), lengths=(128, 256), length_block=64,
-        baseline_budget=1.0, ppl_sequences=4,
+        baseline_budget=1.0, ppl_sequences=4, world_people=4,
     ),
     "tiny": BenchSizes(
         reps=5, train_steps=2, train_vocabs=(4096, LARGE_VOCAB), overhead_vocabs=(4096, LARGE_VOCAB),
         skills_per_skill=30, batch_size=64, thresholds=(0.5, 0.7, 0.9, 0.95), lengths=(128, 256, 512, 1024),
-        length_block=128, baseline_budget=1.0, ppl_sequences=32,
+        length_block=128, baseline_budget=1.0, ppl_sequences=32, world_people=100,
     ),
 }
 
@@ -85,24 +97,59 @@ class Subject:
     description: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def world(self) -> WorldConfig | None:
+        """The world settings when the run's SFT data is the synthetic world, else None (skills)."""
+        return self.run.data.world if uses_world(self.run.data.sft.sources) else None
+
+
+@dataclass
+class Workload:
+    """Prompts a decoding comparison runs and how each answer is scored."""
+
+    name: str
+    """What the prompts are: `skills` (skills test items) or `world` (the synthetic world)."""
+    prompts: list[list[int]]
+    canvas: int
+    """New tokens each prompt is decoded into."""
+    scorer: Callable[[int, str], dict[str, float]]
+    """(item index, answer text) -> scores in [0, 1]; an item may give only some of the keys."""
+    quality_keys: tuple[str, ...]
+    """The scores whose means decide equal quality, the headline one first."""
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat prompt rendered as the eval renders it for SFT models."""
+    return tokenizer(render_prompt(tokenizer, messages, "sft"), add_special_tokens=False)["input_ids"]
+
+
+def run_config(model_dir: Path | None, preset: str, overrides: list[str] | None) -> RunConfig:
+    """The model folder's run config (else the preset's) with `key.path=value` overrides applied."""
+    run = read_folder_run_config(model_dir) if model_dir is not None else None
+    if run is None:
+        return load_run_config(preset, overrides)
+    tree = run.model_dump(mode="json")
+    for item in overrides or []:
+        set_by_path(tree, *parse_override(item))
+    return RunConfig.model_validate(tree)
+
 
 def load_subject(
     model_dir: str | Path | None, preset: str, out_dir: Path, data_dir: str | Path | None = None,
-    skills_jsonl: str | Path | None = None,
+    skills_jsonl: str | Path | None = None, run_overrides: list[str] | None = None,
 ) -> Subject:
     """A trained model folder (its run_config.yaml gives the data), or a random-weight model of
-    the preset's shape on freshly prepared data."""
+    the preset's shape on freshly prepared data; `run_overrides` change that run config."""
     from dgpt_core.data.stages import prepare_all
 
-    notes: list[str] = []
+    notes: list[str] = [f"run config overrides: {' '.join(run_overrides)}"] if run_overrides else []
+    model_dir = Path(model_dir) if model_dir is not None else None
+    run = run_config(model_dir, preset, run_overrides)
     if model_dir is not None:
-        model_dir = Path(model_dir)
-        run = read_folder_run_config(model_dir) or load_run_config(preset)
         tokenizer = load_tokenizer(model_dir)
         model = ModernBertForMaskedLM.from_pretrained(str(model_dir)).eval()
         description = f"{model_dir} (trained)"
     else:
-        run = load_run_config(preset)
         model = tokenizer = None
         description = f"random weights, preset {preset}"
     root = Path(data_dir) if data_dir else _find_data(model_dir, tokenizer)

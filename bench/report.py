@@ -7,6 +7,8 @@ from typing import Any
 
 from eval.report import table, write_json
 
+from .sample import QUALITY_TOLERANCE
+
 TARGETS = {
     "decoding_nfe_speedup": 3.0,
     "decoding_tokens_per_s_speedup": 2.5,
@@ -16,22 +18,42 @@ TARGETS = {
 }
 
 
-def plot_methods(sweep: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Exact match vs NFE and vs tokens/s, one series per decoding method."""
+SWEEP_COSTS = ("method", "nfe", "nfe_per_prompt", "loop_rate", "tokens_per_s")
+"""Keys of a sweep point that are not its workload's scores."""
+WORKLOADS = {"skills": "the skills test items", "world": "the world's biography requests of held-out people"}
+"""What each workload's decoding comparison runs on, for the section titles."""
+
+
+def quality_keys(suite: dict[str, Any]) -> list[str]:
+    """The scores that decide equal quality in a sample or baseline suite (exact match in files
+    written before suites recorded them)."""
+    return suite.get("quality_keys", ["exact_match"])
+
+
+def score_keys(sample: dict[str, Any]) -> list[str]:
+    """Every score of the sample suite's sweep points, the quality keys first."""
+    point = next(iter(sample["sweep"].values()))
+    keys = quality_keys(sample)
+    return keys + [k for k in point if k not in SWEEP_COSTS and k not in keys]
+
+
+def plot_methods(sample: dict[str, Any], path: Path) -> Path:
+    """The headline quality score vs NFE and vs tokens/s, one series per decoding method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sweep, quality = sample["sweep"], quality_keys(sample)[0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     methods = sorted({p["method"] for p in sweep.values()})
     for method in methods:
         points = sorted((p for p in sweep.values() if p["method"] == method), key=lambda p: p["nfe"])
         for ax, key in zip(axes, ("nfe", "tokens_per_s")):
-            ax.plot([p[key] for p in points], [p["exact_match"] for p in points], marker="o", label=method)
+            ax.plot([p[key] for p in points], [p[quality] for p in points], marker="o", label=method)
     for ax, label in zip(axes, ("forward passes per batch (NFE)", "answer tokens / s")):
         ax.set_xlabel(label)
-        ax.set_ylabel("skills exact match")
+        ax.set_ylabel(f"{sample.get('workload', 'skills')} {quality.replace('_', ' ')}")
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
     axes[0].legend()
@@ -78,6 +100,10 @@ def targets(result: dict[str, Any]) -> list[list[Any]]:
         for vocab, share in sample["overhead_share"].items():
             rows.append([f"sampler overhead share, vocab {vocab}", share, "< 0.15",
                          share < TARGETS["sampler_overhead_share_max"]])
+    base = result.get("baseline")
+    if base and "reversal_ours_minus_ar" in base:
+        gap = base["reversal_ours_minus_ar"]
+        rows.append(["world reversal exact match, ours - AR", gap, "> 0", gap > 0])
     if train:
         for vocab, row in train["by_vocab"].items():
             rows.append([f"diffusion / MLM step throughput, vocab {vocab}", row["diffusion_vs_mlm_throughput"],
@@ -105,25 +131,32 @@ def render(result: dict[str, Any]) -> str:
                   ""]
     if "sample" in result:
         sample = result["sample"]
-        lines += ["## Decoding methods on the skills test items", "",
+        scores = score_keys(sample)
+        names = [k.replace("_", " ") for k in scores]
+        kept = " and ".join(names[: len(quality_keys(sample))])
+        lines += [f"## Decoding methods on {WORKLOADS[sample.get('workload', 'skills')]}", "",
                   f"{sample['items']} items, canvas {sample['canvas']}, batch {sample['batch_size']}; reference "
                   f"`{sample['reference']}`, best fast setting `{sample['best_fast']}` (within quality: "
                   f"{sample['best_fast_within_quality']}): NFE x{sample['nfe_speedup']:.2f}, tokens/s "
-                  f"x{sample['tokens_per_s_speedup']:.2f}. Every prompt needs at least one forward pass, so no "
-                  f"method can beat NFE x{sample['nfe_speedup_cap']:.2f} against this reference.", "",
-                  table(["method", "setting", "NFE per call", "NFE per prompt", "tokens/s", "exact match", "loop rate"],
-                        [[m, r["setting"], r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], r["exact_match"],
+                  f"x{sample['tokens_per_s_speedup']:.2f}. Within quality: {kept} "
+                  f"each at most {QUALITY_TOLERANCE} below the reference's, loop rate no higher. Every prompt needs "
+                  f"at least one forward pass, so no method can beat NFE x{sample['nfe_speedup_cap']:.2f} against "
+                  "this reference.", "",
+                  table(["method", "setting", "NFE per call", "NFE per prompt", "tokens/s", *names, "loop rate"],
+                        [[m, r["setting"], r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], *(r[k] for k in scores),
                           r["loop_rate"]]
                          for m, r in sample["methods"].items()]), "",
                   "All settings:", "",
-                  table(["setting", "NFE per call", "NFE per prompt", "tokens/s", "exact match", "loop rate"],
-                        [[n, r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], r["exact_match"], r["loop_rate"]]
+                  table(["setting", "NFE per call", "NFE per prompt", "tokens/s", *names, "loop rate"],
+                        [[n, r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], *(r[k] for k in scores), r["loop_rate"]]
                          for n, r in sample["sweep"].items()]), "",
-                  "![quality vs cost](methods.png)", "",
-                  "Sampler overhead: (sampler run time - time of replaying its model forwards alone) / that "
-                  "forward time; batch 8, canvas 64, 32 steps, random weights, temperature 1 unless greedy:", "",
-                  table(["vocab", *next(iter(sample["overhead_by_strategy"].values()))],
-                        [[v, *s.values()] for v, s in sample["overhead_by_strategy"].items()]), ""]
+                  "![quality vs cost](methods.png)", ""]
+        overhead = sample["overhead_by_strategy"]
+        if overhead:  # measured at sizes.overhead_vocabs (none: not measured)
+            lines += ["Sampler overhead: (sampler run time - time of replaying its model forwards alone) / that "
+                      "forward time; batch 8, canvas 64, 32 steps, random weights, temperature 1 unless greedy:", "",
+                      table(["vocab", *next(iter(overhead.values()))], [[v, *s.values()] for v, s in overhead.items()]),
+                      ""]
         length = sample["length"]
         lines += ["Sampler time vs generation length:", "",
                   table(["tokens", "full canvas s", "block s", "block + cache s", "block / full",
@@ -134,13 +167,43 @@ def render(result: dict[str, Any]) -> str:
                   "![time vs length](lengths.png)", ""]
     if "baseline" in result:
         base = result["baseline"]
-        keys = ["parameters", "ppl", "answer_ppl", "exact_match", "loop_rate", "nfe", "tokens_per_s"]
+        keys = ["parameters", "ppl", "answer_ppl", *quality_keys(base), "loop_rate", "nfe", "tokens_per_s"]
         lines += ["## Autoregressive baseline (GPT-2, same parameter count and data)", "",
                   "Ours: perplexities are ELBO upper bounds; AR: exact. Ours decodes with `threshold@0.9`.", "",
                   table(["model", *keys], [[k, *(base[k].get(c) for c in keys)] for k in ("ar", "ours")]), "",
                   f"Our tokens/s over AR tokens/s: {base['ours_vs_ar_tokens_per_s']:.3f}. AR training: "
                   f"{base['ar']['training']['stages']}.", ""]
+    lines += world_section(result)
     return "\n".join(lines)
+
+
+def world_section(result: dict[str, Any]) -> list[str]:
+    """The "World" section: long-answer decoding speed at equal fact quality, and the reversal
+    curse (ours vs the AR baseline); empty when no suite ran on the world."""
+    sample, base = result.get("sample", {}), result.get("baseline", {})
+    lines: list[str] = []
+    if sample.get("workload") == "world":
+        ref, best = sample["sweep"][sample["reference"]], sample["sweep"][sample["best_fast"]]
+        lines += [f"Biography requests of {sample['items']} held-out people (canvas {sample['canvas']}): facts "
+                  "found in each answer against the person's attributes.", "",
+                  table(["setting", "role", "fact recall", "fact precision", "NFE per prompt", "tokens/s"],
+                        [[sample["reference"], "reference (fixed-step ancestral)", ref["fact_recall"],
+                          ref["fact_precision"], ref["nfe_per_prompt"], ref["tokens_per_s"]],
+                         [sample["best_fast"], "best fast", best["fact_recall"], best["fact_precision"],
+                          best["nfe_per_prompt"], best["tokens_per_s"]]]), "",
+                  f"Best fast vs reference: NFE x{sample['nfe_speedup']:.2f} (target >= "
+                  f"{TARGETS['decoding_nfe_speedup']:g}), tokens/s x{sample['tokens_per_s_speedup']:.2f} (target >= "
+                  f"{TARGETS['decoding_tokens_per_s_speedup']:g}), equal quality: "
+                  f"{sample['best_fast_within_quality']}.", ""]
+    if base.get("workload") == "world":
+        items = base["world_items"]
+        lines += [f"Reversal curse: the name from a held-out person's birth date and city ({items['reversal']} "
+                  f"questions), beside attribute questions about held-out people ({items['heldout']}); greedy AR "
+                  f"vs our `{base['ours']['method']}`, exact match.", "",
+                  table(["model", "reversal exact match", "held-out attribute exact match"],
+                        [[k, base[k]["reversal_exact_match"], base[k]["heldout_exact_match"]] for k in ("ar", "ours")]),
+                  "", f"Reversal exact match, ours - AR: {base['reversal_ours_minus_ar']:.3f}.", ""]
+    return ["## World", "", *lines] if lines else []
 
 
 def write_report(out_dir: Path, result: dict[str, Any], plots: bool = True) -> dict[str, Path]:
@@ -149,6 +212,6 @@ def write_report(out_dir: Path, result: dict[str, Any], plots: bool = True) -> d
     (out_dir / "bench.md").write_text(render(result) + "\n")
     paths["md"] = out_dir / "bench.md"
     if plots and "sample" in result:
-        paths["methods_plot"] = plot_methods(result["sample"]["sweep"], out_dir / "methods.png")
+        paths["methods_plot"] = plot_methods(result["sample"], out_dir / "methods.png")
         paths["lengths_plot"] = plot_lengths(result["sample"]["length"], out_dir / "lengths.png")
     return paths

@@ -1,6 +1,9 @@
-"""Sampler benchmarks: per-step overhead, decoding methods on the skills test items, time vs length.
+"""Sampler benchmarks: per-step overhead, decoding methods on the test workload, time vs length.
 
-Decoding methods (argmax tokens, seed 0, the skills canvas of the run's eval settings):
+The workload is the world's biography requests of held-out people when the run's SFT data is the
+world (quality: fact recall, then fact precision; canvas: the trained answer canvas; bench.world),
+else the skills test items (quality: exact match; canvas: the run's eval skills canvas).
+Decoding methods (argmax tokens, seed 0, the workload's canvas):
 `ancestral` (MDLM, positions at random) at its best-quality step count is the reference;
 `confidence` (count-based top-k) at its best step count; `threshold` (Fast-dLLM, tau 0.9,
 `steps` = canvas as the cap), `threshold_block` (the same in blocks of half the canvas) and
@@ -21,24 +24,27 @@ from typing import Any
 import torch
 
 from dgpt_core import sampling
-from dgpt_core.data.skills import SkillItem, check_answer
+from dgpt_core.data.skills import check_answer
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from eval.data import render_prompt
 from eval.metrics.repetition.repetition import repetition_metrics
 
 from .common import (
     BenchSizes,
     Subject,
+    Workload,
     alternate,
+    encode_chat,
     median_ratio,
     per_skill,
     random_model,
     random_tokens,
     synthetic_tokenizer,
 )
+from .world import bio_workload
 
 QUALITY_TOLERANCE = 0.01
-"""A fast method qualifies when its exact match is at most this far below the reference's."""
+"""A fast method qualifies when each quality score of the workload (skills: exact match; world:
+fact recall and fact precision) is at most this far below the reference's."""
 
 
 @contextlib.contextmanager
@@ -112,9 +118,10 @@ def overhead_share(subject: Subject, vocab_size: int, sizes: BenchSizes) -> dict
 
 @dataclass
 class Outcome:
-    """Quality and cost of one decoding setting over the items."""
+    """Quality and cost of one decoding setting over a workload's items."""
 
-    exact_match: float
+    scores: dict[str, float]
+    """Mean of each score of the workload's scorer over the items that give it."""
     loop_rate: float
     nfe: float
     """Forward passes per sampler call (a batch of prompts)."""
@@ -122,16 +129,29 @@ class Outcome:
     """Answer tokens generated, stop tokens included."""
 
 
-def skill_prompts(subject: Subject, items: Sequence[SkillItem]) -> list[list[int]]:
-    tok = subject.tokenizer
-    return [tok(render_prompt(tok, item.prompt_messages, "sft"), add_special_tokens=False)["input_ids"] for item in items]
+def skills_workload(subject: Subject, sizes: BenchSizes) -> Workload:
+    """`sizes.skills_per_skill` skills test items per skill on the eval's skills canvas; quality =
+    exact match (`check_answer`)."""
+    items = per_skill(subject.skills, sizes.skills_per_skill)
+
+    def scorer(index: int, text: str) -> dict[str, float]:
+        return {"exact_match": float(check_answer(items[index], text))}
+
+    return Workload("skills", [encode_chat(subject.tokenizer, item.prompt_messages) for item in items],
+                    subject.run.eval.skills_canvas or 24, scorer, ("exact_match",))
 
 
-def score(items: Sequence[SkillItem], answers: list[list[int]], stopped: list[bool], nfes: list[float],
+def score(workload: Workload, answers: list[list[int]], stopped: list[bool], nfes: list[float],
           tokenizer: Any) -> Outcome:
-    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    """Mean scores, loop rate, mean NFE per call and answer tokens of the decoded answers."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for index, answer in enumerate(answers):
+        for key, value in workload.scorer(index, tokenizer.decode(answer, skip_special_tokens=True)).items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
     return Outcome(
-        exact_match=sum(check_answer(i, t) for i, t in zip(items, texts)) / len(items),
+        scores={key: sums[key] / counts[key] for key in sums},
         loop_rate=repetition_metrics(answers)["loop_rate"],
         nfe=sum(nfes) / len(nfes),
         tokens=sum(len(a) + s for a, s in zip(answers, stopped)),
@@ -166,18 +186,17 @@ def forwards_per_row(model: torch.nn.Module, ids: TokenIds, cfg: SamplerConfig, 
     return row_forwards / len(prompts)
 
 
-def decode_items(items: Sequence[SkillItem], prompts: list[list[int]], batch_size: int, decoder: Decoder,
-                 tokenizer: Any) -> Outcome:
-    """Decode every prompt in batches and score the answers."""
+def decode_items(workload: Workload, batch_size: int, decoder: Decoder, tokenizer: Any) -> Outcome:
+    """Decode every prompt of the workload in batches and score the answers."""
     answers: list[list[int]] = []
     stopped: list[bool] = []
     nfes: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        got, stop, nfe = decoder(prompts[start : start + batch_size])
+    for start in range(0, len(workload.prompts), batch_size):
+        got, stop, nfe = decoder(workload.prompts[start : start + batch_size])
         answers += got
         stopped += stop
         nfes.append(nfe)
-    return score(items, answers, stopped, nfes, tokenizer)
+    return score(workload, answers, stopped, nfes, tokenizer)
 
 
 def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple[str, SamplerConfig]]:
@@ -198,11 +217,11 @@ def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple
 
 
 def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
-    """sample.methods, the sweep, the reference, the best fast method and the speedups."""
-    items = per_skill(subject.skills, sizes.skills_per_skill)
-    prompts = skill_prompts(subject, items)
+    """sample.methods, the sweep, the reference, the best fast method and the speedups, on the
+    world's biography requests when the run's SFT data is the world, else on the skills items."""
+    workload = bio_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
+    prompts, canvas, keys = workload.prompts, workload.canvas, workload.quality_keys
     ids = TokenIds.from_tokenizer(subject.tokenizer)
-    canvas = subject.run.eval.skills_canvas or 24
     settings = method_settings(canvas, sizes.thresholds)
     outcomes: dict[str, Outcome] = {}
 
@@ -210,7 +229,7 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
         decoder = diffusion_decoder(subject.model, ids, cfg)
 
         def run() -> None:
-            outcomes[name] = decode_items(items, prompts, sizes.batch_size, decoder, subject.tokenizer)
+            outcomes[name] = decode_items(workload, sizes.batch_size, decoder, subject.tokenizer)
 
         return run
 
@@ -218,27 +237,32 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
     sweep = {
         name: {"method": method, "nfe": outcomes[name].nfe,
                "nfe_per_prompt": forwards_per_row(subject.model, ids, cfg, prompts, sizes.batch_size),
-               "exact_match": outcomes[name].exact_match,
+               **outcomes[name].scores,
                "loop_rate": outcomes[name].loop_rate,
                "tokens_per_s": outcomes[name].tokens / statistics.median(seconds[name])}
         for name, (method, cfg) in settings.items()
     }
 
+    def quality(name: str) -> tuple[float, ...]:
+        return tuple(sweep[name][k] for k in keys)
+
     def best_of(method: str) -> str:
         names = [n for n, (m, _) in settings.items() if m == method]
-        return max(names, key=lambda n: (sweep[n]["exact_match"], -sweep[n]["nfe"]))
+        return max(names, key=lambda n: (*quality(n), -sweep[n]["nfe"]))
 
     chosen = {"ancestral": best_of("ancestral"), "confidence": best_of("confidence"),
               "threshold": "threshold@0.9" if "threshold@0.9" in sweep else best_of("threshold"),
               "threshold_block": "threshold_block@0.9", "threshold_block_cache": "threshold_block_cache@0.9"}
     reference = sweep[chosen["ancestral"]]
     fast = [n for n, (m, _) in settings.items() if m != "ancestral"]
-    qualified = [n for n in fast if sweep[n]["exact_match"] >= reference["exact_match"] - QUALITY_TOLERANCE
+    qualified = [n for n in fast if all(sweep[n][k] >= reference[k] - QUALITY_TOLERANCE for k in keys)
                  and sweep[n]["loop_rate"] <= reference["loop_rate"]]
     best = max(qualified, key=lambda n: sweep[n]["tokens_per_s"]) if qualified else \
-        max(fast, key=lambda n: (sweep[n]["exact_match"], sweep[n]["tokens_per_s"]))
+        max(fast, key=lambda n: (*quality(n), sweep[n]["tokens_per_s"]))
     tps = {n: [outcomes[n].tokens / s for s in seconds[n]] for n in (best, chosen["ancestral"])}
     return {
+        "workload": workload.name,
+        "quality_keys": list(keys),
         "methods": {method: {"setting": name, **sweep[name]} for method, name in chosen.items()},
         "sweep": sweep,
         "reference": chosen["ancestral"],
@@ -248,7 +272,7 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
         "nfe_speedup_cap": reference["nfe_per_prompt"],  # over the minimum, one forward per prompt
         "nfe_per_call_speedup": reference["nfe"] / sweep[best]["nfe"],
         "tokens_per_s_speedup": median_ratio(tps[best], tps[chosen["ancestral"]]),
-        "items": len(items),
+        "items": len(prompts),
         "canvas": canvas,
         "batch_size": sizes.batch_size,
     }

@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch", type=int, default=128, help="probes per sampler call")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default; 1 is faster while another job loads the cores)")
+    parser.add_argument("--mix-qa", type=int, default=0, metavar="K",
+                        help="mixed training: K question phrasings per attribute of the train people, as chat "
+                             "text, added to the pretraining documents; held-out QA is then probed too")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="RunConfig override, e.g. model.hidden_size=256 (repeatable)")
@@ -101,7 +104,26 @@ def evaluation_row(model: Any, tokenizer: Any, probes: list, batch: int) -> tupl
     return result, time.perf_counter() - t0
 
 
-def make_callback(tokenizer: Any, probes: list, args: argparse.Namespace, sizes: dict[str, float]):
+def mixed_qa(people: list, world: Any, phrasings: int) -> tuple[list[list[dict[str, str]]], list]:
+    """(chat conversations of the train people's first `phrasings` questions per attribute, the
+    held-out people's first-phrasing QA pairs)."""
+    from dgpt_core.data.world import QUESTIONS, person_split, qa_pairs
+
+    def first(pair: Any, k: int) -> bool:
+        return pair.question in {q.format(n=pair.person) for q in QUESTIONS[pair.attribute][:k]}
+
+    chats, test = [], []
+    for person in people:
+        heldout = person_split(person, world) == "heldout"
+        for pair in qa_pairs(person, world):
+            if heldout and first(pair, 1):
+                test.append(pair)
+            elif not heldout and first(pair, phrasings):
+                chats.append([{"role": "user", "content": pair.question}, {"role": "assistant", "content": " " + pair.answer}])
+    return chats, test
+
+
+def make_callback(tokenizer: Any, probes: list, args: argparse.Namespace, sizes: dict[str, float], qa_test: list):
     """A TrainerCallback that runs the cloze probe at step 0, every eval_every steps and at the end,
     and records the training loss logged at those steps."""
     from transformers import TrainerCallback
@@ -118,15 +140,19 @@ def make_callback(tokenizer: Any, probes: list, args: argparse.Namespace, sizes:
             result, seconds = evaluation_row(unwrap(model), tokenizer, probes, args.eval_batch)
             self.eval_seconds += seconds
             tokens = int(state.num_input_tokens_seen or 0)
-            reads = tokens / (sizes["people"] * sizes["tokens_per_biography"])
+            reads = tokens * sizes["biography_share"] / (sizes["people"] * sizes["tokens_per_biography"])
             row = {"step": state.global_step, "tokens_seen": tokens, "reads_per_person": reads,
                    "epochs": tokens / sizes["world_tokens"], "loss": None,
                    "train_seconds": time.perf_counter() - self.train_start - self.eval_seconds,
                    "eval_seconds": seconds, **result}
+            if qa_test:
+                from bench.extraction_curve import exact_match
+
+                row["heldout_qa"] = exact_match(unwrap(model), tokenizer, qa_test, 16)["exact_match"]
             self.rows.append(row)
             per = " ".join(f"{a}={v['cloze_accuracy']:.2f}" for a, v in result["per_attribute"].items())
             print(f"[storage] step {row['step']:>5} reads/person {reads:7.1f} cloze {result['cloze_accuracy']:.3f} "
-                  f"token {result['token_accuracy']:.3f} | {per} ({seconds:.1f} s)", flush=True)
+                  f"token {result['token_accuracy']:.3f} heldout QA {row.get('heldout_qa', '-')} | {per} ({seconds:.1f} s)", flush=True)
 
         def on_train_begin(self, args_, state, control, model=None, **kwargs):
             self.train_start = time.perf_counter()
@@ -234,13 +260,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     people = generate_people(world)
     docs = pretraining_text(world)
     probes = [p for person in people for p in cloze_probes(person, world)]
+    qa_docs, qa_test = mixed_qa(people, world, args.mix_qa) if args.mix_qa else ([], [])
 
     tokenizer = train_bpe_tokenizer(docs, args.vocab, split_digits=True)
+    if qa_docs:
+        qa_docs = [tokenizer.apply_chat_template(m, tokenize=False) for m in qa_docs]
+        docs = docs + qa_docs
     tokenizer.save_pretrained(str(out / "tokenizer"))
     eos = special_token_ids(tokenizer)["eos"]
     doc_ids = [[*ids, eos] for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     world_tokens = sum(len(d) for d in doc_ids)
-    sizes = {"people": args.people, "tokens_per_biography": world_tokens / len(doc_ids), "world_tokens": world_tokens}
+    bios = doc_ids[: len(doc_ids) - len(qa_docs)]
+    # reads per person count biographies only: the QA documents' share of the stream is discounted
+    sizes = {"people": args.people, "tokens_per_biography": sum(len(d) for d in bios) / len(bios),
+             "world_tokens": world_tokens, "biography_share": sum(len(d) for d in bios) / world_tokens}
     max_len = run.model.max_seq_len
     train, pack_stats = packed_dataset(doc_ids, max_len, args.steps * args.batch, args.packing == "repack", args.seed)
 
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"disable_tqdm": True, "eval_strategy": "no", "save_strategy": "no"}
     if args.schedule == "wsd":
         kwargs["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, round(WSD_DECAY * args.steps))}
-    callback = make_callback(tokenizer, probes, args, sizes)
+    callback = make_callback(tokenizer, probes, args, sizes, qa_test)
     trainer = DiffusionTrainer(
         model=model, args=training_arguments(stage, out / "checkpoints", **kwargs), train_dataset=train,
         data_collator=collator, diffusion_config=diffusion, mask_token_id=special_token_ids(tokenizer)["mask"],
@@ -267,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out / "checkpoints").rmdir()  # nothing is saved there (save_strategy "no")
 
     tokens = int(trainer.state.num_input_tokens_seen)
-    reads_per_step = tokens / args.steps / (sizes["people"] * sizes["tokens_per_biography"])
+    reads_per_step = tokens * sizes["biography_share"] / args.steps / (sizes["people"] * sizes["tokens_per_biography"])
     summary: dict[str, Any] = {
         "name": out.name, "world_version": WORLD_VERSION, "world": {**world.model_dump(), **sizes,
                                                                     "documents": len(docs), "probes": len(probes)},

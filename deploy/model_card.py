@@ -28,6 +28,7 @@ DATASET_NAMES = {
     "dgpt_skills": "held-out synthetic skills (exact match)",
     "dgpt_chitchat_mc": "chitchat next-reply multiple choice",
     "dgpt_heldout_text": "held-out pretraining text",
+    "dgpt_world": "synthetic world of people: questions about held-out people, reversal, biographies",
 }
 SKIPPED_METRICS = {"n", "steps", "nfe", "nfe_total", "seconds", "ms_per_sample", "n_samples"}
 """Counters and timings: kept in eval/<name>/metrics.json, not in model-index or the card table."""
@@ -271,8 +272,9 @@ def _eval_section(
 
 LIMITATIONS = """## Limitations
 
-- A small research model trained on small data: it follows the short synthetic skills and small-talk
-  patterns it saw and fails on anything else. It is not a general assistant.
+- A small research model trained on small data: it follows the synthetic data it saw (skills, small
+  talk, or the facts of a synthetic world of people) and fails on anything else. It is not a
+  general assistant.
 - Answers are sampled on a fixed-length canvas by iterative unmasking (not left to right); quality
   depends on the number of steps and the unmasking strategy, and too few steps give incoherent text.
 - It states false facts fluently and reproduces biases of its training conversations; do not use

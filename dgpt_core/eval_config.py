@@ -13,9 +13,10 @@ from pydantic import Field, field_validator
 from .config import StrictConfig
 from .sampling_types import STRATEGIES, SamplerConfig
 
-LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition", "editing")
+LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition", "editing",
+               "dgpt_world", "storage")
 """Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study,
-the editing metric."""
+the editing metric, the synthetic world's QA tasks and storage probe."""
 
 
 class EvalConfig(StrictConfig):
@@ -25,7 +26,10 @@ class EvalConfig(StrictConfig):
     """What to run: `ppl` (ELBO perplexity bounds), `dgpt_skills` (held-out skills, exact match),
     `dgpt_chitchat_mc` (next-reply multiple choice), `dgpt_heldout_text` (held-out documents through
     lm-eval's loglikelihood_rolling), `repetition` (generation comparison), `editing` (SFT models:
-    repair of swapped and inserted tokens in held-out answers), and any
+    repair of swapped and inserted tokens in held-out answers), `dgpt_world` (SFT models: questions
+    and biography requests about the synthetic world's people), `storage` (cloze probes of every
+    person's facts); the last two run only when the run's data has a `world` source (else skipped
+    with a note), and with it the repetition study generates biographies of held-out people. And any
     standard lm-eval task name (hellaswag, arc_easy, piqa, lambada, gsm8k, ...; needs the Hub)."""
     strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES))
     """Unmasking strategies compared in every generative task, at the same steps and seed."""
@@ -35,8 +39,8 @@ class EvalConfig(StrictConfig):
     threshold: float = Field(SamplerConfig.threshold, gt=0.0, le=1.0)
     """Confidence a mask needs to be revealed in parallel by the `threshold` strategy (Fast-dLLM)."""
     steps_grid: list[int] = Field(default_factory=lambda: [4, 8, 16])
-    """Step counts of the quality-vs-steps sweep on dgpt_skills (plot: exact match vs NFE per
-    strategy); [] skips the sweep."""
+    """Step counts of the quality-vs-steps sweep on dgpt_skills and dgpt_world (held-out questions;
+    plot: exact match vs NFE per strategy); [] skips the sweep."""
     block_size: int | None = Field(None, ge=1)
     """Semi-autoregressive block length; None denoises the whole canvas at once."""
     temperature: float = Field(0.0, ge=0.0)
@@ -47,8 +51,8 @@ class EvalConfig(StrictConfig):
     seed: int = 0
     """Seed of every sampler call, likelihood mask draw and data choice."""
     limit: int | None = Field(None, gt=0)
-    """At most this many items per task (per skill for dgpt_skills; prompts per mode for the
-    repetition study); None = all."""
+    """At most this many items per task (per skill for dgpt_skills, per test set for dgpt_world;
+    prompts per mode for the repetition study); None = all."""
     model_kind: Literal["auto", "untrained", "pretrain", "sft"] = "auto"
     """untrained / pretrain: plain-text prompts; sft: chat-template prompts and the conditional
     bound; auto: the kind the model folder records (config.json `diffusion_gpt.kind`), else sft."""
@@ -60,6 +64,9 @@ class EvalConfig(StrictConfig):
     """Canvas of chat replies in the repetition study."""
     plain_canvas: int = Field(48, ge=1)
     """Canvas of plain-text continuations in the repetition study."""
+    long_answer_canvas: int = Field(64, ge=1)
+    """Canvas of chat replies in the repetition study when the run's data has the world source
+    (biography requests of held-out people: long answers)."""
     plain_prompt_tokens: int = Field(16, ge=1)
     """Prompt length (tokens of a held-out document) of plain-text continuations."""
     repetition_prompts: int = Field(32, gt=0)

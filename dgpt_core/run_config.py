@@ -82,10 +82,11 @@ class RunConfig(StrictConfig):
     """Chat SFT (only the final assistant answer and its padding eligible)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """The eval suite run on the pipeline's models."""
-    eval_models: list[Literal["untrained", "pretrain", "sft"]] = Field(
+    eval_models: list[Literal["untrained", "pretrain", "sft", "sft_control"]] = Field(
         default_factory=lambda: ["untrained", "pretrain", "sft"])
     """Models the eval stage scores: the freshly initialised model (a floor), the pretrained
-    model and the SFT model."""
+    model, the SFT model, and `sft_control`: the same SFT started from the untrained model
+    (trained by the flow's SFT stage when listed here; what SFT reaches without pretraining)."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow tracking."""
     publish: PublishConfig = Field(default_factory=PublishConfig)
@@ -93,8 +94,8 @@ class RunConfig(StrictConfig):
 
     def seed_inheritance(self) -> list[tuple[StrictConfig, StrictConfig]]:
         """(section, the section whose seed it takes unless its own is set), parents first: the
-        data and stage seeds follow the global seed, the skills and collator seeds theirs."""
-        return [(self.data, self), (self.data.skills, self.data), (self.pretrain, self),
+        data and stage seeds follow the global seed, the skills, world and collator seeds theirs."""
+        return [(self.data, self), (self.data.skills, self.data), (self.data.world, self.data), (self.pretrain, self),
                 (self.pretrain.diffusion, self.pretrain), (self.sft, self), (self.sft.diffusion, self.sft),
                 (self.eval, self)]
 

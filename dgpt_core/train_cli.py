@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .run_config import add_config_arguments
@@ -24,7 +25,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="run folder (default: <output_dir>/<preset>)")
     parser.add_argument("--stages", default="pretrain,sft", help="comma-separated subset of pretrain,sft")
-    parser.add_argument("--samples", type=int, default=4, help="held-out skills prompts to answer at the end")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="held-out prompts to answer at the end (world questions about held-out people, or skills)")
     parser.set_defaults(func=run_train)
     return parser
 
@@ -60,22 +62,36 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"{stage}: {json.dumps({k: result.metrics.get(k) for k in ('train_loss', 'val_elbo', 'steps')})}")
 
     if model_dir is not None and args.samples and "sft" in folders:
-        show_samples(model_dir, folders["sft"] / "skills_test.jsonl", args.samples)
+        show_samples(model_dir, held_out_questions(run, folders["sft"])[: args.samples])
     print(f"\nmodel: {model_dir}\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     return 0
 
 
-def show_samples(model_dir: Path, skills_jsonl: Path, count: int) -> None:
-    """Answer a few held-out skills prompts with the saved model folder (its text-diffusion pipeline) and print them."""
-    from transformers import pipeline
+def held_out_questions(run, sft_folder: Path) -> list[tuple[list[dict[str, str]], str, Callable[[str], bool]]]:
+    """(chat messages, expected answer, check) of held-out prompts: the world's questions about
+    held-out people when the SFT data is the world, else the held-out skills the data stage wrote."""
+    from .data.stage_cache import uses_world
 
+    if uses_world(run.data.sft.sources):
+        from .data.world import test_pairs
+
+        return [([{"role": "user", "content": q.question}], q.answer, lambda text, want=q.answer: text.strip() == want)
+                for q in test_pairs(run.data.world)["heldout"]]
     from .data.skills import check_answer, read_skills_jsonl
 
-    if not skills_jsonl.exists():
+    path = sft_folder / "skills_test.jsonl"
+    items = read_skills_jsonl(path) if path.exists() else []
+    return [(item.prompt_messages, item.answer, lambda text, item=item: check_answer(item, text)) for item in items]
+
+
+def show_samples(model_dir: Path, questions: list[tuple[list[dict[str, str]], str, Callable[[str], bool]]]) -> None:
+    """Answer held-out prompts with the saved model folder (its text-diffusion pipeline) and print them."""
+    from transformers import pipeline
+
+    if not questions:
         return
-    items = read_skills_jsonl(skills_jsonl)[:count]
     generator = pipeline("text-diffusion", model=str(model_dir), trust_remote_code=True)
-    for item in items:
-        out = generator(item.prompt_messages)[0]  # the folder's sampler defaults
-        mark = "ok " if check_answer(item, out["generated_text"]) else "bad"
-        print(f"[{mark}] {item.prompt!r} -> {out['generated_text']!r} (expected {item.answer!r}, nfe {out['nfe']})")
+    for messages, answer, check in questions:
+        out = generator(messages)[0]  # the folder's sampler defaults
+        mark = "ok " if check(out["generated_text"]) else "bad"
+        print(f"[{mark}] {messages[-1]['content']!r} -> {out['generated_text']!r} (expected {answer!r}, nfe {out['nfe']})")

@@ -13,6 +13,7 @@ import its modules:
     strategy_comparison:  compare_strategies
     editing:              editing_metrics, corrupt_example
     storage:              cloze_accuracy (facts a pretrained model stores, on the synthetic world)
+    world:                the synthetic world in the suite (storage, dgpt_world rows, long-generation prompts)
     report:               write_outputs, render_markdown
     cli:                  add_eval_parser (`dgpt eval`)
     lm_eval_tasks/:       the local lm-eval tasks (YAML + utils.py)

@@ -24,7 +24,9 @@ TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 SKILLS_GROUP = "dgpt_skills"
 CHITCHAT_TASK = "dgpt_chitchat_mc"
 TEXT_TASK = "dgpt_heldout_text"
-TASK_FILES = {"skills_path": "skills.jsonl", "chitchat_path": "chitchat_mc.jsonl", "text_path": "heldout_text.jsonl"}
+WORLD_GROUP = "dgpt_world"
+TASK_FILES = {"skills_path": "skills.jsonl", "chitchat_path": "chitchat_mc.jsonl", "text_path": "heldout_text.jsonl",
+              "world_path": "world.jsonl"}
 _SKIP_KEYS = {"alias", "name", "sample_len", "sample_count", " "}
 
 
@@ -50,6 +52,7 @@ def write_task_data(
     skills: Sequence[dict] | None = None,
     chitchat: Sequence[dict] | None = None,
     texts: Sequence[str] | None = None,
+    world: Sequence[dict] | None = None,
 ) -> dict[str, str]:
     """Write the local tasks' JSONL files; returns the TaskManager metadata pointing at them."""
     folder = Path(folder)
@@ -61,6 +64,8 @@ def write_task_data(
     if texts is not None:
         rows = [{"text": t} for t in texts]
         meta["text_path"] = str(write_jsonl(rows, folder / TASK_FILES["text_path"]).resolve())
+    if world is not None:
+        meta["world_path"] = str(write_jsonl(world, folder / TASK_FILES["world_path"]).resolve())
     return meta
 
 

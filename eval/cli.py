@@ -27,9 +27,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     p.add_argument("model_dir", help="a saved model folder (safetensors + config + tokenizer)")
     p.add_argument("--out", default=None, help="output folder (default: <model_dir>/../eval)")
-    p.add_argument("--config", default=None, help="EvalConfig YAML; the flags below override it")
+    p.add_argument("--config", default=None,
+                   help="EvalConfig YAML (default: the eval section of the folder's run_config.yaml, else the "
+                        "defaults); the flags below override it")
     p.add_argument("--tasks", nargs="+", default=None,
-                   help="ppl dgpt_skills dgpt_chitchat_mc dgpt_heldout_text repetition, or lm-eval task names")
+                   help="ppl dgpt_skills dgpt_chitchat_mc dgpt_heldout_text repetition editing dgpt_world storage, "
+                        "or lm-eval task names")
     p.add_argument("--strategies", nargs="+", default=None, help="random confidence margin entropy")
     p.add_argument("--limit", type=int, default=None, help="items per task (per skill for dgpt_skills)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps")
@@ -47,9 +50,16 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def config_from_args(args: argparse.Namespace):
+    """The EvalConfig of the command: --config, else the eval settings the model's run used (its
+    folder's run_config.yaml), else the defaults; the flags override it."""
     from dgpt_core.eval_config import EvalConfig
+    from dgpt_core.run_config import read_folder_run_config
 
-    data = EvalConfig.from_yaml(args.config).model_dump() if args.config else {}
+    if args.config:
+        data = EvalConfig.from_yaml(args.config).model_dump()
+    else:
+        run = read_folder_run_config(args.model_dir)
+        data = run.eval.model_dump() if run is not None else {}
     flags = {
         "tasks": args.tasks, "strategies": args.strategies, "limit": args.limit, "steps": args.steps,
         "steps_grid": args.steps_grid, "block_size": args.block_size, "seed": args.seed, "mc_num": args.mc_num,
@@ -101,6 +111,14 @@ def summary(metrics: dict) -> str:
             lines.append(f"ppl bound (answers | prompts): {c['value']:.3f} +- {c['stderr']:.3f} over {c['n_tokens']} tokens")
     for strategy, row in (metrics.get("benchmarks", {}).get("dgpt_skills") or {}).items():
         lines.append(f"skills exact match [{strategy}]: {row['exact_match']:.3f} (NFE/call {row['nfe']:.1f})")
+    storage = metrics.get("storage")
+    if storage:
+        lines.append(f"storage cloze: {storage['cloze_accuracy']:.3f} (token accuracy {storage['token_accuracy']:.3f}) "
+                     f"over {storage['n']} probes")
+    for strategy, row in (metrics.get("benchmarks", {}).get("dgpt_world") or {}).items():
+        if "heldout" in row:
+            lines.append(f"world held-out exact match [{strategy}]: {row['heldout']:.3f} "
+                         f"(train {row.get('train', float('nan')):.3f}, NFE/call {row['nfe']:.1f})")
     mc = metrics.get("benchmarks", {}).get("dgpt_chitchat_mc")
     if mc:
         lines.append(f"chitchat MC: acc {mc.get('acc', float('nan')):.3f}, acc_norm {mc.get('acc_norm', float('nan')):.3f}")

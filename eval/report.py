@@ -14,6 +14,10 @@ COMPARISON_METRICS = (
     "distinct_1", "distinct_2", "distinct_3", "rep_4", "unigram_entropy", "loop_rate",
     "mean_length", "stop_rate", "nfe", "seconds", "ms_per_sample",
 )
+FACT_METRICS = ("fact_precision", "fact_recall")
+"""Rows of the strategy comparison when the generations are scored for facts (the world)."""
+WORLD_COLUMNS = ("heldout", "train", "reversal", "bio_fact_precision", "bio_fact_recall", "bio_exact_match")
+WORLD_KEYS = {"dgpt_world", "dgpt_world_steps"}
 
 
 def _fmt(value: Any) -> str:
@@ -130,15 +134,9 @@ def _benchmark_section(bench: dict[str, Any], strategies: list[str]) -> list[str
                 table(["strategy", "overall", *skill_names, "NFE/call", "seconds"], rows), ""]
     sweep = bench.get("dgpt_skills_steps")
     if sweep:
-        steps = sorted({int(s) for p in sweep.values() for s in p["steps"]})
-        rows = []
-        for st, p in sweep.items():
-            by = {int(s): (em, n) for s, em, n in zip(p["steps"], p["exact_match"], p["nfe"])}
-            rows.append([st, *[f"{by[s][0]:.3f} ({by[s][1]:.1f})" if s in by else "" for s in steps]])
-        out += ["### Exact match vs steps (NFE per call)", "",
-                table(["strategy", *[f"{s} steps" for s in steps]], rows), "",
+        out += ["### Exact match vs steps (NFE per call)", "", _sweep_table(sweep), "",
                 "![quality vs steps](quality_vs_steps.png)", ""]
-    others = {k: v for k, v in bench.items() if k not in {"dgpt_skills", "dgpt_skills_steps"}}
+    others = {k: v for k, v in bench.items() if k not in {"dgpt_skills", "dgpt_skills_steps", *WORLD_KEYS}}
     if others:
         rows = []
         for task, metrics in others.items():
@@ -157,13 +155,55 @@ def _comparison_section(metrics: dict[str, Any], strategies: list[str]) -> list[
     skills = metrics.get("benchmarks", {}).get("dgpt_skills", {})
     for mode, per_strategy in by_mode.items():
         cols = [s for s in strategies if s in per_strategy]
-        rows = [[m, *[per_strategy[s].get(m) for s in cols]] for m in COMPARISON_METRICS]
+        facts = [m for m in FACT_METRICS if any(m in row for row in per_strategy.values())]
+        rows = [[m, *[per_strategy[s].get(m) for s in cols]] for m in (*facts, *COMPARISON_METRICS)]
         if skills and mode == metrics.get("meta", {}).get("repetition_mode"):
             rows.insert(0, ["skills exact match", *[skills.get(s, {}).get("exact_match") for s in cols]])
         out += [f"## Strategy comparison: {mode} generation", "",
                 table(["metric", *cols], rows), ""]
     if by_mode:
         out += ["![repetition](repetition.png)", ""]
+    return out
+
+
+def _sweep_table(sweep: dict[str, dict[str, list[float]]]) -> str:
+    """Exact match (NFE per call) per strategy and step count."""
+    steps = sorted({int(s) for p in sweep.values() for s in p["steps"]})
+    rows = []
+    for st, p in sweep.items():
+        by = {int(s): (em, n) for s, em, n in zip(p["steps"], p["exact_match"], p["nfe"])}
+        rows.append([st, *[f"{by[s][0]:.3f} ({by[s][1]:.1f})" if s in by else "" for s in steps]])
+    return table(["strategy", *[f"{s} steps" for s in steps]], rows)
+
+
+def _world_section(metrics: dict[str, Any], strategies: list[str]) -> list[str]:
+    """Storage (cloze accuracy overall and per attribute, with chance) and the dgpt_world tasks."""
+    storage = metrics.get("storage") or {}
+    bench = metrics.get("benchmarks", {})
+    world, sweep = bench.get("dgpt_world") or {}, bench.get("dgpt_world_steps") or {}
+    if not (storage or world):
+        return []
+    out = ["## World", ""]
+    if storage:
+        rows = [["all", storage.get("cloze_accuracy"), storage.get("token_accuracy"), "", "", storage.get("n")]]
+        rows += [[attr, m["cloze_accuracy"], m["token_accuracy"], m["chance_uniform"], m["chance_majority"], m["n"]]
+                 for attr, m in storage.get("per_attribute", {}).items()]
+        out += [f"### Storage (cloze probes of all {storage.get('people', '')} people, greedy, gold length)", "",
+                table(["attribute", "cloze accuracy", "token accuracy", "chance (uniform)", "chance (majority)",
+                       "probes"], rows), ""]
+    if world:
+        rows = [[st, *[world[st].get(k) for k in WORLD_COLUMNS],
+                 *[world[st].get(f"n_{t}") for t in ("heldout", "train", "reversal", "bio")],
+                 world[st].get("nfe"), world[st].get("stop_rate")] for st in strategies if st in world]
+        out += ["### Questions about people (exact match, lm-eval `dgpt_world`)", "",
+                "heldout: attribute questions on people never in SFT (facts only pretraining gave); train: on "
+                "SFT people; reversal: the name from birth date and city; bio: biography requests of held-out "
+                "people (facts stated true / attributes stated, exact match with any of their biographies).", "",
+                table(["strategy", *WORLD_COLUMNS, "n heldout", "n train", "n reversal", "n bio", "NFE/call",
+                       "stop rate"], rows), ""]
+    if sweep:
+        out += ["### Held-out questions: exact match vs steps (NFE per call)", "", _sweep_table(sweep), "",
+                "![world quality vs steps](world_quality_vs_steps.png)", ""]
     return out
 
 
@@ -217,6 +257,7 @@ def render_markdown(metrics: dict[str, Any], samples: dict[str, Any]) -> str:
     ]
     lines += _ppl_section(metrics.get("ppl_bound", {}))
     lines += _benchmark_section(metrics.get("benchmarks", {}), strategies)
+    lines += _world_section(metrics, strategies)
     lines += _comparison_section(metrics, strategies)
     lines += _editing_section(metrics.get("editing", {}))
     lines += _samples_section(samples)
@@ -235,6 +276,11 @@ def write_outputs(out_dir: str | Path, metrics: dict[str, Any], samples: dict[st
         got = plot_quality_vs_steps(sweep, out / "quality_vs_steps.png", "held-out skills: exact match vs NFE")
         if got:
             files["quality_vs_steps"] = got
+        world_sweep = metrics.get("benchmarks", {}).get("dgpt_world_steps", {})
+        got = plot_quality_vs_steps(world_sweep, out / "world_quality_vs_steps.png",
+                                    "world, held-out questions: exact match vs NFE")
+        if got:
+            files["world_quality_vs_steps"] = got
         got = plot_repetition(metrics.get("repetition_by_mode", {}), out / "repetition.png")
         if got:
             files["repetition_plot"] = got

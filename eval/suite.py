@@ -5,7 +5,11 @@ answers given prompts), `dgpt_skills` (lm-eval generate_until, exact match per s
 per strategy, plus the steps sweep), `dgpt_chitchat_mc` (lm-eval multiple choice),
 `dgpt_heldout_text` (lm-eval loglikelihood_rolling), `repetition` (strategy comparison on plain
 and/or chat prompts), `editing` (SFT models: repair of swapped and inserted answer tokens) and any
-standard lm-eval task (needs the Hub; checked before anything runs).
+standard lm-eval task (needs the Hub; checked before anything runs). When the run's data has the
+synthetic world (a `world` source), `storage` (cloze probes of every person) runs for every model
+kind, `dgpt_world` (questions and biography requests, lm-eval generate_until, per strategy, plus
+the steps sweep) for SFT models, and the repetition study generates biographies of held-out people,
+each scored for facts (eval/world.py).
 Everything is seeded: the same settings give the same numbers.
 """
 
@@ -27,6 +31,7 @@ from dgpt_core.schedules import get_schedule
 
 from . import benchmarks as bm
 from . import data as evdata
+from . import world as evworld
 from .editing import editing_metrics
 from .ppl import answer_rows, ppl_bound, text_rows
 from .report import write_outputs
@@ -77,6 +82,14 @@ class _Suite:
         self.trained_canvas = self.info.answer_canvas if self.info and self.kind == "sft" else None
         """The SFT answer canvas the model was trained on: the skills canvas unless cfg sets one."""
         self.samples: dict[str, Any] = {}
+        self.world = evworld.world_config(self.data_cfg)
+        """The run's world settings when its data has the world source, else None."""
+        self.runs_world = cfg.wants("dgpt_world") and self.world is not None and self.kind == "sft"
+        for task in ("storage", "dgpt_world"):
+            if cfg.wants(task) and self.world is None:
+                self.notes.append(f"{task}: the run's data has no world source, skipped")
+        if cfg.wants("dgpt_world") and self.world is not None and self.kind != "sft":
+            self.notes.append(f"dgpt_world: SFT models only, skipped for a {self.kind} model")
 
     # ------------------------------------------------------------------------------------------
 
@@ -97,14 +110,17 @@ class _Suite:
                 self.notes.append("no held-out SFT examples: conditional bound skipped")
         return result
 
-    def adapter(self, strategy: str, steps: int):
+    def adapter(self, strategy: str, steps: int, skills_canvas: bool = True, canvas: int | None = None):
+        """The lm-eval adapter. Its canvas: `canvas`, else cfg.skills_canvas (when `skills_canvas`),
+        else the trained SFT canvas, else each task's max_gen_toks."""
         from .lm_adapter import DiffusionLM
 
         cfg = self.cfg
+        canvas = canvas or (cfg.skills_canvas if skills_canvas else None) or self.trained_canvas
         return DiffusionLM(
             model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, threshold=cfg.threshold,
             block_size=cfg.block_size,
-            temperature=cfg.temperature, seed=cfg.seed, canvas=cfg.skills_canvas or self.trained_canvas,
+            temperature=cfg.temperature, seed=cfg.seed, canvas=canvas,
             max_canvas=cfg.standard_canvas,
             mc_num=cfg.mc_num, greedy_check=cfg.greedy_check, t_points=cfg.ppl_t_points,
             mask_draws=cfg.ppl_mask_draws, schedule=self.schedule.name, t_eps=self.schedule.eps,
@@ -128,16 +144,81 @@ class _Suite:
             docs, _ = evdata.heldout_documents(self.data_cfg)
             n = _cap(cfg.ppl_max_sequences, cfg.limit)
             kwargs["texts"] = list(evdata._interleave(docs))[:n]
+        if self.runs_world:
+            kwargs["world"] = evworld.task_rows(self.world, self.tok, self.kind, cfg.seed)
+            self.world_refs = {r["context"]: r for r in kwargs["world"]}
+            self.notes.append(f"dgpt_world: {len(kwargs['world'])} items of {self.world.people} people")
         return bm.write_task_data(folder, **kwargs)
+
+    def generation_stats(self, lms: list, steps: int) -> dict[str, float]:
+        """Steps, forward passes per sampler call, seconds and stop rate over the adapters' calls."""
+        total = {k: sum(lm.stats[k] for lm in lms) for k in ("batches", "nfe", "seconds", "stopped", "requests")}
+        return {"steps": float(steps), "nfe": total["nfe"] / max(1.0, total["batches"]), "seconds": total["seconds"],
+                "stop_rate": total["stopped"] / max(1.0, total["requests"])}
+
+    def sweep(self, first: dict[str, float], key: str, run) -> dict[str, list[float]]:
+        """`key` and NFE at cfg.steps (`first`) and every steps_grid value (`run(steps)` -> row)."""
+        points = {self.cfg.steps: first}
+        for steps in self.cfg.steps_grid:
+            if steps not in points:
+                points[steps] = run(steps)
+        ordered = sorted(points.items())
+        return {"steps": [float(s) for s, _ in ordered], "nfe": [p["nfe"] for _, p in ordered],
+                "exact_match": [p[key] for _, p in ordered]}
 
     def skills(self, tm, strategy: str, steps: int) -> tuple[dict[str, float], Any]:
         lm = self.adapter(strategy, steps)
         res = bm.run_tasks(lm, bm.skills_tasks(self.skills_present), tm, limit=self.cfg.limit, seed=self.cfg.seed)
         row = bm.skills_summary(bm.flatten(res))
-        batches = max(1.0, lm.stats["batches"])
-        row.update({"steps": float(steps), "nfe": lm.stats["nfe"] / batches, "seconds": lm.stats["seconds"],
-                    "stop_rate": lm.stats["stopped"] / max(1.0, lm.stats["requests"])})
+        row.update(self.generation_stats([lm], steps))
         return row, lm
+
+    def world_row(self, tm, tasks: list[str], strategy: str, steps: int) -> tuple[dict[str, float], list]:
+        """The dgpt_world row of one strategy: questions on the trained canvas, biography requests
+        on cfg.long_answer_canvas (a biography does not fit a short-answer canvas); the adapters."""
+        flat: dict[str, dict[str, float]] = {}
+        lms = []
+        for group, canvas in ((evworld.short_answer_tasks(tasks), None),
+                              (evworld.long_answer_tasks(tasks), self.cfg.long_answer_canvas)):
+            if group:
+                lm = self.adapter(strategy, steps, skills_canvas=False, canvas=canvas)
+                flat.update(bm.flatten(bm.run_tasks(lm, group, tm, limit=self.cfg.limit, seed=self.cfg.seed)))
+                lms.append(lm)
+        row = evworld.summary(flat)
+        row.update(self.generation_stats(lms, steps))
+        return row, lms
+
+    def world_benchmarks(self, tm) -> dict[str, Any]:
+        """dgpt_world per strategy at cfg.steps, the steps sweep on held-out questions, samples."""
+        cfg, per_strategy, sweep, samples = self.cfg, {}, {}, {}
+        tasks = evworld.tasks_of(list(self.world_refs.values()))
+        if not tasks:
+            self.notes.append("dgpt_world: the world has no test items, skipped")
+            return {}
+        for strategy in cfg.strategies:
+            row, lms = self.world_row(tm, tasks, strategy, cfg.steps)
+            per_strategy[strategy] = row
+            samples[strategy] = self.world_samples([g for lm in lms for g in lm.generations])
+            if cfg.steps_grid and "heldout" in row:
+                sweep[strategy] = self.sweep(row, "heldout", lambda s, st=strategy: self.world_row(
+                    tm, [evworld.TASKS["heldout"]], st, s)[0])
+        self.samples["world"] = samples
+        return {"dgpt_world": per_strategy, **({"dgpt_world_steps": sweep} if sweep else {})}
+
+    def world_samples(self, generations: list[dict[str, Any]]) -> list[dict[str, str]]:
+        """The first generation of each world test set, up to samples_in_report."""
+        firsts: dict[str, dict[str, str]] = {}
+        for g in generations:
+            ref = self.world_refs.get(g["context"])
+            if ref is not None and ref["task"] not in firsts:
+                firsts[ref["task"]] = {"test set": ref["task"], "prompt": ref["prompt"], "answer": ref["answer"],
+                                       "output": g["output"], "correct": str(g["output"].strip() in ref["answers"])}
+        return list(firsts.values())[: self.cfg.samples_in_report]
+
+    def storage(self) -> dict[str, Any]:
+        out = evworld.storage(self.model, self.tok, self.world, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+        self.samples["storage probes"] = {"greedy": out.get("samples", [])}
+        return out
 
     def skill_samples(self, generations: list[dict[str, Any]]) -> list[dict[str, str]]:
         """The first generation of each skill (round-robin), up to samples_in_report."""
@@ -157,19 +238,15 @@ class _Suite:
                 row, lm = self.skills(tm, strategy, cfg.steps)
                 per_strategy[strategy] = row
                 samples[strategy] = self.skill_samples(lm.generations)
-                points = {cfg.steps: row}
-                for steps in cfg.steps_grid:
-                    if steps not in points:
-                        points[steps] = self.skills(tm, strategy, steps)[0]
-                ordered = sorted(points.items())
                 if cfg.steps_grid:
-                    sweep[strategy] = {"steps": [float(s) for s, _ in ordered],
-                                       "nfe": [p["nfe"] for _, p in ordered],
-                                       "exact_match": [p["exact_match"] for _, p in ordered]}
+                    sweep[strategy] = self.sweep(row, "exact_match",
+                                                 lambda s, st=strategy: self.skills(tm, st, s)[0])
             out["dgpt_skills"] = per_strategy
             if sweep:
                 out["dgpt_skills_steps"] = sweep
             self.samples["skills"] = samples
+        if self.runs_world:
+            out.update(self.world_benchmarks(tm))
         likelihood_tasks = [t for t in (bm.CHITCHAT_TASK, bm.TEXT_TASK) if cfg.wants(t)]
         if likelihood_tasks:  # no generation: one run, whatever the strategy
             lm = self.adapter(cfg.strategies[0], cfg.steps)
@@ -203,19 +280,27 @@ class _Suite:
         temperature = cfg.temperature if cfg.repetition_temperature is None else cfg.repetition_temperature
         base = SamplerConfig(steps=cfg.steps, threshold=cfg.threshold, block_size=cfg.block_size,
                              temperature=temperature, seed=cfg.seed)
-        modes: dict[str, tuple[list[list[int]], int]] = {}
-        if self.kind == "sft":
-            prompts = evdata.chat_prompts(self.data_cfg, self.tok, n, self.max_len - min(cfg.chat_canvas, self.max_len // 2))
-            modes["chat"] = (prompts, cfg.chat_canvas)
-        modes["plain"] = (evdata.plain_prompts(cfg, self.data_cfg, self.tok, n), cfg.plain_canvas)
+        modes: dict[str, tuple[list[list[int]], int, Any]] = {}  # prompts, canvas, scorer
+        if self.world is not None:  # biographies of held-out people, scored for facts
+            if self.kind == "sft":
+                limit = self.max_len - min(cfg.long_answer_canvas, self.max_len // 2)
+                prompts, people = evworld.chat_prompts(self.world, self.tok, n, limit)
+                modes["chat"] = (prompts, cfg.long_answer_canvas, evworld.fact_scorer(people))
+            prompts, people = evworld.plain_prompts(self.world, self.tok, n)
+            modes["plain"] = (prompts, cfg.plain_canvas, evworld.fact_scorer(people))
+        else:
+            if self.kind == "sft":
+                limit = self.max_len - min(cfg.chat_canvas, self.max_len // 2)
+                modes["chat"] = (evdata.chat_prompts(self.data_cfg, self.tok, n, limit), cfg.chat_canvas, None)
+            modes["plain"] = (evdata.plain_prompts(cfg, self.data_cfg, self.tok, n), cfg.plain_canvas, None)
         by_mode, samples = {}, {}
-        for mode, (prompts, canvas) in modes.items():
+        for mode, (prompts, canvas, score) in modes.items():
             if not prompts:
                 self.notes.append(f"repetition: no {mode} prompts")
                 continue
             by_mode[mode], samples[mode] = compare_strategies(
                 self.model, self.tok, prompts, cfg.strategies, base.replace(max_new_tokens=canvas),
-                batch_size=cfg.batch_size, keep_samples=cfg.samples_in_report)
+                batch_size=cfg.batch_size, keep_samples=cfg.samples_in_report, score=score)
         self.samples.update({f"{mode} generation": s for mode, s in samples.items()})
         return by_mode
 
@@ -249,8 +334,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate a saved model folder; write metrics.json, samples.json, report.md and plots into
     out_dir; return the metrics dict (keys ppl_bound, benchmarks, repetition, repetition_by_mode,
-    editing for SFT models, meta). `model`/`tokenizer` skip loading from the folder (tests,
-    in-process pipelines)."""
+    editing for SFT models, storage when the data has the world source, meta). `model`/`tokenizer`
+    skip loading from the folder (tests, in-process pipelines)."""
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
     bm.check_standard_tasks(cfg.standard_tasks())  # fail fast, before loading anything
@@ -261,7 +346,12 @@ def run_eval(
         start = time.perf_counter()
         metrics["ppl_bound"] = suite.ppl()
         timings["ppl"] = time.perf_counter() - start
-    if any(cfg.wants(t) for t in ("dgpt_skills", bm.CHITCHAT_TASK, bm.TEXT_TASK)) or cfg.standard_tasks():
+    if cfg.wants("storage") and suite.world is not None:
+        start = time.perf_counter()
+        metrics["storage"] = suite.storage()
+        timings["storage"] = time.perf_counter() - start
+    if (any(cfg.wants(t) for t in ("dgpt_skills", bm.CHITCHAT_TASK, bm.TEXT_TASK)) or suite.runs_world
+            or cfg.standard_tasks()):
         start = time.perf_counter()
         tm = bm.local_task_manager(suite.task_data())
         metrics["benchmarks"] = suite.benchmarks(tm)

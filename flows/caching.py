@@ -22,6 +22,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "untrained": ("dgpt_core",),
     "pretrain": ("dgpt_core", "tasks/launch.py"),
     "sft": ("dgpt_core", "tasks/launch.py"),
+    "sft_control": ("dgpt_core", "tasks/launch.py"),
     "eval": ("dgpt_core", "eval"),
     "publish": ("dgpt_core", "deploy"),
 }

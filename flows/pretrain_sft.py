@@ -199,16 +199,13 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
         out.setdefault("train_metrics", {})[stage] = result["metrics"]
         if tracker:
             tracker.log_metrics(child, {"final": result["metrics"]})
+        if stage == "sft" and "sft_control" in run.eval_models:
+            _train_sft_control(run, folders, keys, out, runner, tracker, stages_dir)
         step_done()
 
     if "eval" in to_run:
         if "untrained" in run.eval_models:
-            key = stage_key("untrained", {"model": model_section, "seed": run.pretrain.seed,
-                                          "diffusion": run.pretrain.diffusion.model_dump(mode="json")}, [data_key])
-            result = runner("untrained-model", "eval", untrained_model_task, key=key, run=run,
-                            tokenizer_dir=folders["tokenizer"], out_dir=str(stages_dir / key))
-            out["models"]["untrained"] = result["model_dir"]
-            keys["untrained"] = key
+            _untrained_model(run, folders, keys, out, runner, stages_dir)
         eval_cfg = eval_config_for(run.eval, folders)
         for name in run.eval_models:
             if name not in out["models"]:
@@ -220,7 +217,7 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
             keys[f"eval-{name}"] = key
             if name == "sft":
                 _adopt_eval_sampler_defaults(out["models"][name], run.eval, result["metrics"])
-            create_markdown_artifact(key=f"eval-report-{name}", markdown=Path(result["report_path"]).read_text(),
+            create_markdown_artifact(key=f"eval-report-{name.replace('_', '-')}", markdown=Path(result["report_path"]).read_text(),
                                      description=f"eval of the {name} model")
             if tracker:
                 child = runner.child(f"eval-{name}")
@@ -252,6 +249,36 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
     return out
 
 
+def _untrained_model(run: RunConfig, folders: dict[str, str], keys: dict[str, str], out: dict[str, Any],
+                     runner: StageRunner, stages_dir: Path) -> str:
+    """The freshly initialised model folder (cached), recorded as out["models"]["untrained"]."""
+    key = stage_key("untrained", {"model": run.model.model_dump(mode="json"), "seed": run.pretrain.seed,
+                                  "diffusion": run.pretrain.diffusion.model_dump(mode="json")}, [keys["data"]])
+    result = runner("untrained-model", "eval", untrained_model_task, key=key, run=run,
+                    tokenizer_dir=folders["tokenizer"], out_dir=str(stages_dir / key))
+    out["models"]["untrained"], keys["untrained"] = result["model_dir"], key
+    return result["model_dir"]
+
+
+def _train_sft_control(run: RunConfig, folders: dict[str, str], keys: dict[str, str], out: dict[str, Any],
+                       runner: StageRunner, tracker: Tracker | None, stages_dir: Path) -> None:
+    """The control: the SFT stage's exact recipe started from the untrained model instead of the
+    pretrained one (cached like the others), recorded as out["models"]["sft_control"]."""
+    untrained = _untrained_model(run, folders, keys, out, runner, stages_dir)
+    key = stage_key("sft_control", {"model": run.model.model_dump(mode="json"), "sft": run.sft.model_dump(mode="json")},
+                    [keys["data"], keys["untrained"]])
+    child = runner.child("sft_control")
+    result = runner("sft_control", "sft", train_task.with_options(task_run_name="train-sft-control"), key=key,
+                    stage="sft", run=run, dataset_dir=folders["sft"], tokenizer_dir=folders["tokenizer"],
+                    out_dir=str(stages_dir / key), init_model_dir=untrained,
+                    tracking_env=tracker.stage_env(child) if tracker else {}, resume="sft" not in runner.forced)
+    keys["sft_control"] = key
+    out["models"]["sft_control"] = result["model_dir"]
+    out.setdefault("train_metrics", {})["sft_control"] = result["metrics"]
+    if tracker:
+        tracker.log_metrics(child, {"final": result["metrics"]})
+
+
 def eval_config_for(cfg: EvalConfig, folders: dict[str, str]) -> EvalConfig:
     """The eval settings with the run's own held-out data where the config names none."""
     return cfg.model_copy(update={
@@ -261,17 +288,24 @@ def eval_config_for(cfg: EvalConfig, folders: dict[str, str]) -> EvalConfig:
     })
 
 
+SAMPLER_CHOICE_TASKS = {"dgpt_skills": "exact_match", "dgpt_world": "heldout"}
+"""Benchmarks whose exact match (the row key) chooses the SFT model's sampler defaults, first found wins."""
+
+
 def _adopt_eval_sampler_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[str, Any]) -> None:
-    """Write the eval's best skills setting into the model folder's sampler defaults (idempotent,
+    """Write the eval's best setting (skills, else the world's held-out questions) into the model folder's sampler defaults (idempotent,
     so a cached eval re-applies it to a retrained folder)."""
     benchmarks = metrics.get("benchmarks", {})
     info = read_model_info(model_dir)
-    if "dgpt_skills" not in benchmarks or info is None:
+    task = next((t for t in SAMPLER_CHOICE_TASKS if t in benchmarks), None)
+    if task is None or info is None:
         return
     canvas = cfg.skills_canvas or info.answer_canvas
     base = {"schedule": info.schedule, "t_eps": info.t_eps, "temperature": cfg.temperature,
             "threshold": cfg.threshold, "block_size": cfg.block_size, "seed": cfg.seed}
-    defaults = choose_sampler_defaults(benchmarks["dgpt_skills"], benchmarks.get("dgpt_skills_steps", {}), canvas, base)
+    rows = {strategy: {"steps": row["steps"], "exact_match": row[SAMPLER_CHOICE_TASKS[task]]}
+            for strategy, row in benchmarks[task].items()}
+    defaults = choose_sampler_defaults(rows, benchmarks.get(f"{task}_steps", {}), canvas, base)
     write_sampler_defaults(model_dir, defaults)
 
 

@@ -12,6 +12,11 @@ from dgpt_core.markdown import markdown_table, significant
 from dgpt_core.provenance import git_state, library_versions
 from dgpt_core.run_config import RunConfig
 
+WORLD_KEYS = ("heldout", "train", "reversal", "bio_fact_precision")
+"""The dgpt_world figures of each strategy shown in the evaluation table."""
+HEADLINE_STRATEGIES = ("random", "confidence")
+"""The strategies the world headline compares (ancestral random order vs confidence order)."""
+
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
     """Comparable numbers of one eval: ppl bound, exact match / accuracy per task and strategy,
@@ -24,13 +29,70 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(values.get(key), int | float):
                 row[f"{task} {key}"] = values[key]
         for strategy, inner in values.items():
-            if isinstance(inner, dict) and isinstance(inner.get("exact_match"), int | float):
-                row[f"{task} exact_match ({strategy})"] = inner["exact_match"]
+            if not isinstance(inner, dict):
+                continue
+            for key in ("exact_match", *WORLD_KEYS):
+                if isinstance(inner.get(key), int | float):
+                    row[f"{task} {key} ({strategy})"] = inner[key]
+    if "cloze_accuracy" in metrics.get("storage", {}):
+        row["storage cloze"] = metrics["storage"]["cloze_accuracy"]
     for strategy, values in metrics.get("repetition", {}).items():
         for key in ("loop_rate", "distinct_2"):
             if key in values:
                 row[f"{key} ({strategy})"] = values[key]
     return row
+
+
+def world_headline(metrics_by_model: dict[str, dict[str, Any]]) -> list[str]:
+    """The card's lead when the run used the synthetic world: what pretraining contributed (held-out
+    people's facts after SFT from the pretrained vs the untrained model), reversal, biography fact
+    precision, random vs confidence repetition on long generations, and the two perplexity bounds."""
+    sft, control, pre = (metrics_by_model.get(k, {}) for k in ("sft", "sft_control", "pretrain"))
+    world = sft.get("benchmarks", {}).get("dgpt_world")
+    if not world:
+        return []
+    base = control.get("benchmarks", {}).get("dgpt_world", {})
+    strategies = [s for s in HEADLINE_STRATEGIES if s in world]
+    rows = []
+    for label, key in (("held-out people: attribute exact match", "heldout"),
+                       ("train people: attribute exact match", "train"),
+                       ("reversed questions (name from birth date and city): exact match", "reversal"),
+                       ("biographies of held-out people: fact precision", "bio_fact_precision"),
+                       ("biographies of held-out people: facts stated (recall)", "bio_fact_recall")):
+        for strategy in strategies:
+            ours, theirs = world[strategy].get(key), base.get(strategy, {}).get(key)
+            gain = ours - theirs if isinstance(ours, int | float) and isinstance(theirs, int | float) else None
+            rows.append([f"{label} ({strategy})", ours, theirs, gain])
+    storage = pre.get("storage", {}).get("cloze_accuracy")
+    lines = ["## Headline: what pretraining contributed", "",
+             f"Storage: the pretrained model completes {significant(storage) if storage is not None else '–'} of "
+             "the cloze probes (\" <name> was born in the city of\" -> city) over all attributes.", "",
+             markdown_table(["metric", "SFT from pretrained", "SFT from untrained (control)", "difference"], rows,
+                            fmt=significant), ""]
+    rep_rows = []
+    for model, mode, what in (("pretrain", "plain", "pretrained model continuing held-out biographies"),
+                              ("sft", "chat", "SFT model's biographies of held-out people")):
+        by_strategy = metrics_by_model.get(model, {}).get("repetition_by_mode", {}).get(mode, {})
+        for strategy in strategies:
+            r = by_strategy.get(strategy)
+            if r:
+                rep_rows.append([what, strategy, r.get("mean_length"), r.get("loop_rate"), r.get("rep_4"),
+                                 r.get("distinct_2"), r.get("fact_precision")])
+    if rep_rows:
+        lines += ["Long generations, random vs confidence unmasking:", "",
+                  markdown_table(["generation", "strategy", "tokens", "loop rate", "rep-4", "distinct-2",
+                                  "fact precision"], rep_rows, fmt=significant), ""]
+    ppl_rows = []
+    for model in ("pretrain", "sft", "sft_control"):
+        bound = metrics_by_model.get(model, {}).get("ppl_bound", {})
+        if bound:
+            ppl_rows.append([model, bound.get("value"), bound.get("conditional", {}).get("value")])
+    if ppl_rows:
+        lines += ["Perplexity upper bounds (ELBO): *text* scores held-out pretraining text (unseen biographies) "
+                  "token by token with no prompt; *answer* scores held-out SFT answers given their question. "
+                  "An SFT model is trained on the second, so its text bound rises while its answer bound falls.", "",
+                  markdown_table(["model", "text bound", "answer bound"], ppl_rows, fmt=significant), ""]
+    return lines
 
 
 def _hardware() -> str:
@@ -60,6 +122,9 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
              f"lr {run.pretrain.learning_rate}, edit stage from {run.pretrain.diffusion.edit_start:.0%}",
              f"- SFT: {run.sft.max_steps} steps x batch {run.sft.per_device_batch_size}, lr {run.sft.learning_rate}, "
              f"answer padding `{run.data.sft.answer_padding}` (canvas {run.data.sft.answer_canvas})", ""]
+    evals = summary.get("evals", {})
+    metrics_by_model = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in evals.items()}
+    lines += world_headline(metrics_by_model)
     if "mlflow" in summary:
         ml = summary["mlflow"]
         lines += [f"- MLflow: `{ml['tracking_uri']}`, experiment {ml['experiment_id']}, run `{ml['parent_run_id']}`", ""]
@@ -74,9 +139,7 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
     lines += [markdown_table(["stage", "wall time (s)", "cache hit", "parameters", "tokens seen", "final train loss",
                               "validation ELBO (nats/token)"], rows, fmt=significant), ""]
 
-    evals = summary.get("evals", {})
     if evals:
-        metrics_by_model = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in evals.items()}
         heads = {name: headline(m) for name, m in metrics_by_model.items()}
         keys = list(dict.fromkeys(k for h in heads.values() for k in h))
         table = markdown_table(["metric", *heads], [[k, *(heads[m].get(k) for m in heads)] for k in keys], fmt=significant)

@@ -82,6 +82,7 @@ def test_decoding_methods_numbers_and_nfe_relations(result):
     sample = result["sample"]
     canvas, sweep = sample["canvas"], sample["sweep"]
     run = load_run_config("ci")
+    assert sample["workload"] == "skills" and sample["quality_keys"] == ["exact_match"]  # not the world
     assert canvas == (run.eval.skills_canvas or 24)
     assert sample["items"] == SMALL["skills_per_skill"] * len(run.data.skills.skills)
     steps = sorted({canvas // 4, canvas // 2, canvas})
@@ -136,6 +137,7 @@ def test_baseline_numbers(result):
     base, run = result["baseline"], load_run_config("ci")
     canvas = result["sample"]["canvas"]
     ar, ours = base["ar"], base["ours"]
+    assert base["workload"] == "skills" and "world_items" not in base and "reversal_ours_minus_ar" not in base
     for model in (ar, ours):
         assert math.isfinite(model["ppl"]) and model["ppl"] >= 1  # exp of a mean negative log-likelihood
         assert math.isfinite(model["answer_ppl"]) and model["answer_ppl"] >= 1
@@ -189,6 +191,7 @@ def test_the_report_shows_the_json_numbers(bench, result):
         assert rows[model] == [_fmt(base[model].get(k)) for k in ("parameters", "ppl", "answer_ppl", "exact_match",
                                                                     "loop_rate", "nfe", "tokens_per_s")]
     assert f"Our tokens/s over AR tokens/s: {base['ours_vs_ar_tokens_per_s']:.3f}" in text
+    assert "## Decoding methods on the skills test items" in text and "## World" not in text
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -151,10 +151,11 @@ README_COMMANDS = {
     "dgpt bench --suite all --model runs/latest/models/sft --out runs/bench":
         "dgpt bench --suite sample --model runs/latest/models/sft --out runs/bench --preset ci --reps 1 --no-plots",
     "python -m bench.gpu runs/bench-gpu --smoke": None,  # tests/test_bench.py runs the smoke path
-    'dgpt generate runs/latest/models/sft --prompt "What is 12 plus 30?"': "same",
-    'dgpt generate runs/latest/models/sft --prompt "What is 12 plus 30?" --strategy confidence --steps 8 --stream': "same",
-    'dgpt generate runs/latest/models/sft --prompt "Reverse the words: cat dog" --strategy threshold --threshold 0.9 '
-    "--max-new-tokens 32 --block-size 8 --steps 8 --prefix-cache": "same",
+    'dgpt generate runs/latest/models/sft --prompt "Where was Sam Davis born?"': "same",
+    'dgpt generate runs/latest/models/sft --prompt "Tell me about Sam Davis." --strategy confidence --steps 16 --stream':
+        "same",
+    'dgpt generate runs/latest/models/sft --prompt "Who was born on February 21, 1997 in Dallas?" --strategy threshold '
+    "--threshold 0.9 --block-size 16 --steps 8 --prefix-cache": "same",
     "dgpt chat runs/latest/models/sft": "same",
 }
 
@@ -201,6 +202,38 @@ def test_every_readme_command_works_after_the_main_job(two_runs, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+WORLD = ["data.pretrain.sources=[{name: world, weight: 2}]", "data.sft.sources=[{name: world}]", "data.world.people=12",
+         "data.sft.answer_canvas=64", "eval_models=[pretrain, sft, sft_control]",
+         "eval.tasks=[ppl, dgpt_world, storage, repetition, editing]"]
+"""The ci preset on the synthetic world, with the control SFT from the untrained model."""
+
+
+def test_a_ci_sized_world_run_trains_the_control_and_leads_the_card_with_what_pretraining_contributed(two_runs):
+    from flows.pretrain_sft import pretrain_sft
+
+    root, first, _ = two_runs
+    run = pretrain_sft(preset="ci", output_dir=str(root), run_name="world", overrides=WORLD)
+    assert run["status"] == "completed"
+    assert [s for s in run["cache_hit"] if s != "publish"] == [
+        "data", "pretrain", "sft", "untrained-model", "sft_control", "eval-pretrain", "eval-sft", "eval-sft_control"]
+    control, sft = Path(run["models"]["sft_control"]), Path(run["models"]["sft"])
+    assert control.parent.name.startswith("sft_control-") and control != sft
+    assert read_model_info(control).kind == "sft" and (control / "model.safetensors").exists()
+    untrained = (Path(run["models"]["untrained"]) / "model.safetensors").read_bytes()
+    assert (control / "model.safetensors").read_bytes() != untrained
+    metrics = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in run["evals"].items()}
+    assert 0.0 <= metrics["pretrain"]["storage"]["cloze_accuracy"] <= 1.0
+    for name in ("sft", "sft_control"):
+        world = metrics[name]["benchmarks"]["dgpt_world"]
+        assert set(world) == {"random", "confidence"} and all(0.0 <= row["heldout"] <= 1.0 for row in world.values())
+    card = Path(run["report_card"]).read_text()
+    assert card.index("## Headline: what pretraining contributed") < card.index("## Stages")
+    assert "SFT from untrained (control)" in card and "text bound" in card and "answer bound" in card
+    assert "held-out people: attribute exact match (random)" in card
+    again = pretrain_sft(preset="ci", output_dir=str(root), run_name="world-again", overrides=WORLD)
+    assert all(again["cache_hit"].values()) and again["models"] == run["models"]
+
+
 # runs last: it moves `latest` and the registry alias
 def test_the_global_seed_reaches_every_training_stage(two_runs):
     from flows.pretrain_sft import pretrain_sft
@@ -212,4 +245,4 @@ def test_the_global_seed_reaches_every_training_stage(two_runs):
         assert reseeded["models"][stage] != first["models"][stage]
         assert reseeded["train_metrics"][stage]["train_loss"] != first["train_metrics"][stage]["train_loss"]
     config = (root / "seed1" / "run_config.yaml").read_text()
-    assert config.count("seed: 1") == 8 and "seed: 0" not in config
+    assert config.count("seed: 1") == 9 and "seed: 0" not in config

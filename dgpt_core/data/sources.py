@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..hub import hub_error_message, require_hub
-from . import chitchat, skills
+from . import chitchat, skills, world
 from .config import DataConfig, SourceSpec
 
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # local loads would otherwise ping the Hub
@@ -49,6 +49,8 @@ class RegistryEntry:
 REGISTRY: dict[str, RegistryEntry] = {
     "chitchat": RegistryEntry("chat", builtin="chitchat", description="PyPI chitchat-dataset, ~7k human small-talk chats (offline)"),
     "skills": RegistryEntry("chat", builtin="skills", description="synthetic exactly-checkable skills (offline)"),
+    "world": RegistryEntry("chat", builtin="world", description="synthetic people: biographies as text, questions "
+                           "about train people as chat (offline)"),
     "roneneldan/TinyStories": RegistryEntry("text", "roneneldan/TinyStories", description="short simple stories"),
     "HuggingFaceFW/fineweb": RegistryEntry("text", "HuggingFaceFW/fineweb", config="sample-10BT", streaming=True),
     "HuggingFaceFW/fineweb-edu": RegistryEntry("text", "HuggingFaceFW/fineweb-edu", config="sample-10BT", streaming=True),
@@ -345,6 +347,14 @@ def iter_chat_routed(
                 stats.kept += 1
                 yield split, conv
         return
+    if res.builtin == "world":
+        for row, pair in enumerate(world.sft_pairs(cfg.world)):
+            stats.rows += 1
+            stats.kept += 1
+            split = "validation" if is_heldout(res.label, pair.question + pair.answer, cfg.seed, cfg.validation_fraction) else "train"
+            messages = [{"role": "user", "content": pair.question}, {"role": "assistant", "content": pair.answer}]
+            yield split, {"messages": messages, "skill": pair.attribute, "row": row}
+        return
     for file, row, key, raw in _rows(res):
         stats.rows += 1
         messages, failures = validate_conversation(raw, res, row, file, require_assistant)
@@ -358,7 +368,15 @@ def iter_chat_routed(
 
 def iter_text_routed(res: Resolved, cfg: DataConfig, stats: LoadStats) -> Iterator[tuple[str, str]]:
     """(split, document); chat rows (a messages field and no text field) are rendered with
-    `render_chat_text`."""
+    `render_chat_text`. The world source gives its biographies (all of them train: every person's
+    facts must be read) and one unseen biography per person as validation."""
+    if res.builtin == "world":
+        for split, docs in (("train", world.pretraining_text(cfg.world)), ("validation", world.validation_biographies(cfg.world))):
+            for doc in docs:
+                stats.rows += 1
+                stats.kept += 1
+                yield split, doc
+        return
     if res.builtin is not None:
         for split, conv in iter_chat_routed(res, cfg, stats, require_assistant=False):
             yield split, render_chat_text(conv["messages"])

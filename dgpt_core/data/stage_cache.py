@@ -10,6 +10,7 @@ from typing import Any
 from .config import DataConfig, SourceSpec
 from .manifest import is_complete
 from .sources import resolve
+from .world import WORLD_VERSION
 
 log = logging.getLogger("dgpt_core.data")
 
@@ -19,9 +20,14 @@ def uses_skills(sources: list[SourceSpec]) -> bool:
     return any(resolve(s).builtin == "skills" for s in sources)
 
 
+def uses_world(sources: list[SourceSpec]) -> bool:
+    """Whether any source is the built-in synthetic world of people."""
+    return any(resolve(s).builtin == "world" for s in sources)
+
+
 def source_inputs(data_cfg: DataConfig, sources: list[SourceSpec]) -> dict[str, Any]:
     """What a stage built from `sources` depends on: the source specs, the data seed and split, and
-    the skills settings when a source generates skills."""
+    the skills / world settings when a source generates them."""
     inputs: dict[str, Any] = {
         "sources": [s.model_dump(mode="json") for s in sources],
         "seed": data_cfg.seed,
@@ -29,6 +35,8 @@ def source_inputs(data_cfg: DataConfig, sources: list[SourceSpec]) -> dict[str, 
     }
     if uses_skills(sources):
         inputs["skills"] = data_cfg.skills.model_dump(mode="json")
+    if uses_world(sources):
+        inputs["world"] = {**data_cfg.world.model_dump(mode="json"), "version": WORLD_VERSION}
     return inputs
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -116,7 +117,16 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 """Question phrasings per attribute for SFT (the answer is the bare value)."""
 
+BIOGRAPHY_REQUESTS = ("Tell me about {n}.", "Who is {n}?", "Write a short biography of {n}.")
+"""Long-answer requests; the answer is one of the person's biographies (30-60 tokens)."""
+
+REVERSAL_QUESTION = "Who was born on {d} in {c}?"
+"""The reversed question (the name from the birth date and city): the reversal-curse test."""
+
 Split = Literal["train", "heldout"]
+TEST_SETS = ("heldout", "train", "reversal", "bio")
+"""The world's test sets: attribute questions on held-out people (knowledge only pretraining
+can give) and on train people, reversed questions and biography requests on held-out people."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,8 @@ class ClozeProbe:
 
 @dataclass(frozen=True)
 class QAPair:
-    """A question about one attribute of a person and its exact answer (the bare value)."""
+    """A question about a person and its exact answer: an attribute's bare value, the name
+    (attribute `name`, reversed questions) or a biography (attribute `biography`)."""
 
     person: str
     attribute: str
@@ -238,3 +249,109 @@ def pretraining_text(cfg: WorldConfig) -> list[str]:
     docs = [bio for person in generate_people(cfg) for bio in biographies(person, cfg)]
     _rng(cfg, "documents").shuffle(docs)
     return docs
+
+
+def reversal_pair(person: Person) -> QAPair | None:
+    """The reversed question of a person with a birth date and birth city, else None."""
+    if not {"birth_date", "birth_city"} <= person.attributes.keys():
+        return None
+    question = REVERSAL_QUESTION.format(d=person.attributes["birth_date"], c=person.attributes["birth_city"])
+    return QAPair(person.name, "name", question, person.name)
+
+
+def biography_requests(person: Person, cfg: WorldConfig) -> list[QAPair]:
+    """One long-answer request per biography of the person, the request phrasings in turn."""
+    return [QAPair(person.name, "biography", BIOGRAPHY_REQUESTS[k % len(BIOGRAPHY_REQUESTS)].format(n=person.name),
+                   bio.strip())
+            for k, bio in enumerate(biographies(person, cfg))]
+
+
+def _unique_reversals(people: list[Person]) -> list[QAPair]:
+    """Reversed questions whose birth date and city identify one person (a shared pair has no
+    single answer: it is left out)."""
+    pairs = [p for p in (reversal_pair(person) for person in people) if p is not None]
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p.question] = counts.get(p.question, 0) + 1
+    return [p for p in pairs if counts[p.question] == 1]
+
+
+def sft_pairs(cfg: WorldConfig) -> list[QAPair]:
+    """The SFT items, all about `train` people: every question phrasing of every attribute, the
+    reversed question and `sft_biographies` biography requests."""
+    people = [p for p in generate_people(cfg) if person_split(p, cfg) == "train"]
+    reversals = {p.person: p for p in _unique_reversals(people)}
+    out: list[QAPair] = []
+    for person in people:
+        out += qa_pairs(person, cfg)
+        if person.name in reversals:
+            out.append(reversals[person.name])
+        out += biography_requests(person, cfg)[: cfg.sft_biographies]
+    return out
+
+
+def one_question_per_attribute(people: list[Person], cfg: WorldConfig) -> list[QAPair]:
+    """One question per attribute of every person, the phrasings taken in turn (person k's
+    attribute j gets phrasing (k + j) mod 3), so every phrasing is asked about as often."""
+    out = []
+    for k, person in enumerate(people):
+        for j, (attr, value) in enumerate(person.attributes.items()):
+            phrasings = QUESTIONS[attr]
+            out.append(QAPair(person.name, attr, phrasings[(k + j) % len(phrasings)].format(n=person.name), value))
+    return out
+
+
+def test_pairs(cfg: WorldConfig) -> dict[str, list[QAPair]]:
+    """The test sets (TEST_SETS): `heldout` and `train`: one question per attribute of every
+    held-out / train person (`one_question_per_attribute`); `reversal` and `bio`: the reversed
+    question and the first biography request of each held-out person (the gold biography is the
+    first; any of the person's biographies is an exact match, see `person_biographies`)."""
+    people = generate_people(cfg)
+    heldout = [p for p in people if person_split(p, cfg) == "heldout"]
+    train = [p for p in people if person_split(p, cfg) == "train"]
+    return {
+        "heldout": one_question_per_attribute(heldout, cfg),
+        "train": one_question_per_attribute(train, cfg),
+        "reversal": _unique_reversals(heldout),
+        "bio": [biography_requests(p, cfg)[0] for p in heldout],
+    }
+
+
+test_pairs.__test__ = False  # a library function, not a pytest test, wherever it is imported
+
+
+def validation_biographies(cfg: WorldConfig) -> list[str]:
+    """One biography per person that pretraining never reads: the next template and sentence
+    order of each person's cycle (the facts are known, the wording is new)."""
+    more = cfg.model_copy(update={"biographies_per_person": cfg.biographies_per_person + 1})
+    return [biographies(person, more)[-1] for person in generate_people(cfg)]
+
+
+def _value_pattern() -> re.Pattern[str]:
+    values = {*CITIES, *UNIVERSITIES, *MAJORS, *(e for e, _ in EMPLOYERS)}
+    words = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    date = rf"(?:{'|'.join(MONTHS)}) \d{{1,2}}, \d{{4}}"
+    return re.compile(rf"(?<![\w]){date}|(?<![\w])(?:{words})(?![\w])")
+
+
+VALUE_PATTERN = _value_pattern()
+"""Any attribute value of the world's value lists (cities, universities, majors, employers, dates)."""
+
+
+def fact_scores(text: str, person: Person) -> dict[str, float]:
+    """How true a generated text is of `person`: `mentions` (attribute values found in the text,
+    from the world's value lists), `fact_precision` (share of them that are one of the person's
+    values; 1.0 with no mention), `fact_recall` (share of the person's attributes whose value is
+    stated)."""
+    found = VALUE_PATTERN.findall(text)
+    true = set(person.attributes.values())
+    stated = sum(1 for v in person.attributes.values() if re.search(rf"(?<![\w]){re.escape(v)}(?![\w])", text))
+    return {"mentions": float(len(found)),
+            "fact_precision": sum(v in true for v in found) / len(found) if found else 1.0,
+            "fact_recall": stated / len(person.attributes)}
+
+
+def person_biographies(person: Person, cfg: WorldConfig) -> list[str]:
+    """Every biography of the person as an answer (no leading space): what a biography request's
+    exact match accepts."""
+    return [b.strip() for b in biographies(person, cfg)]

@@ -1,7 +1,8 @@
 """Loaders and scorers of the local lm-eval tasks (imported by the YAMLs beside this file).
 
 Each task's data is a JSONL file written at eval time (`eval.benchmarks.write_task_data`). Its
-path comes from the TaskManager metadata (`skills_path`, `chitchat_path`, `text_path`) or, for
+path comes from the TaskManager metadata (`skills_path`, `chitchat_path`, `text_path`,
+`world_path`) or, for
 the `lm_eval` command line, from `$DGPT_EVAL_DATA_DIR/<task file>`.
 """
 
@@ -11,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-FILES = {"skills_path": "skills.jsonl", "chitchat_path": "chitchat_mc.jsonl", "text_path": "heldout_text.jsonl"}
+FILES = {"skills_path": "skills.jsonl", "chitchat_path": "chitchat_mc.jsonl", "text_path": "heldout_text.jsonl",
+         "world_path": "world.jsonl"}
 ENV_DIR = "DGPT_EVAL_DATA_DIR"
 
 
@@ -60,3 +62,27 @@ def process_skills(doc: dict, results: list[str]) -> dict[str, float]:
     from dgpt_core.data.skills import check_answer
 
     return {"exact_match": float(check_answer(doc, results[0]))}
+
+
+def load_world(world_path: str | None = None, test_set: str | None = None, **_: object):
+    """The synthetic world's test records (task, context, answer, answers, person, attribute,
+    values), optionally of one test set (`task`: heldout, train, reversal, bio)."""
+    rows = _read(_path("world_path", world_path))
+    return _dataset([r for r in rows if test_set is None or r["task"] == test_set])
+
+
+def process_world(doc: dict, results: list[str]) -> dict[str, float]:
+    """Exact match: the stripped output is the answer."""
+    return {"exact_match": float(results[0].strip() == doc["answer"].strip())}
+
+
+def process_world_bio(doc: dict, results: list[str]) -> dict[str, float]:
+    """A biography request: `fact_precision` / `fact_recall` of the output about the person
+    (`dgpt_core.data.world.fact_scores`, the person rebuilt from the record's `values`) and
+    `exact_match` with any of the person's biographies (`answers`)."""
+    from dgpt_core.data.world import Person, fact_scores
+
+    output = results[0].strip()
+    scores = fact_scores(output, Person(name=doc["person"], attributes=dict(doc["values"])))
+    return {"exact_match": float(output in {a.strip() for a in doc["answers"]}),
+            "fact_precision": scores["fact_precision"], "fact_recall": scores["fact_recall"]}
