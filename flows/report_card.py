@@ -68,7 +68,9 @@ def world_headline(metrics_by_model: dict[str, dict[str, Any]]) -> list[str]:
              f"Storage: the pretrained model completes {significant(storage) if storage is not None else '–'} of "
              "the cloze probes (\" <name> was born in the city of\" -> city) over all attributes.", "",
              markdown_table(["metric", "SFT from pretrained", "SFT from untrained (control)", "difference"], rows,
-                            fmt=significant), ""]
+                            fmt=significant), "",
+             "Fact precision counts an answer that states no attribute value as 1.0 (nothing false was "
+             "said): read it beside the recall row.", ""]
     rep_rows = []
     for model, mode, what in (("pretrain", "plain", "pretrained model continuing held-out biographies"),
                               ("sft", "chat", "SFT model's biographies of held-out people")):
