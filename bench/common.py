@@ -169,7 +169,10 @@ def load_subject(
     else:
         skills = generate_skills(run.data.skills, "test")
         skills_path = Path("generate_skills(test)")
-    notes.append(f"skills test items from {skills_path}")
+    if uses_world(run.data.sft.sources):
+        notes.append(f"world test items: dgpt_core.data.world.test_pairs ({run.data.world.people} people)")
+    else:
+        notes.append(f"skills test items from {skills_path}")
     return Subject(run, model, tokenizer, root, skills, description, notes)
 
 
