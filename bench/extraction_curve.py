@@ -139,10 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_dir)
     people = generate_people(world)
     split = {p.name: person_split(p, world) for p in people}
-    train_pairs = [q for p in people if split[p.name] == "train" for q in qa_pairs(p, world)
-                   if q.question in _phrasings(q.attribute, p.name, args.phrasings)]
-    test = {s: [q for p in people if split[p.name] == s for q in qa_pairs(p, world)
-                if q.question in _phrasings(q.attribute, p.name, 1)] for s in ("heldout", "train")}
+    train_pairs = [q for p in people if split[p.name] == "train" for q in qa_pairs(p, world, args.phrasings)]
+    test = {s: [q for p in people if split[p.name] == s for q in qa_pairs(p, world, 1)] for s in ("heldout", "train")}
     if args.items == "all":
         from dgpt_core.data.world import sft_pairs
 
@@ -225,12 +223,6 @@ def as_sentence(pair: Any, world: Any) -> Any:
     from dgpt_core.data.world import TEMPLATES
 
     return dataclasses.replace(pair, answer=TEMPLATES[pair.attribute][0].format(n=pair.person, v=pair.answer))
-
-
-def _phrasings(attribute: str, name: str, k: int) -> set[str]:
-    from dgpt_core.data.world import QUESTIONS
-
-    return {q.format(n=name) for q in QUESTIONS[attribute][:k]}
 
 
 if __name__ == "__main__":

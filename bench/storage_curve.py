@@ -107,19 +107,15 @@ def evaluation_row(model: Any, tokenizer: Any, probes: list, batch: int) -> tupl
 def mixed_qa(people: list, world: Any, phrasings: int) -> tuple[list[list[dict[str, str]]], list]:
     """(chat conversations of the train people's first `phrasings` questions per attribute, the
     held-out people's first-phrasing QA pairs)."""
-    from dgpt_core.data.world import QUESTIONS, person_split, qa_pairs
-
-    def first(pair: Any, k: int) -> bool:
-        return pair.question in {q.format(n=pair.person) for q in QUESTIONS[pair.attribute][:k]}
+    from dgpt_core.data.world import person_split, qa_pairs
 
     chats, test = [], []
     for person in people:
-        heldout = person_split(person, world) == "heldout"
-        for pair in qa_pairs(person, world):
-            if heldout and first(pair, 1):
-                test.append(pair)
-            elif not heldout and first(pair, phrasings):
-                chats.append([{"role": "user", "content": pair.question}, {"role": "assistant", "content": " " + pair.answer}])
+        if person_split(person, world) == "heldout":
+            test += qa_pairs(person, world, 1)
+        else:
+            chats += [[{"role": "user", "content": pair.question}, {"role": "assistant", "content": " " + pair.answer}]
+                      for pair in qa_pairs(person, world, phrasings)]
     return chats, test
 
 

@@ -104,10 +104,6 @@ def summary(flat: dict[str, dict[str, float]]) -> dict[str, float]:
     return row
 
 
-def heldout_people(cfg: WorldConfig) -> list[Person]:
-    return [p for p in generate_people(cfg) if person_split(p, cfg) == "heldout"]
-
-
 def opening(text: str) -> str:
     """The text up to and including the end of its first sentence (all of it without one)."""
     m = _SENTENCE_END.search(text)

@@ -238,10 +238,11 @@ def cloze_probes(person: Person, cfg: WorldConfig) -> list[ClozeProbe]:
     return probes
 
 
-def qa_pairs(person: Person, cfg: WorldConfig) -> list[QAPair]:
-    """Every question phrasing of every configured attribute, answered by the bare value."""
+def qa_pairs(person: Person, cfg: WorldConfig, phrasings: int | None = None) -> list[QAPair]:
+    """Every question phrasing (or the first `phrasings`) of every configured attribute, answered
+    by the bare value."""
     return [QAPair(person.name, attr, q.format(n=person.name), value)
-            for attr, value in person.attributes.items() for q in QUESTIONS[attr]]
+            for attr, value in person.attributes.items() for q in QUESTIONS[attr][:phrasings]]
 
 
 def pretraining_text(cfg: WorldConfig) -> list[str]:
