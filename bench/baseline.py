@@ -8,15 +8,21 @@ Then, beside the diffusion model:
 - `ppl`: its exact perplexity on held-out pretraining text (every token but the first of each
   sequence) and on held-out SFT answers given their prompts (`answer_ppl`), where
   the diffusion model reports its ELBO upper bounds on the same tokens;
-- `exact_match` on the skills test items, greedy generation with a KV cache; when the run's SFT
-  data is the world instead: `reversal_exact_match` (the name from a held-out person's birth date
-  and city: the reversal curse) and `heldout_exact_match` (attribute questions about held-out
-  people), on the trained answer canvas (bench.world);
-- `tokens_per_s` of that generation, timed alternately with our threshold decoding.
+- short answers, quality only (greedy generation with a KV cache against our best fast decoding
+  method): `exact_match` on the skills test items; when the run's SFT data is the world instead:
+  `reversal_exact_match` (the name from a held-out person's birth date and city: the reversal
+  curse) and `heldout_exact_match` (attribute questions about held-out people), on the trained
+  answer canvas (bench.world);
+- long answers (the world's biography requests of held-out people, else the skills items): AR
+  greedy generation with the KV cache vs our best fast decoding method (the sample suite's
+  choice) without and with the approximate prefix cache, at batch 1 and 32 (`LONG_BATCHES`),
+  timed alternately: `tokens_per_s` of each (answer tokens up to and including the stop token),
+  our ratios over AR, and each model's quality of those answers (`long_answers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -36,10 +42,14 @@ from dgpt_core.trainer import training_arguments
 from eval.ppl import answer_rows, ppl_bound, text_rows
 
 from .common import BenchSizes, Subject, alternate, median_ratio
-from .sample import decode_items, diffusion_decoder, skills_workload
-from .world import qa_counts, qa_workload
+from .sample import Decoder, Outcome, decode_items, diffusion_decoder, skills_workload
+from .world import bio_workload, qa_counts, qa_workload
 
 IGNORE = -100
+LONG_BATCHES = (1, 32)
+"""Batch sizes of the long-answer tokens/s comparison."""
+BATCH_1_ITEMS = 8
+"""Prompts decoded at batch 1 (the workload's first; larger batches decode all of them)."""
 
 
 def matched_config(shape: ModelConfig, vocab_size: int, target_params: int, ids: TokenIds) -> GPT2Config:
@@ -150,47 +160,105 @@ def perplexities(subject: Subject, ar: GPT2LMHeadModel, sizes: BenchSizes) -> di
     return out
 
 
-def baseline_suite(subject: Subject, sizes: BenchSizes, out_dir: Path) -> dict[str, Any]:
-    """Train the matched GPT-2, then compare perplexities and greedy answers with ours: on the
-    world's reversed and attribute questions of held-out people when the run's SFT data is the
-    world (the reversal curse), else on the skills test items."""
-    ar, info = train_baseline(subject, out_dir, sizes.baseline_budget)
-    ppl = perplexities(subject, ar, sizes)
-    workload = qa_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
-    canvas = workload.canvas
-    ids = TokenIds.from_tokenizer(subject.tokenizer)
+def ar_decoder(ar: GPT2LMHeadModel, ids: TokenIds, canvas: int) -> Decoder:
+    """Greedy generation of up to `canvas` tokens with the KV cache, stopping at our stop tokens;
+    NFE = generated positions (one forward each)."""
     stops = list(SamplerConfig().stop_ids(ids))
-    ours_cfg = SamplerConfig(strategy="threshold", threshold=0.9, steps=canvas, max_new_tokens=canvas,
-                             temperature=0.0, seed=0)
-    results: dict[str, Any] = {}
 
     @torch.inference_mode()
-    def ar_decode(batch: list[list[int]]) -> tuple[list[list[int]], list[bool], float]:
+    def decode(batch: list[list[int]]) -> tuple[list[list[int]], list[bool], float]:
         prompt_ids, mask = left_pad(batch, ids.pad)
         out = ar.generate(input_ids=prompt_ids, attention_mask=mask, max_new_tokens=canvas, do_sample=False,
                           eos_token_id=stops, pad_token_id=ids.pad, use_cache=True)
         new = out[:, prompt_ids.shape[1] :]
         answers, stopped = cut_at_stop(new, stops)
-        return answers, stopped, new.shape[1]  # one forward per generated position
+        return answers, stopped, new.shape[1]
 
-    decoders = {"ar": ar_decode, "ours": diffusion_decoder(subject.model, ids, ours_cfg)}
+    return decode
 
-    def runner(key: str) -> Callable[[], None]:
+
+def describe(cfg: SamplerConfig) -> str:
+    """A sampler config in words, e.g. `threshold (tau 0.9), at most 32 steps per block of 32,
+    prefix cache, greedy`."""
+    name = {"random": "ancestral", "threshold": f"threshold (tau {cfg.threshold:g})",
+            "eb": f"eb (gamma {cfg.eb_gamma:g})"}.get(cfg.strategy, cfg.strategy)
+    steps = f"{'at most ' if cfg.rule.commit != 'count' else ''}{cfg.steps} steps"
+    steps += f" per block of {cfg.block_size}" if cfg.block_size else ""
+    steps += f" in {cfg.canvas_blocks} windows" if cfg.canvas_blocks > 1 else ""
+    extras = [text for text, on in (("prefix cache", cfg.prefix_cache),
+                                    (f"no repeated {cfg.no_repeat_ngram_size}-grams", cfg.no_repeat_ngram_size > 0),
+                                    (f"remask {cfg.remask}", cfg.remask != "off"), ("editing", cfg.edit)) if on]
+    temperature = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature:g}"
+    return ", ".join([name, steps, *extras, temperature])
+
+
+def quality(outcome: Outcome) -> dict[str, float]:
+    """The scores, loop rate and NFE per call of one decoding run."""
+    return {**outcome.scores, "loop_rate": outcome.loop_rate, "nfe": outcome.nfe}
+
+
+def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, fast: SamplerConfig) -> dict[str, Any]:
+    """AR greedy generation with the KV cache vs ours (`fast` without, then with the prefix cache)
+    on the long-answer workload (the world's biography requests, else the skills items), at each
+    batch size of LONG_BATCHES, all timed in one alternating loop. Batch 1 decodes the first
+    BATCH_1_ITEMS prompts, larger batches all of them; the quality is that of the largest batch."""
+    workload = bio_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
+    canvas, ids = workload.canvas, TokenIds.from_tokenizer(subject.tokenizer)
+    plain = workload.sampler(fast.replace(prefix_cache=False))
+    decoders = {"ar": ar_decoder(ar, ids, canvas), "ours": diffusion_decoder(subject.model, ids, plain),
+                "ours_cache": diffusion_decoder(subject.model, ids, plain.replace(prefix_cache=True))}
+    items = {batch: workload if batch > 1 else dataclasses.replace(workload, prompts=workload.prompts[:BATCH_1_ITEMS])
+             for batch in LONG_BATCHES}
+    outcomes: dict[str, Outcome] = {}
+
+    def runner(key: str, batch: int) -> Callable[[], None]:
         def run() -> None:
-            results[key] = decode_items(workload, sizes.batch_size, decoders[key], subject.tokenizer)
+            outcomes[f"{key}/{batch}"] = decode_items(items[batch], batch, decoders[key], subject.tokenizer)
 
         return run
 
-    seconds = alternate({key: runner(key) for key in decoders}, sizes.reps)
-    tps = {k: [results[k].tokens / s for s in seconds[k]] for k in seconds}
+    seconds = alternate({f"{k}/{b}": runner(k, b) for b in LONG_BATCHES for k in decoders}, sizes.reps)
+    tps = {name: [outcomes[name].tokens / s for s in times] for name, times in seconds.items()}
+    largest = max(LONG_BATCHES)
+    out: dict[str, Any] = {key: {f"batch_{b}": statistics.median(tps[f"{key}/{b}"]) for b in LONG_BATCHES}
+                           for key in decoders}
+    for key in ("ours", "ours_cache"):
+        out[f"{key}_vs_ar"] = {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}
+    out["long_answers"] = {
+        "workload": workload.name, "canvas": canvas,
+        "items": {f"batch_{b}": len(items[b].prompts) for b in LONG_BATCHES},
+        "method": describe(plain), "quality_keys": list(workload.quality_keys),
+        **{key: quality(outcomes[f"{key}/{largest}"]) for key in decoders},
+    }
+    return out
+
+
+def baseline_suite(subject: Subject, sizes: BenchSizes, out_dir: Path, fast: SamplerConfig) -> dict[str, Any]:
+    """Train the matched GPT-2, then compare with ours (`fast`, our best fast decoding method as the
+    sample suite chose it; its `max_new_tokens` is set to each workload's canvas): perplexities;
+    greedy short answers (quality only) on the world's reversed and attribute questions of
+    held-out people when the run's SFT data is the world (the reversal curse), else on the skills
+    test items; and the tokens/s and quality of long answers (`long_answer_speed`)."""
+    ar, info = train_baseline(subject, out_dir, sizes.baseline_budget)
+    ppl = perplexities(subject, ar, sizes)
+    workload = qa_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
+    ids = TokenIds.from_tokenizer(subject.tokenizer)
+    ours_cfg = workload.sampler(fast.replace(prefix_cache=False))
+    short = {"ar": decode_items(workload, sizes.batch_size, ar_decoder(ar, ids, workload.canvas), subject.tokenizer),
+             "ours": decode_items(workload, sizes.batch_size, diffusion_decoder(subject.model, ids, ours_cfg),
+                                  subject.tokenizer)}
+    speed = long_answer_speed(subject, sizes, ar, fast)
     summary: dict[str, Any] = {"workload": workload.name, "quality_keys": list(workload.quality_keys)}
     for key in ("ar", "ours"):
-        summary[key] = {**ppl[key], **results[key].scores, "loop_rate": results[key].loop_rate,
-                        "nfe": results[key].nfe, "tokens_per_s": statistics.median(tps[key])}
+        summary[key] = {**ppl[key], **quality(short[key]), "tokens_per_s": speed[key]}
     summary["ar"].update({"parameters": info["parameters"], "training": info})
-    summary["ours"].update({"parameters": info["diffusion_parameters"], "method": "threshold@0.9",
+    summary["ours"].update({"parameters": info["diffusion_parameters"], "method": describe(ours_cfg),
                             "ppl_is_upper_bound": True})
-    summary["ours_vs_ar_tokens_per_s"] = median_ratio(tps["ours"], tps["ar"])
+    summary["ours_cache"] = {"method": describe(ours_cfg.replace(prefix_cache=True)),
+                             "tokens_per_s": speed["ours_cache"]}
+    summary["ours_vs_ar_tokens_per_s"] = speed["ours_vs_ar"]
+    summary["ours_cache_vs_ar_tokens_per_s"] = speed["ours_cache_vs_ar"]
+    summary["long_answers"] = speed["long_answers"]
     if subject.world is not None:
         summary["world_items"] = qa_counts(subject, sizes)
         summary["reversal_ours_minus_ar"] = (summary["ours"]["reversal_exact_match"]

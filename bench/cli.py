@@ -24,10 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import ModernBertForMaskedLM
+
+from dgpt_core.sampling import SamplerConfig
+from dgpt_core.tokenizer import load_tokenizer
 
 from .common import SIZES, load_subject
+from .world import long_answer_canvas
 
-SUITES = ("train", "sample", "baseline")
+SUITES = ("train", "sample", "repetition", "baseline", "compile")
 
 
 def run_bench(
@@ -40,14 +45,18 @@ def run_bench(
     skills_jsonl: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     run_overrides: list[str] | None = None,
+    text_model_dir: str | Path | None = None,
     plots: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
     """Run `suites` and write bench.json, bench.md and the plots into out_dir; returns bench.json's
     content. `overrides` replace BenchSizes fields, `run_overrides` (`key.path=value`) change the
-    run config. Suites not run this time are kept from an existing bench.json in out_dir, so the
+    run config; `text_model_dir` is the pretrain model of the repetition suite's plain-text workload
+    (default: the `pretrain` folder beside an SFT model folder of a pipeline run). Suites not run this time are kept from an existing bench.json in out_dir, so the
     suites can run one command at a time."""
     from .baseline import baseline_suite
+    from .compile import compile_suite
+    from .repetition import find_text_model, repetition_suite
     from .report import write_report
     from .sample import sample_suite
     from .train import train_suite
@@ -67,8 +76,18 @@ def run_bench(
             result["train"] = train_suite(subject.run, len(subject.tokenizer), sizes)
         elif suite == "sample":
             result["sample"] = sample_suite(subject, sizes)
+        elif suite == "repetition":
+            text_dir = Path(text_model_dir) if text_model_dir else find_text_model(Path(model_dir)) if model_dir else None
+            text_model = None if text_dir is None else (
+                ModernBertForMaskedLM.from_pretrained(str(text_dir)).eval(), load_tokenizer(text_dir))
+            if text_dir is not None:
+                subject.notes.append(f"repetition text workload: {text_dir}")
+            result["repetition"] = repetition_suite(subject, sizes, text_model)
+        elif suite == "compile":
+            result["compile"] = compile_suite(subject, sizes)
         else:
-            result["baseline"] = baseline_suite(subject, sizes, out)
+            canvas = long_answer_canvas(subject) if subject.world is not None else subject.run.eval.skills_canvas or 24
+            result["baseline"] = baseline_suite(subject, sizes, out, fast_method(result.get("sample"), canvas))
         seconds[suite] = round(time.perf_counter() - began, 1)
     result["meta"] = {
         "model": subject.description,
@@ -84,6 +103,16 @@ def run_bench(
     return result
 
 
+def fast_method(sample: dict[str, Any] | None, canvas: int) -> SamplerConfig:
+    """Our best fast decoding method as the sample suite chose it, else threshold decoding (tau
+    0.9, greedy, at most one step per token of the `canvas`): what the baseline comparison times
+    against the AR model."""
+    if sample and "best_fast_config" in sample:
+        return SamplerConfig(**sample["best_fast_config"])
+    return SamplerConfig(strategy="threshold", threshold=0.9, temperature=0.0, seed=0, steps=canvas,
+                         max_new_tokens=canvas)
+
+
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="benchmark training, sampling and an AR baseline",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +122,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(SIZES), default="tiny", help="measurement sizes (default: tiny)")
     parser.add_argument("--set", dest="run_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run config value, e.g. data.world.people=12 (repeatable)")
+    parser.add_argument("--text-model", default=None,
+                        help="pretrain model folder of the repetition suite's plain-text workload "
+                             "(default: models/pretrain beside --model)")
     parser.add_argument("--data", default=None, help="prepared data root (tokenizer/, pretrain/, sft/)")
     parser.add_argument("--skills-jsonl", default=None, help="skills test items (default: <data>/sft/skills_test.jsonl)")
     parser.add_argument("--reps", type=int, default=None, help="alternating repetitions per comparison")
@@ -111,6 +143,7 @@ def _main(args: argparse.Namespace) -> int:
     suites = SUITES if args.suite == "all" else (args.suite,)
     run_bench(args.out, suites=suites, model_dir=args.model, preset=args.preset, data_dir=args.data,
               skills_jsonl=args.skills_jsonl, overrides=overrides, run_overrides=args.run_overrides,
+              text_model_dir=args.text_model,
               plots=not args.no_plots,
               command="dgpt " + shlex.join(sys.argv[1:]))
     print(Path(args.out) / "bench.md")

@@ -25,6 +25,7 @@ from dgpt_core.run_config import (
     read_folder_run_config,
     set_by_path,
 )
+from dgpt_core.sampling import SamplerConfig
 from dgpt_core.tokenizer import (
     add_diffusion_tokens,
     load_tokenizer,
@@ -116,6 +117,13 @@ class Workload:
     """(item index, answer text) -> scores in [0, 1]; an item may give only some of the keys."""
     quality_keys: tuple[str, ...]
     """The scores whose means decide equal quality, the headline one first."""
+    canvas_blocks: int = 1
+    """`SamplerConfig.canvas_blocks` of every decoding of the workload (long answers of an SFT
+    model: `EvalConfig.long_answer_blocks`), capped at each setting's steps."""
+
+    def sampler(self, cfg: SamplerConfig) -> SamplerConfig:
+        """`cfg` on this workload: its canvas and windows (at most one window per step)."""
+        return cfg.replace(max_new_tokens=self.canvas, canvas_blocks=min(self.canvas_blocks, cfg.steps))
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:

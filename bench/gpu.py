@@ -1,14 +1,27 @@
 """GPU benchmark, one command: bf16 diffusion training throughput and MFU of a ModernBERT-base-sized
-model under DeepSpeed ZeRO-2 on one GPU (sdpa attention), then sampler tokens/s.
+model under DeepSpeed ZeRO-2 on one GPU (sdpa attention), its step time against a plain masked-LM
+step, then sampler tokens/s at batch 1 and 64 against a GPT-2 of the same parameter count
+generating with its KV cache.
 
-    python -m bench.gpu OUT_DIR                 # ~2-4 minutes on an H100 / H200
+    python -m bench.gpu OUT_DIR                 # a few minutes on an H100 / H200
     python -m bench.gpu OUT_DIR --smoke         # CPU, tiny sizes: exercises every code path
 
-Writes OUT_DIR/bench_gpu.json and OUT_DIR/train_profile.txt (torch.profiler table of three more
-training steps; bench_gpu.json gives the GPU-busy share of their wall time). Model: hidden 768, 22 layers, 12 heads, GLU width 1152, vocab 50368,
+Writes OUT_DIR/bench_gpu.json (also printed) and OUT_DIR/train_profile.txt (torch.profiler table of
+three more diffusion steps; bench_gpu.json gives the GPU-busy share of their wall time and the
+peak memory of those steps). Model: hidden 768, 22 layers, 12 heads, GLU width 1152, vocab 50368,
 global attention in every layer, sequence 1024, random weights, random tokens (every position
 eligible, as in pretraining). Training step: our collator (on the CPU, inside the timed loop),
-`diffusion_loss` (logits only at the scored positions), engine backward and step.
+`diffusion_loss` (logits only at the scored positions), engine backward and step; alternating with
+it on the same engine, a masked-LM step (transformers' 15 % collator, the model's own loss on
+logits at every position): `diffusion_vs_mlm_throughput` = median of MLM step s / diffusion step s.
+
+Sampling (`sample`: batch `sample_batch`, `sample_batch_1`: batch 1): random prompts of `prompt`
+tokens, `canvas` new tokens, no stop tokens, greedy; our sampler settings (random weights keep
+every confidence far below the threshold, so each runs its step cap: canvas / 4 forwards, or 16
+per block of 64; the tokens/s assume that NFE), and `ar_kv_cache`: the GPT-2 of
+bench.baseline.matched_config (same width, depth, heads and parameter count) generating exactly
+`canvas` tokens with transformers' `generate` and its KV cache; `ours_vs_ar_tokens_per_s` per
+setting.
 
 MFU = model FLOPs per second / the GPU's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; pass
 --peak-tflops otherwise). Model FLOPs per step = 6 * dense parameters * tokens (every linear
@@ -25,6 +38,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +46,26 @@ import torch
 
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 FULL = {"hidden": 768, "layers": 22, "heads": 12, "intermediate": 1152, "vocab": 50368, "seq": 1024,
-        "batch": 16, "warmup": 5, "steps": 30, "sample_batch": 32, "prompt": 64, "canvas": 256}
+        "batch": 16, "warmup": 5, "steps": 30, "sample_batch": 64, "prompt": 64, "canvas": 256}
 SMOKE = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "vocab": 1024, "seq": 128,
          "batch": 2, "warmup": 1, "steps": 2, "sample_batch": 2, "prompt": 16, "canvas": 32}
 
 
-def build(size: dict[str, int]) -> tuple[Any, Any]:
-    """(tokenizer, random ModernBertForMaskedLM) of the given size, sdpa attention."""
-    from bench.common import random_model, synthetic_tokenizer
+def shape_of(size: dict[str, int]) -> Any:
+    """The ModelConfig of the given size, sdpa attention, global attention in every layer."""
     from dgpt_core.config import ModelConfig
 
+    return ModelConfig(hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
+                       intermediate_size=size["intermediate"], max_seq_len=size["seq"],
+                       attn_implementation="sdpa", global_attn_every_n_layers=1)
+
+
+def build(size: dict[str, int]) -> tuple[Any, Any]:
+    """(tokenizer, random ModernBertForMaskedLM) of the given size."""
+    from bench.common import random_model, synthetic_tokenizer
+
     tokenizer = synthetic_tokenizer(size["vocab"])
-    shape = ModelConfig(hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
-                        intermediate_size=size["intermediate"], max_seq_len=size["seq"],
-                        attn_implementation="sdpa", global_attn_every_n_layers=1)
-    return tokenizer, random_model(shape, tokenizer)
+    return tokenizer, random_model(shape_of(size), tokenizer)
 
 
 def model_flops(model: Any, size: dict[str, int], tokens: int, scored: int) -> float:
@@ -141,6 +160,8 @@ def profile_steps(run_step: Any, device: torch.device, table_path: Path, steps: 
 
 def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: float | None,
                 out_dir: Path) -> dict[str, Any]:
+    from transformers import DataCollatorForLanguageModeling
+
     from bench.common import random_tokens
     from dgpt_core.collator import DiffusionCollator
     from dgpt_core.config import DiffusionConfig
@@ -151,6 +172,7 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
     model.to(device).train()
     engine, is_deepspeed = make_engine(model, size["batch"], bf16)
     collator = DiffusionCollator.from_tokenizer(DiffusionConfig(edit_start=1.0), tokenizer, size["seq"])
+    mlm_collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0)
     mask_id = special_token_ids(tokenizer)["mask"]
 
     def run_step(step: int) -> tuple[float, float, int]:
@@ -169,13 +191,30 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
             raise RuntimeError(f"non-finite loss at step {step}")
         return time.perf_counter() - start, collated - start, int((batch["masked_positions"] | batch["edit_positions"]).sum())
 
-    step_s, collate_s, scored_counts = [], [], []
+    def mlm_step(step: int) -> float:
+        """One timed masked-LM step on the same rows: seconds."""
+        rows = random_tokens(tokenizer, (size["batch"], size["seq"]), seed=step).tolist()
+        sync(device)
+        start = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in mlm_collator([{"input_ids": r} for r in rows]).items()}
+        loss = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
+        engine.backward(loss)
+        engine.step()
+        sync(device)
+        return time.perf_counter() - start
+
+    step_s, collate_s, scored_counts, mlm_s = [], [], [], []
     for step in range(size["warmup"] + size["steps"]):
         seconds, collate, scored = run_step(step)
+        mlm = mlm_step(step)
         if step >= size["warmup"]:
             step_s.append(seconds)
             collate_s.append(collate)
             scored_counts.append(scored)
+            mlm_s.append(mlm)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak of diffusion steps alone, from here
     profile = profile_steps(run_step, device, out_dir / "train_profile.txt")
     tokens = size["batch"] * size["seq"]
     seconds = statistics.median(step_s)
@@ -193,19 +232,42 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
         "achieved_tflops": flops / seconds / 1e12,
         "mfu": None if peak is None else flops / seconds / peak,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "mlm_step_s_median": statistics.median(mlm_s),
+        "mlm_tokens_per_s": tokens / statistics.median(mlm_s),
+        "diffusion_vs_mlm_throughput": statistics.median(m / d for m, d in zip(mlm_s, step_s)),
         "profile": profile,
     }
     return out
 
 
-def sample_bench(size: dict[str, int], device: torch.device, bf16: bool) -> dict[str, Any]:
+def median_seconds(run: Callable[[], int], device: torch.device, reps: int = 3) -> tuple[float, int]:
+    """(median seconds, forward passes) of `run()` (which returns its forward passes) after a warm-up."""
+    run()
+    times, nfe = [], 0
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        nfe = run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), nfe
+
+
+@torch.inference_mode()
+def sample_bench(size: dict[str, int], device: torch.device, bf16: bool, batch: int) -> dict[str, Any]:
+    """Tokens/s of our sampler settings and of the matched GPT-2 with its KV cache at `batch`."""
+    from transformers import GPT2LMHeadModel
+
+    from bench.baseline import matched_config
     from bench.common import random_tokens
     from dgpt_core.sampling import SamplerConfig, TokenIds, generate
 
-    tokenizer, model = build({**size, "seq": size["prompt"] + size["canvas"]})
-    model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    length = size["prompt"] + size["canvas"]
+    tokenizer, model = build({**size, "seq": length})
+    model.to(device=device, dtype=dtype).eval()
     ids = TokenIds.from_tokenizer(tokenizer)
-    prompts = random_tokens(tokenizer, (size["sample_batch"], size["prompt"]))
+    prompts = random_tokens(tokenizer, (batch, size["prompt"])).to(device)
     steps = size["canvas"] // 4
     configs = {
         "confidence": SamplerConfig(strategy="confidence", steps=steps, max_new_tokens=size["canvas"]),
@@ -214,20 +276,27 @@ def sample_bench(size: dict[str, int], device: torch.device, bf16: bool) -> dict
         "threshold_block64_cache": SamplerConfig(strategy="threshold", steps=16, block_size=64,
                                                  max_new_tokens=size["canvas"], prefix_cache=True),
     }
-    out: dict[str, Any] = {"batch": size["sample_batch"], "prompt": size["prompt"], "canvas": size["canvas"]}
-    for name, cfg in configs.items():
-        cfg = cfg.replace(stop_token_ids=(), temperature=0.0, seed=0)
-        generate(model, prompts, ids, cfg)  # warm-up
-        times, nfe = [], 0
-        for _ in range(3):
-            sync(device)
-            start = time.perf_counter()
-            nfe = generate(model, prompts, ids, cfg).nfe
-            sync(device)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        out[name] = {"nfe": nfe, "seconds": seconds, "tokens_per_s": size["sample_batch"] * size["canvas"] / seconds,
+    ours = sum(p.numel() for p in model.parameters())
+    ar = GPT2LMHeadModel(matched_config(shape_of({**size, "seq": length}), size["vocab"], ours, ids))
+    ar.to(device=device, dtype=dtype).eval()
+    out: dict[str, Any] = {"batch": batch, "prompt": size["prompt"], "canvas": size["canvas"],
+                           "parameters": ours, "ar_parameters": sum(p.numel() for p in ar.parameters())}
+
+    def ours_run(cfg: SamplerConfig) -> Callable[[], int]:
+        return lambda: generate(model, prompts, ids, cfg.replace(stop_token_ids=(), temperature=0.0, seed=0)).nfe
+
+    def ar_run() -> int:
+        new = ar.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=size["canvas"],
+                          min_new_tokens=size["canvas"], do_sample=False, use_cache=True, pad_token_id=ids.pad)
+        return new.shape[1] - prompts.shape[1]  # one forward per new token
+
+    runs = {**{name: ours_run(cfg) for name, cfg in configs.items()}, "ar_kv_cache": ar_run}
+    for name, run in runs.items():
+        seconds, nfe = median_seconds(run, device)
+        out[name] = {"nfe": nfe, "seconds": seconds, "tokens_per_s": batch * size["canvas"] / seconds,
                      "ms_per_step": 1000 * seconds / nfe}
+    out["ours_vs_ar_tokens_per_s"] = {name: out[name]["tokens_per_s"] / out["ar_kv_cache"]["tokens_per_s"]
+                                      for name in configs}
     return out
 
 
@@ -258,7 +327,8 @@ def main() -> int:
     gc.collect()  # the DeepSpeed engine holds reference cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    result["sample"] = sample_bench(size, device, bf16)
+    result["sample"] = sample_bench(size, device, bf16, size["sample_batch"])
+    result["sample_batch_1"] = sample_bench(size, device, bf16, 1)
     result["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu.json").write_text(json.dumps(result, indent=2) + "\n")

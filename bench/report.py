@@ -7,6 +7,7 @@ from typing import Any
 
 from eval.report import table, write_json
 
+from .repetition import render_repetition
 from .sample import QUALITY_TOLERANCE
 
 TARGETS = {
@@ -18,7 +19,7 @@ TARGETS = {
 }
 
 
-SWEEP_COSTS = ("method", "nfe", "nfe_per_prompt", "loop_rate", "tokens_per_s")
+SWEEP_COSTS = ("method", "nfe", "nfe_per_prompt", "loop_rate", "rep_4", "tokens_per_s")
 """Keys of a sweep point that are not its workload's scores."""
 WORKLOADS = {"skills": "the skills test items", "world": "the world's biography requests of held-out people"}
 """What each workload's decoding comparison runs on, for the section titles."""
@@ -100,7 +101,15 @@ def targets(result: dict[str, Any]) -> list[list[Any]]:
         for vocab, share in sample["overhead_share"].items():
             rows.append([f"sampler overhead share, vocab {vocab}", share, "< 0.15",
                          share < TARGETS["sampler_overhead_share_max"]])
+    found = result.get("repetition", {}).get("findings")
+    if found:
+        rows.append(["repetition-safe confidence-family method (loop rate, rep-4 <= random, fact precision >=)",
+                     found["safe_method"] or f"none (closest: {found['compared']})", "exists", found["target_met"]])
     base = result.get("baseline")
+    for batch, ratio in (base or {}).get("ours_vs_ar_tokens_per_s", {}).items():
+        best = max(ratio, base["ours_cache_vs_ar_tokens_per_s"][batch])
+        rows.append([f"long answers, ours (best of with and without prefix cache) / AR tokens/s, "
+                     f"{batch.replace('_', ' ')}", best, "> 1", best > 1])
     if base and "reversal_ours_minus_ar" in base:
         gap = base["reversal_ours_minus_ar"]
         rows.append(["world reversal exact match, ours - AR", gap, "> 0", gap > 0])
@@ -142,13 +151,15 @@ def render(result: dict[str, Any]) -> str:
                   f"each at most {QUALITY_TOLERANCE} below the reference's, loop rate no higher. Every prompt needs "
                   f"at least one forward pass, so no method can beat NFE x{sample['nfe_speedup_cap']:.2f} against "
                   "this reference.", "",
-                  table(["method", "setting", "NFE per call", "NFE per prompt", "tokens/s", *names, "loop rate"],
+                  table(["method", "setting", "NFE per call", "NFE per prompt", "tokens/s", *names, "loop rate",
+                         "rep-4"],
                         [[m, r["setting"], r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], *(r[k] for k in scores),
-                          r["loop_rate"]]
+                          r["loop_rate"], r.get("rep_4")]
                          for m, r in sample["methods"].items()]), "",
                   "All settings:", "",
-                  table(["setting", "NFE per call", "NFE per prompt", "tokens/s", *names, "loop rate"],
-                        [[n, r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], *(r[k] for k in scores), r["loop_rate"]]
+                  table(["setting", "NFE per call", "NFE per prompt", "tokens/s", *names, "loop rate", "rep-4"],
+                        [[n, r["nfe"], r["nfe_per_prompt"], r["tokens_per_s"], *(r[k] for k in scores), r["loop_rate"],
+                          r.get("rep_4")]
                          for n, r in sample["sweep"].items()]), "",
                   "![quality vs cost](methods.png)", ""]
         overhead = sample["overhead_by_strategy"]
@@ -166,15 +177,34 @@ def render(result: dict[str, Any]) -> str:
                                               length["block_cache_vs_full_time"])]), "",
                   "![time vs length](lengths.png)", ""]
     if "baseline" in result:
-        base = result["baseline"]
-        keys = ["parameters", "ppl", "answer_ppl", *quality_keys(base), "loop_rate", "nfe", "tokens_per_s"]
-        lines += ["## Autoregressive baseline (GPT-2, same parameter count and data)", "",
-                  "Ours: perplexities are ELBO upper bounds; AR: exact. Ours decodes with `threshold@0.9`.", "",
-                  table(["model", *keys], [[k, *(base[k].get(c) for c in keys)] for k in ("ar", "ours")]), "",
-                  f"Our tokens/s over AR tokens/s: {base['ours_vs_ar_tokens_per_s']:.3f}. AR training: "
-                  f"{base['ar']['training']['stages']}.", ""]
+        lines += baseline_section(result["baseline"])
     lines += world_section(result)
+    if "repetition" in result:
+        lines += render_repetition(result["repetition"])
     return "\n".join(lines)
+
+
+def baseline_section(base: dict[str, Any]) -> list[str]:
+    """The AR baseline: perplexities and short-answer quality, then long-answer tokens/s at each
+    batch size and both models' quality of those answers."""
+    keys = ["parameters", "ppl", "answer_ppl", *quality_keys(base), "loop_rate", "nfe"]
+    long = base["long_answers"]
+    batches = list(base["ours_vs_ar_tokens_per_s"])
+    scores = [*long["quality_keys"], "loop_rate", "nfe"]
+    rows = [[key, base[key].get("method", "GPT-2 greedy, KV cache"), *(base[key]["tokens_per_s"][b] for b in batches),
+             *(long[key].get(k) for k in scores)] for key in ("ar", "ours", "ours_cache")]
+    return ["## Autoregressive baseline (GPT-2, same parameter count and data)", "",
+            f"Ours: perplexities are ELBO upper bounds; AR: exact. Short answers: ours decodes with "
+            f"{base['ours']['method']}.", "",
+            table(["model", *keys], [[k, *(base[k].get(c) for c in keys)] for k in ("ar", "ours")]), "",
+            f"Long answers ({long['workload']}, canvas {long['canvas']}, items per batch size {long['items']}): answer "
+            "tokens/s, all timed in one alternating loop, and the quality of the largest batch's answers.", "",
+            table(["model", "method", *(f"tokens/s {b.replace('_', ' ')}" for b in batches),
+                   *(k.replace("_", " ") for k in scores)], rows), "",
+            table(["ratio", *(b.replace("_", " ") for b in batches)],
+                  [[f"{key} / ar tokens/s", *(base[f"{key}_vs_ar_tokens_per_s"][b] for b in batches)]
+                   for key in ("ours", "ours_cache")]), "",
+            f"AR training: {base['ar']['training']['stages']}.", ""]
 
 
 def world_section(result: dict[str, Any]) -> list[str]:

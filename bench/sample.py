@@ -1,13 +1,15 @@
 """Sampler benchmarks: per-step overhead, decoding methods on the test workload, time vs length.
 
 The workload is the world's biography requests of held-out people when the run's SFT data is the
-world (quality: fact recall, then fact precision; canvas: the trained answer canvas; bench.world),
+world (quality: fact recall, fact precision, exact match; canvas: the long-answer canvas; bench.world),
 else the skills test items (quality: exact match; canvas: the run's eval skills canvas).
 Decoding methods (argmax tokens, seed 0, the workload's canvas):
 `ancestral` (MDLM, positions at random) at its best-quality step count is the reference;
-`confidence` (count-based top-k) at its best step count; `threshold` (Fast-dLLM, tau 0.9,
-`steps` = canvas as the cap), `threshold_block` (the same in blocks of half the canvas) and
-`threshold_block_cache` (that with the approximate prefix cache).
+`confidence`, `margin`, `entropy` (count-based top-k by p, p1 - p2, -H) and `confidence+guard`
+(with the 3-gram repetition guard) at their best step counts; `threshold` (Fast-dLLM, tau 0.9,
+`steps` = canvas as the cap), `eb` (EB-sampler, at its best entropy budget gamma, the same cap),
+`threshold_block` (threshold in blocks of half the canvas) and `threshold_block_cache` (that with
+the approximate prefix cache).
 Every setting of the sweep is timed in the same alternating loop, so tokens/s ratios compare
 runs made seconds apart. Tokens/s counts answer tokens (up to and including the stop token).
 """
@@ -15,6 +17,7 @@ runs made seconds apart. Tokens/s counts answer tokens (up to and including the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import statistics
 from collections.abc import Callable, Iterator, Sequence
@@ -123,6 +126,8 @@ class Outcome:
     scores: dict[str, float]
     """Mean of each score of the workload's scorer over the items that give it."""
     loop_rate: float
+    rep_4: float
+    """Share of repeated 4-grams (eval.metrics.repetition)."""
     nfe: float
     """Forward passes per sampler call (a batch of prompts)."""
     tokens: int
@@ -150,9 +155,11 @@ def score(workload: Workload, answers: list[list[int]], stopped: list[bool], nfe
         for key, value in workload.scorer(index, tokenizer.decode(answer, skip_special_tokens=True)).items():
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
+    text = repetition_metrics(answers)
     return Outcome(
         scores={key: sums[key] / counts[key] for key in sums},
-        loop_rate=repetition_metrics(answers)["loop_rate"],
+        loop_rate=text["loop_rate"],
+        rep_4=text["rep_4"],
         nfe=sum(nfes) / len(nfes),
         tokens=sum(len(a) + s for a, s in zip(answers, stopped)),
     )
@@ -199,16 +206,25 @@ def decode_items(workload: Workload, batch_size: int, decoder: Decoder, tokenize
     return score(workload, answers, stopped, nfes, tokenizer)
 
 
+STEP_METHODS = {"ancestral": "random", "confidence": "confidence", "margin": "margin", "entropy": "entropy",
+                "confidence+guard": "confidence+guard"}
+"""Methods swept over step counts (canvas / 4, / 2, / 1): method name -> decoding method of the sampler."""
+EB_GAMMAS = (0.01, 0.1, 1.0)
+"""Entropy budgets (nats per step) of the EB-sampler sweep."""
+
+
 def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple[str, SamplerConfig]]:
     """Sweep point name -> (method, sampler config)."""
     base = SamplerConfig(temperature=0.0, seed=0, max_new_tokens=canvas)
     grid = sorted({max(1, canvas // 4), max(1, canvas // 2), canvas})
     out: dict[str, tuple[str, SamplerConfig]] = {}
-    for steps in grid:
-        out[f"ancestral@{steps}"] = ("ancestral", base.replace(strategy="random", steps=steps))
-        out[f"confidence@{steps}"] = ("confidence", base.replace(strategy="confidence", steps=steps))
+    for method, decoding in STEP_METHODS.items():
+        for steps in grid:
+            out[f"{method}@{steps}"] = (method, base.for_method(decoding).replace(steps=steps))
     for tau in thresholds:
         out[f"threshold@{tau}"] = ("threshold", base.replace(strategy="threshold", threshold=tau, steps=canvas))
+    for gamma in EB_GAMMAS:
+        out[f"eb@{gamma}"] = ("eb", base.replace(strategy="eb", eb_gamma=gamma, steps=canvas))
     block = max(1, canvas // 2)
     out["threshold_block@0.9"] = ("threshold_block", base.replace(strategy="threshold", block_size=block, steps=block))
     out["threshold_block_cache@0.9"] = ("threshold_block_cache",
@@ -222,7 +238,8 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
     workload = bio_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
     prompts, canvas, keys = workload.prompts, workload.canvas, workload.quality_keys
     ids = TokenIds.from_tokenizer(subject.tokenizer)
-    settings = method_settings(canvas, sizes.thresholds)
+    settings = {name: (method, workload.sampler(cfg))
+                for name, (method, cfg) in method_settings(canvas, sizes.thresholds).items()}
     outcomes: dict[str, Outcome] = {}
 
     def runner(name: str, cfg: SamplerConfig) -> Callable[[], None]:
@@ -239,6 +256,7 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
                "nfe_per_prompt": forwards_per_row(subject.model, ids, cfg, prompts, sizes.batch_size),
                **outcomes[name].scores,
                "loop_rate": outcomes[name].loop_rate,
+               "rep_4": outcomes[name].rep_4,
                "tokens_per_s": outcomes[name].tokens / statistics.median(seconds[name])}
         for name, (method, cfg) in settings.items()
     }
@@ -250,8 +268,9 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
         names = [n for n, (m, _) in settings.items() if m == method]
         return max(names, key=lambda n: (*quality(n), -sweep[n]["nfe"]))
 
-    chosen = {"ancestral": best_of("ancestral"), "confidence": best_of("confidence"),
+    chosen = {**{method: best_of(method) for method in STEP_METHODS},
               "threshold": "threshold@0.9" if "threshold@0.9" in sweep else best_of("threshold"),
+              "eb": best_of("eb"),
               "threshold_block": "threshold_block@0.9", "threshold_block_cache": "threshold_block_cache@0.9"}
     reference = sweep[chosen["ancestral"]]
     fast = [n for n, (m, _) in settings.items() if m != "ancestral"]
@@ -268,6 +287,7 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
         "reference": chosen["ancestral"],
         "best_fast": best,
         "best_fast_within_quality": bool(qualified),
+        "best_fast_config": dataclasses.asdict(settings[best][1]),
         "nfe_speedup": reference["nfe_per_prompt"] / sweep[best]["nfe_per_prompt"],
         "nfe_speedup_cap": reference["nfe_per_prompt"],  # over the minimum, one forward per prompt
         "nfe_per_call_speedup": reference["nfe"] / sweep[best]["nfe"],

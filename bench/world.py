@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dgpt_core.data.config import WorldConfig
 from dgpt_core.data.world import Person, QAPair, fact_scores, generate_people, person_biographies, test_pairs
-from dgpt_core.run_config import RunConfig
+from dgpt_core.model_info import model_info_of
 
 from .common import BenchSizes, Subject, Workload, encode_chat
 
@@ -25,9 +25,14 @@ QA_SETS = ("reversal", "heldout")
 """Short-answer test sets of the baseline comparison, each scored as `<set>_exact_match`."""
 
 
-def short_answer_canvas(run: RunConfig) -> int:
-    """The trained SFT answer canvas, else the eval's long-answer canvas."""
-    return run.data.sft.answer_canvas or run.eval.long_answer_canvas
+def long_answer_canvas(subject: Subject) -> int:
+    """The eval's long-answer canvas for the model under test (`EvalConfig.long_canvas`)."""
+    return subject.run.eval.long_canvas(model_info_of(subject.model))
+
+
+def short_answer_canvas(subject: Subject) -> int:
+    """The trained SFT answer canvas, else the long-answer canvas."""
+    return subject.run.data.sft.answer_canvas or long_answer_canvas(subject)
 
 
 def _world(subject: Subject) -> WorldConfig:
@@ -49,7 +54,7 @@ def _prompts(subject: Subject, pairs: list[QAPair]) -> list[list[int]]:
 
 def bio_workload(subject: Subject, sizes: BenchSizes) -> Workload:
     """Biography requests of up to `sizes.world_people` held-out people; quality = fact recall,
-    then fact precision."""
+    fact precision, then exact match with one of the person's biographies."""
     cfg = _world(subject)
     pairs = _pairs(cfg, "bio", sizes.world_people)
     people: dict[str, Person] = {p.name: p for p in generate_people(cfg)}
@@ -61,8 +66,8 @@ def bio_workload(subject: Subject, sizes: BenchSizes) -> Workload:
         return {"fact_recall": scores["fact_recall"], "fact_precision": scores["fact_precision"],
                 "exact_match": float(text.strip() in gold[name])}
 
-    return Workload("world", _prompts(subject, pairs), subject.run.eval.long_answer_canvas, scorer,
-                    ("fact_recall", "fact_precision"))
+    return Workload("world", _prompts(subject, pairs), long_answer_canvas(subject), scorer,
+                    ("fact_recall", "fact_precision", "exact_match"), subject.run.eval.long_answer_blocks)
 
 
 def qa_workload(subject: Subject, sizes: BenchSizes) -> Workload:
@@ -75,7 +80,7 @@ def qa_workload(subject: Subject, sizes: BenchSizes) -> Workload:
         test_set, pair = sets[index]
         return {f"{test_set}_exact_match": float(text.strip() == pair.answer.strip())}
 
-    return Workload("world", _prompts(subject, [p for _, p in sets]), short_answer_canvas(subject.run), scorer,
+    return Workload("world", _prompts(subject, [p for _, p in sets]), short_answer_canvas(subject), scorer,
                     tuple(f"{s}_exact_match" for s in QA_SETS))
 
 

@@ -11,12 +11,15 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from .config import StrictConfig
-from .sampling_types import STRATEGIES, SamplerConfig
+from .model_info import ModelInfo
+from .sampling_types import STRATEGIES, SamplerConfig, method_options
 
 LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "repetition", "editing",
                "dgpt_world", "storage")
 """Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study,
 the editing metric, the synthetic world's QA tasks and storage probe."""
+DEFAULT_LONG_ANSWER_CANVAS = 64
+"""Canvas of long answers for a model that records none (a biography is 30-60 tokens)."""
 
 
 class EvalConfig(StrictConfig):
@@ -32,7 +35,9 @@ class EvalConfig(StrictConfig):
     with a note), and with it the repetition study generates biographies of held-out people. And any
     standard lm-eval task name (hellaswag, arc_easy, piqa, lambada, gsm8k, ...; needs the Hub)."""
     strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES))
-    """Unmasking strategies compared in every generative task, at the same steps and seed."""
+    """Decoding methods compared in every generative task, at the same steps and seed: a strategy
+    of the sampler's table, optionally with `+modifier`s (`confidence+guard`: the n-gram repetition
+    guard; `random+remdm_cap`: ReMDM remasking; see sampling_types.MODIFIERS)."""
     steps: int = Field(16, ge=1)
     """Denoising steps (per block when block_size is set) of every generation; for the
     `threshold` strategy a cap (it stops once nothing is left to decode)."""
@@ -64,9 +69,15 @@ class EvalConfig(StrictConfig):
     """Canvas of chat replies in the repetition study."""
     plain_canvas: int = Field(48, ge=1)
     """Canvas of plain-text continuations in the repetition study."""
-    long_answer_canvas: int = Field(64, ge=1)
-    """Canvas of chat replies in the repetition study when the run's data has the world source
-    (biography requests of held-out people: long answers)."""
+    long_answer_canvas: int | None = Field(None, ge=1)
+    """Canvas of long answers (the world's biography requests: dgpt_world_bio and the chat replies
+    of the repetition study); None = the canvas the SFT model trained long answers on
+    (`ModelInfo.long_answer_canvas`), else DEFAULT_LONG_ANSWER_CANVAS."""
+    long_answer_blocks: int = Field(8, ge=1)
+    """canvas_blocks of long answers (`SamplerConfig.canvas_blocks`: windows revealed left to right
+    inside the canvas, LLaDA's semi-autoregressive decoding): an SFT model pads answers with
+    end-of-text, and on a long canvas the confidence orders otherwise fill it with end-of-text from
+    the right and stop after a few tokens. Capped at the steps."""
     plain_prompt_tokens: int = Field(16, ge=1)
     """Prompt length (tokens of a held-out document) of plain-text continuations."""
     repetition_prompts: int = Field(32, gt=0)
@@ -133,9 +144,10 @@ class EvalConfig(StrictConfig):
     @field_validator("strategies")
     @classmethod
     def _known_strategies(cls, value: list[str]) -> list[str]:
-        bad = [s for s in value if s not in STRATEGIES]
-        if bad or not value:
-            raise ValueError(f"unknown strategies {bad}; choose from {list(STRATEGIES)}")
+        if not value:
+            raise ValueError(f"no strategies; choose from {list(STRATEGIES)}")
+        for name in value:
+            method_options(name)  # raises on an unknown strategy or modifier
         return value
 
     @field_validator("steps_grid")
@@ -144,6 +156,11 @@ class EvalConfig(StrictConfig):
         if any(s < 1 for s in value):
             raise ValueError("steps_grid entries must be >= 1")
         return sorted(set(value))
+
+    def long_canvas(self, info: ModelInfo | None) -> int:
+        """The canvas of long answers for a model with this info (see `long_answer_canvas`)."""
+        trained = info.long_answer_canvas if info is not None and info.kind == "sft" else None
+        return self.long_answer_canvas or trained or DEFAULT_LONG_ANSWER_CANVAS
 
     def standard_tasks(self) -> list[str]:
         """Requested tasks that are not local (standard lm-eval tasks)."""

@@ -4,13 +4,17 @@
                   --max-new-tokens 32 --block-size 16 --temperature 0.7 --seed 0 --edit --stream]
     dgpt generate MODEL_DIR --prompt "Hi there" --strategy threshold --steps 16
                   --max-new-tokens 256 --block-size 32 --prefix-cache     # fast decoding
+    dgpt generate MODEL_DIR --prompt "Tell me about Sam Davis." --strategy confidence+guard
+                  --max-new-tokens 64 --steps 64             # confidence order, no repeated 3-gram
     dgpt chat MODEL_DIR [--system "You are terse."] [sampler options]
 
 Prompts go through the tokenizer's chat template as a user turn unless `--raw`. On a terminal,
 `--stream` and the chat redraw the canvas after every denoising step, masks shown as '░'.
 The sampler options are the fields of `SamplerConfig` (`--max-new-tokens` for max_new_tokens,
 `--edit` / `--no-edit` for a bool, the field's docstring as help); those not given come from the
-model folder's `sampler_defaults`. The chat sends the model no more history than its SFT examples
+model folder's `sampler_defaults`. `--strategy` takes a decoding method: a strategy with optional
+`+modifier`s (`+guard`, `+remdm_cap`, `+remdm_rescale`, `+remdm_conf`), whose options the other
+options given override. The chat sends the model no more history than its SFT examples
 had (`context_messages` of the folder's model info); the pipeline's warnings (e.g. a prompt cut
 to fit the model's window) are printed as one line.
 """
@@ -38,7 +42,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from .model_info import model_info_of
 from .pipeline import MASK_SYMBOL, Message, TextDiffusionPipeline
-from .sampling_types import SamplerConfig
+from .sampling_types import SamplerConfig, method_options
 
 NOT_ON_COMMAND_LINE: frozenset[str] = frozenset()
 """SamplerConfig fields without a command-line option: those whose values cannot be typed in (a
@@ -100,6 +104,8 @@ def _sampler_argument(name: str, hint: Any) -> dict[str, Any]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (hint,) = [a for a in args if a is not type(None)]
         args = typing.get_args(hint)
+    if name == "strategy":
+        return {"type": _method_name, "metavar": "METHOD"}
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if hint in (int, float, str):
@@ -124,9 +130,19 @@ def _field_docs(cls: type) -> dict[str, str]:
     }
 
 
+def _method_name(name: str) -> str:
+    try:
+        method_options(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
+
+
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampler options given on the command line."""
-    return {name: getattr(args, name) for name in sampler_fields() if getattr(args, name) is not None}
+    """The sampler options given on the command line: `--strategy` names a decoding method (a
+    strategy and `+modifier`s), which the other options given override."""
+    given = {name: getattr(args, name) for name in sampler_fields() if getattr(args, name) is not None}
+    return {**method_options(given.pop("strategy")), **given} if "strategy" in given else given
 
 
 def load_pipeline(model_dir: str, device: str | None = None) -> TextDiffusionPipeline:

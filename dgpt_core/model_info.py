@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .sampling_types import DEFAULTS_KEY, SamplerConfig
+from .sampling_types import DEFAULTS_KEY, SamplerConfig, method_options
 
 INFO_KEY = "diffusion_gpt"
 """Key of config.json holding the ModelInfo."""
@@ -40,6 +40,8 @@ class ModelInfo:
     """Lower clamp of t in training."""
     answer_canvas: int | None = None
     """SFT answer canvas (tokens of answer + <|im_end|> + padding) it was trained on; None = none."""
+    long_answer_canvas: int | None = None
+    """SFT canvas of answers longer than `answer_canvas` (biographies, open-ended replies); None = none."""
     answer_padding: str = "none"
     """SFT answer padding: eos (answers padded with end-of-text to the canvas) or none."""
     context_messages: int | None = None
@@ -119,8 +121,9 @@ def choose_sampler_defaults(
 ) -> dict[str, Any]:
     """The cheapest (strategy, steps) whose exact match is within `tolerance` of the best one.
 
-    `skills`: per strategy a row with `exact_match` and `steps` (the eval's dgpt_skills); `sweep`:
-    per strategy {"steps": [...], "exact_match": [...]} (dgpt_skills_steps). Among the settings
+    `skills`: per decoding method (a strategy, or a strategy with `+modifier`s) a row with
+    `exact_match` and `steps` (the eval's dgpt_skills); `sweep`: per method {"steps": [...],
+    "exact_match": [...]} (dgpt_skills_steps). Among the settings
     within tolerance of the best exact match, the fewest steps wins, then the higher exact match.
     """
     points: list[tuple[str, int, float]] = []
@@ -131,8 +134,8 @@ def choose_sampler_defaults(
     if not points:
         raise ValueError("no exact-match results to choose sampler defaults from")
     best = max(em for _, _, em in points)
-    strategy, steps, _ = min((p for p in points if p[2] >= best - tolerance), key=lambda p: (p[1], -p[2]))
-    return {**(base or {}), "strategy": strategy, "steps": steps, "max_new_tokens": canvas}
+    method, steps, _ = min((p for p in points if p[2] >= best - tolerance), key=lambda p: (p[1], -p[2]))
+    return {**(base or {}), **method_options(method), "steps": steps, "max_new_tokens": canvas}
 
 
 def info_for_stage(run: Any, kind: ModelKind, context_messages: int | None = None) -> ModelInfo:
@@ -144,7 +147,8 @@ def info_for_stage(run: Any, kind: ModelKind, context_messages: int | None = Non
     if kind != "sft":
         return ModelInfo(kind, diffusion.schedule, diffusion.t_eps)
     sft = run.data.sft
-    return ModelInfo(kind, diffusion.schedule, diffusion.t_eps, sft.answer_canvas, sft.answer_padding, context_messages)
+    return ModelInfo(kind, diffusion.schedule, diffusion.t_eps, sft.answer_canvas, sft.long_answer_canvas,
+                     sft.answer_padding, context_messages)
 
 
 def context_messages_of(input_ids: Any, im_start_id: int) -> int:

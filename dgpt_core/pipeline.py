@@ -23,7 +23,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .sampling import SamplerConfig, SampleResult, TokenIds, generate
 from .sampling import stream as sample_states
-from .sampling_types import DEFAULTS_KEY
+from .sampling_types import DEFAULTS_KEY, method_options
 
 TASK = "text-diffusion"
 MASK_SYMBOL = "░"
@@ -100,6 +100,8 @@ class TextDiffusionPipeline(Pipeline):
             raise TypeError(f"unknown text-diffusion options {unknown}; valid: {sorted(SAMPLER_OPTIONS)}")
         if kwargs.get("stop_token_ids") is not None:
             kwargs["stop_token_ids"] = tuple(kwargs["stop_token_ids"])
+        if "strategy" in kwargs:  # a decoding method name: a strategy and its +modifiers
+            kwargs = {**method_options(kwargs.pop("strategy")), **kwargs}
         return {}, kwargs, {}
 
     def __call__(

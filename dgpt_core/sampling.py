@@ -17,6 +17,7 @@ in `schedules.py` (all copied with this file).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from .sampling_ops import (
     delete_shift,
     draw,
     draw_from_hidden,
+    entropy_bound_commit,
+    penalise,
+    repeated_ngram_completions,
     select_positions,
     threshold_commit,
 )
@@ -142,8 +146,10 @@ def stream(
     never = [i for i in (token_ids.mask, token_ids.pad, token_ids.im_start) if i is not None]
     stop_ids = torch.tensor(cfg.stop_ids(token_ids), dtype=torch.long, device=device)
     banned_at_masks = never + ([token_ids.delete] if token_ids.delete is not None else [])
+    special = {i for i in dataclasses.astuple(token_ids) if i is not None} | set(cfg.stop_ids(token_ids))
     run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), banned_at_masks, stop_ids,
-               NoiseSchedule(cfg.schedule, cfg.t_eps), logits_hook, tokens_hook)
+               torch.tensor(sorted(special), device=device), NoiseSchedule(cfg.schedule, cfg.t_eps), logits_hook,
+               tokens_hook)
 
     was_training = model.training
     model.eval()
@@ -188,6 +194,8 @@ class _Run:
     """`never` and <|delete|>: the ids never drawn at a masked position."""
     stops: torch.Tensor
     """Stop token ids in effect."""
+    special: torch.Tensor
+    """Special and stop token ids: n-grams with one of them are not guarded against repeating."""
     schedule: NoiseSchedule
     """The noise schedule of ancestral steps."""
     logits_hook: LogitsHook | None
@@ -199,6 +207,8 @@ def _denoise_block(
 ) -> Iterator[tuple[torch.Tensor, int, bool]]:
     """Denoise `size` masks after the context in at most cfg.steps steps; after each step yield
     the block (rows, size), the forward passes so far and whether the block is finished.
+    With cfg.canvas_blocks > 1 the masks are revealed window by window, left to right, each window
+    with its share of the steps (a window whose masks are all revealed hands over at once).
     When the strategy's rule compacts (and without editing) a row leaves the forward batch once it
     is finished."""
     cfg, rule, mask_id = run.cfg, run.cfg.rule, run.ids.mask
@@ -208,27 +218,47 @@ def _denoise_block(
     forward = _Forward(run, width)
     compact = rule.compacts and not cfg.edit
     live = torch.arange(rows, device=context.device)
-    for j in range(cfg.steps):
-        editing = cfg.edit and j < cfg.steps - 1
-        current = blk[live] if compact else blk
-        x = torch.cat([context[live] if compact else context, current], 1)
-        get_draw = functools.partial(forward, first_step + j, x, attn[live] if compact else attn, live)
-        new = _denoise_step(run, current, get_draw, cfg.steps - j, editing)
-        blk = blk.index_put((live,), new) if compact else new
-        if run.tokens_hook is not None:
-            blk = run.tokens_hook(first_step + j, torch.cat([context, blk], 1))[:, width:]
-        pending = blk == mask_id
-        if rule.ends_at_stop:
-            pending &= ~after_stop(blk, run.stops)
-        unfinished = pending.any(1)
-        last = j == cfg.steps - 1 or (not cfg.edit and not bool(unfinished.any()))
-        if last and rule.ends_at_stop:
-            blk = blk.masked_fill(blk == mask_id, run.ids.pad)
-        yield blk, forward.nfe, last
-        if last:
-            return
-        if compact:
-            live = unfinished.nonzero().squeeze(1)
+    # p(token) when each position was revealed: what remask="conf" remasks by
+    revealed_p = blk.new_zeros((rows, size), dtype=torch.float64) if cfg.remask == "conf" else None
+    windows = _windows(size, cfg.steps, cfg.canvas_blocks)
+    j = 0
+    for k, (end, budget) in enumerate(windows):
+        for i in range(budget):
+            final = k == len(windows) - 1 and i == budget - 1
+            current = blk[live] if compact else blk
+            x = torch.cat([context[live] if compact else context, current], 1)
+            get_draw = functools.partial(forward, first_step + j, x, attn[live] if compact else attn, live)
+            current_p = None if revealed_p is None else (revealed_p[live] if compact else revealed_p)
+            new, new_p = _denoise_step(run, current, current_p, get_draw, budget - i, budget,
+                                       cfg.edit and not final, end)
+            blk = blk.index_put((live,), new) if compact else new
+            if revealed_p is not None:
+                revealed_p = revealed_p.index_put((live,), new_p) if compact else new_p
+            if run.tokens_hook is not None:
+                blk = run.tokens_hook(first_step + j, torch.cat([context, blk], 1))[:, width:]
+            j += 1
+            pending = blk == mask_id
+            if rule.ends_at_stop:
+                pending &= ~after_stop(blk, run.stops)
+            unfinished = pending.any(1)
+            last = final or (not cfg.edit and not bool(unfinished.any()))
+            if last and rule.ends_at_stop:
+                blk = blk.masked_fill(blk == mask_id, run.ids.pad)
+            yield blk, forward.nfe, last
+            if last:
+                return
+            if compact:
+                live = unfinished.nonzero().squeeze(1)
+            if not cfg.edit and not bool(pending[live, :end].any()):
+                break
+
+
+def _windows(size: int, steps: int, blocks: int) -> list[tuple[int, int]]:
+    """(end position, steps) of each window of `canvas_blocks` decoding: `blocks` equal windows of
+    the `size` positions (fewer when size < blocks), the steps split as evenly as they go."""
+    width = -(-size // blocks)
+    ends = sorted({min(size, (k + 1) * width) for k in range(blocks)})
+    return [(end, steps // len(ends) + (k < steps % len(ends))) for k, end in enumerate(ends)]
 
 
 class _Forward:
@@ -246,7 +276,8 @@ class _Forward:
         self.run, self.width = run, width
         config = getattr(run.model, "config", None)
         self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
-        self.may_draw_from_hidden = self.split and run.cfg.top_p == 1 and not run.cfg.rule.needs_distribution
+        self.may_draw_from_hidden = (self.split and run.cfg.top_p == 1 and not run.cfg.rule.needs_distribution
+                                     and not run.cfg.no_repeat_ngram_size)
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
         self.prefix: PrefixCache | None = None  # of all rows: the block's first forward has them all
@@ -291,7 +322,22 @@ class _Forward:
         lg.index_fill_(1, run.never, float("-inf"))
         if run.ids.delete is not None:
             lg[:, run.ids.delete].masked_fill_(masked_at, float("-inf"))
+        if run.cfg.no_repeat_ngram_size:
+            self._guard(lg, x, attn, positions, masked_at)
         return draw(lg, run.cfg.temperature, run.cfg.top_p, run.gen)
+
+    def _guard(self, lg: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+               masked_at: torch.Tensor) -> None:
+        """The repetition guard on the logits `lg` of the drawn `positions`: at the masked ones,
+        tokens that would repeat an n-gram of the row's context or block."""
+        run, width = self.run, self.width
+        targets = torch.zeros_like(x, dtype=torch.bool)
+        targets[:, width:][positions] = masked_at
+        plain = attn.bool() & (x != run.ids.mask) & ~torch.isin(x, run.special)
+        rows, at, tokens = repeated_ngram_completions(x, targets, plain, run.cfg.no_repeat_ngram_size)
+        index = torch.full(positions.shape, -1, dtype=torch.long, device=x.device)
+        index[positions] = torch.arange(lg.shape[0], device=x.device)
+        penalise(lg, index[rows, at - width], tokens, run.cfg.ngram_penalty)
 
 
 def _expand_rows(current: torch.Tensor, rows: torch.Tensor, batch: int, pad_id: int) -> torch.Tensor:
@@ -315,25 +361,35 @@ def _window(ids: torch.Tensor, mask: torch.Tensor, max_ctx: int | None) -> tuple
 def _denoise_step(
     run: _Run,
     blk: torch.Tensor,
+    revealed_p: torch.Tensor | None,
     get_draw: Callable[[torch.Tensor, torch.Tensor, bool], Drawn],
     remaining: int,
+    steps: int,
     editing: bool,
-) -> torch.Tensor:
+    end: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step t -> s on the block (batch, size), t = remaining / steps and s = t - 1 / steps;
-    `remaining` counts this step too.
+    `remaining` counts this step too; only masks before position `end` may be revealed (the
+    window of canvas_blocks decoding; `steps` are the window's). Returns the new block and
+    `revealed_p` (p(token) when each position was revealed, kept for remask="conf", else None)
+    brought up to date.
     `get_draw(positions, masked_at, editing)` draws tokens at the block positions `positions`."""
     cfg, rule, ids, gen = run.cfg, run.cfg.rule, run.ids, run.gen
+    t, s = remaining / steps, (remaining - 1) / steps
     masked = blk == ids.mask
+    remasked, sigma = _remasked(run, blk, masked, revealed_p, t, s)
+    masked_all, masked = masked, masked.clone()
+    masked[:, end:] = False  # what this step may reveal
     reveal = None
     if rule.score is None:
         # positions are chosen independently of the tokens, so tokens are drawn for them alone
-        p = run.schedule.reveal_probability(remaining / cfg.steps, (remaining - 1) / cfg.steps)
+        p = run.schedule.reveal_probability(t, s, sigma if cfg.remask in ("cap", "rescale") else 0.0)
         u = torch.rand(masked.shape, generator=gen, dtype=torch.float64, device=blk.device)
         reveal = masked & (u < p)
     cand = torch.ones_like(masked) if editing else (masked if reveal is None else reveal)
     if not bool(cand.any()):
-        return blk
-    cand_masked = masked[cand]
+        return blk.masked_fill(remasked, ids.mask), revealed_p
+    cand_masked = masked_all[cand]
     dist = get_draw(cand, cand_masked, editing)
     tok = dist.tokens
     drawn = blk.clone()
@@ -343,9 +399,13 @@ def _denoise_step(
         score = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
         score[cand] = rule.score(dist).double()
         score = score.masked_fill(~masked, float("-inf"))
-        count = (masked.sum(1) + remaining - 1) // remaining  # what finishes within the steps left
-        if rule.threshold_commit:
+        left = masked.sum(1)
+        # what finishes within the steps left, the tokens remasked now included
+        count = torch.minimum(left, (left + remasked.sum(1) + remaining - 1) // remaining)
+        if rule.commit == "threshold":
             chosen = threshold_commit(score, count, cfg.threshold)
+        elif rule.commit == "entropy_bound":
+            chosen = entropy_bound_commit(-score, count, cfg.eb_gamma)
         else:
             sample = cfg.position_selection == "sample"
             chosen = select_positions(score, count, sample, cfg.position_temperature, gen)
@@ -359,13 +419,41 @@ def _denoise_step(
         eligible = ~cand_masked & (tok != current) & (conf >= cfg.edit_threshold)
         gain = blk.new_full(masked.shape, float("-inf"), dtype=torch.float64)
         gain[cand] = gain_c.masked_fill(~eligible, float("-inf"))
-        cap = torch.ceil((~masked).sum(1) * cfg.edit_rate).long()
+        cap = torch.ceil((~masked_all).sum(1) * cfg.edit_rate).long()
         edits = select_positions(gain, cap) & torch.isfinite(gain)
         update = update | edits
 
-    new = torch.where(update, drawn, blk)
+    new = torch.where(update, drawn, blk).masked_fill(remasked, ids.mask)
+    if revealed_p is not None:
+        p_drawn = torch.zeros_like(revealed_p)
+        p_drawn[cand] = dist.confidence().double()
+        revealed_p = torch.where(update, p_drawn, revealed_p)
     if editing and ids.delete is not None:
-        deleted = edits & (drawn == ids.delete)
+        deleted = edits & (drawn == ids.delete) & ~remasked
         if bool(deleted.any()):
             new = delete_shift(new, deleted, ids.mask)
-    return new
+            if revealed_p is not None:
+                revealed_p = delete_shift(revealed_p, deleted, 0.0)
+    return new, revealed_p
+
+
+def _remasked(run: _Run, blk: torch.Tensor, masked: torch.Tensor, revealed_p: torch.Tensor | None,
+              t: float, s: float) -> tuple[torch.Tensor, float]:
+    """ReMDM: the revealed generated tokens masked again on the step t -> s (a bool mask of the
+    block), and the step's sigma_t (cap and rescale; for conf its bound sigma_max)."""
+    cfg = run.cfg
+    if cfg.remask == "off":
+        return torch.zeros_like(masked), 0.0
+    bound = run.schedule.remask_bound(t, s)
+    sigma = {"cap": min(cfg.remask_eta, bound), "rescale": cfg.remask_eta * bound, "conf": bound}[cfg.remask]
+    revealed = ~masked & (blk != run.ids.pad)
+    if sigma == 0 or not bool(revealed.any()):  # no draw: the random stream stays that of remask="off"
+        return torch.zeros_like(masked), sigma
+    if cfg.remask != "conf":
+        prob = revealed.double() * sigma
+    else:
+        assert revealed_p is not None
+        weight = torch.exp(-revealed_p).masked_fill(~revealed, 0.0)
+        prob = sigma * weight / weight.sum(1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
+    u = torch.rand(masked.shape, generator=run.gen, dtype=torch.float64, device=blk.device)
+    return revealed & (u < prob), sigma

@@ -1,6 +1,7 @@
 """Tensor primitives of the sampler: token draws (from logits, or straight from hidden states),
-the strategies' position scores, position selections, threshold commits (Fast-dLLM), stop
-detection and deletion shifts.
+the strategies' position scores, position selections, threshold commits (Fast-dLLM), entropy
+bounded commits (EB-sampler), the repetition guard's n-gram search, stop detection and deletion
+shifts.
 
 Imports only torch: like `sampling.py`, this file is copied beside the weights of exported model
 folders (see export.PIPELINE_FILES) and imported there by the `text-diffusion` pipeline.
@@ -236,13 +237,70 @@ def threshold_commit(score: torch.Tensor, least: torch.Tensor, threshold: float)
     return select_positions(score, least) | (score >= threshold)
 
 
+def entropy_bound_commit(entropy: torch.Tensor, least: torch.Tensor, gamma: float) -> torch.Tensor:
+    """EB-sampler (Ben-Hamu et al. 2025): per row, the positions in order of lowest entropy while
+    their summed entropy stays within `gamma`, and at least the `least` lowest (`entropy` is +inf
+    where nothing may be committed; `least` must not exceed the committable positions of the row,
+    and is at least 1 in every row with one)."""
+    ordered, order = entropy.sort(dim=1)
+    within = ordered.cumsum(1) <= gamma
+    take = within | (torch.arange(entropy.shape[1], device=entropy.device)[None, :] < least[:, None])
+    return torch.zeros_like(take).scatter_(1, order, take & torch.isfinite(ordered))
+
+
+def repeated_ngram_completions(
+    seq: torch.Tensor, targets: torch.Tensor, plain: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens that would make an n-gram already present in the row: the repetition guard.
+
+    `seq` (rows, L) are the ids of the model input (context and block), `plain` (rows, L) marks
+    the positions whose token counts (visible, not special), `targets` (rows, L) the masked
+    positions to guard. For each target i and each window of n positions around it whose other
+    n - 1 positions are plain, every plain n-gram of the row equal to the window on those positions
+    gives its token at i's place. Unlike transformers' NoRepeatNGramLogitsProcessor, which looks
+    only at the n - 1 tokens left of the next position, a diffusion canvas fills in any order, so
+    the windows where i is first, middle or last all count. n = 1 gives every plain token of the
+    row (what transformers' repetition_penalty penalises). Returns (row, position, token) triples."""
+    rows, length = seq.shape
+    empty = seq.new_empty(0)
+    if length < n or not bool(targets.any()):
+        return empty, empty, empty
+    grams = seq.unfold(1, n, 1)  # (rows, G, n)
+    gram_plain = plain.unfold(1, n, 1)
+    whole = gram_plain.all(-1)  # (rows, G): n-grams that may be repeated
+    equal = grams[:, :, None, :] == grams[:, None, :, :]  # (rows, window a, gram j, n)
+    out_r, out_p, out_t = [], [], []
+    for k in range(n):
+        others = [m for m in range(n) if m != k]
+        window_ok = targets[:, k : k + grams.shape[1]] & gram_plain[:, :, others].all(-1)
+        match = equal[..., others].all(-1) & window_ok[:, :, None] & whole[:, None, :]
+        r, a, j = match.nonzero(as_tuple=True)
+        out_r.append(r)
+        out_p.append(a + k)
+        out_t.append(grams[r, j, k])
+    return torch.cat(out_r), torch.cat(out_p), torch.cat(out_t)
+
+
+def penalise(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, penalty: float | None) -> None:
+    """In place: logits[rows, tokens] to -inf (penalty None), else divided by `penalty` where
+    positive and multiplied where negative (CTRL, as transformers' repetition_penalty)."""
+    if rows.numel() == 0:
+        return
+    if penalty is None:
+        logits[rows, tokens] = float("-inf")
+        return
+    picked = logits[rows, tokens]
+    logits[rows, tokens] = torch.where(picked > 0, picked / penalty, picked * penalty)
+
+
 def after_stop(blk: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     """Positions at or after each row's first stop token (all False in a row without one)."""
     return torch.isin(blk, stop_ids).cumsum(1) > 0
 
 
-def delete_shift(blk: torch.Tensor, deleted: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Remove the `deleted` positions of each row, shift the rest left and fill the tail with masks."""
+def delete_shift(blk: torch.Tensor, deleted: torch.Tensor, mask_id: int | float) -> torch.Tensor:
+    """Remove the `deleted` positions of each row, shift the rest left and fill the tail with
+    `mask_id` (masks; any fill value for a tensor kept aligned with the block)."""
     order = torch.argsort(deleted.to(torch.uint8), dim=1, stable=True)
     shifted = blk.gather(1, order)
     size = blk.shape[1]

@@ -18,7 +18,8 @@ import torch
 from .sampling_ops import Drawn, confidence_score, margin_score, neg_entropy_score
 from .schedules import ScheduleName
 
-Strategy = Literal["random", "confidence", "margin", "entropy", "threshold"]
+Commit = Literal["count", "threshold", "entropy_bound"]
+Strategy = Literal["random", "confidence", "margin", "entropy", "threshold", "eb"]
 """The keys of `STRATEGIES` (a test holds the two equal)."""
 
 
@@ -33,10 +34,13 @@ class StrategyRule:
     needs_distribution: bool = False
     """`score` reads the whole distribution, not only p(drawn token): steps cannot draw straight
     from the hidden states (`sampling_ops.draw_from_hidden`)."""
-    threshold_commit: bool = False
-    """Reveal every mask whose score reaches `SamplerConfig.threshold`, at least the count that
-    finishes within the steps (Fast-dLLM), instead of exactly that count; `position_selection`
-    is not used."""
+    commit: Commit = "count"
+    """How many of the scored masks a step reveals: `count`, exactly the count that finishes within
+    the steps left (spread evenly); `threshold`, every mask whose score reaches
+    `SamplerConfig.threshold` (Fast-dLLM); `entropy_bound`, the masks in order of lowest entropy
+    while their summed entropy stays within `SamplerConfig.eb_gamma` (EB-sampler). The last two
+    reveal at least the count that finishes within the steps, so `steps` is a cap, and do not use
+    `position_selection`."""
     ends_at_stop: bool = False
     """A row's block is finished once a stop token has no mask before it; the masks after it
     become pad when the block ends."""
@@ -49,11 +53,14 @@ STRATEGIES: Mapping[Strategy, StrategyRule] = MappingProxyType({
     "confidence": StrategyRule(score=confidence_score),
     "margin": StrategyRule(score=margin_score, needs_distribution=True),
     "entropy": StrategyRule(score=neg_entropy_score, needs_distribution=True),
-    "threshold": StrategyRule(score=confidence_score, threshold_commit=True, ends_at_stop=True, compacts=True),
+    "threshold": StrategyRule(score=confidence_score, commit="threshold", ends_at_stop=True, compacts=True),
+    "eb": StrategyRule(score=neg_entropy_score, needs_distribution=True, commit="entropy_bound", ends_at_stop=True,
+                       compacts=True),
 })
 """The rule of each strategy: adding a strategy is one entry here (and its name in `Strategy`)."""
 
 PositionSelection = Literal["topk", "sample"]
+Remask = Literal["off", "cap", "rescale", "conf"]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """`(step, x, logits) -> logits`; x is the model input window (batch, context + block), logits
 cover the block only (batch, block, vocab)."""
@@ -103,7 +110,9 @@ class SamplerConfig:
     entropy: reveal a count of masks per step (spread evenly over the remaining steps), chosen
     by p(token), p1 - p2 or -H(p); threshold: Fast-dLLM parallel decoding, reveal every mask
     whose p(token) >= `threshold` (at least the best one, and at least the count that finishes
-    within `steps`), so the number of steps adapts to the model's certainty."""
+    within `steps`), so the number of steps adapts to the model's certainty; eb: EB-sampler, reveal
+    masks in order of lowest entropy while their summed entropy stays within `eb_gamma` (the same
+    floor), an error budget per step instead of a confidence bar."""
     position_selection: PositionSelection = "topk"
     """Score strategies: reveal the top-k scores, or sample positions from
     softmax(score / position_temperature) without replacement."""
@@ -111,6 +120,25 @@ class SamplerConfig:
     """Temperature of position sampling (position_selection="sample")."""
     threshold: float = 0.9
     """Confidence a mask needs to be revealed in parallel (strategy="threshold")."""
+    eb_gamma: float = 0.1
+    """Entropy budget per step in nats (strategy="eb"): larger reveals more masks per step."""
+    remask: Remask = "off"
+    """ReMDM remasking (Wang et al. 2025): a revealed generated token (never the prompt) is masked
+    again with probability sigma_t and decoded anew later; `cap`: sigma_t = min(remask_eta,
+    sigma_max), `rescale`: remask_eta * sigma_max, `conf`: sigma_max spread over the revealed tokens
+    by softmax(-p at reveal) (the least confident first), with sigma_max = min(1, (1 - alpha_s) /
+    alpha_t) of `schedule` (0 on the last step, so every row finishes). The ancestral sampler then
+    reveals each mask with (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t) (cap and rescale); the
+    other strategies count the remasked tokens in what is left to reveal."""
+    remask_eta: float = 0.04
+    """eta of the cap and rescale remasking schedules."""
+    no_repeat_ngram_size: int = 0
+    """Repetition guard (0 = off): at masked positions, tokens that would complete an n-gram of this
+    size already present in the row (context or canvas; n-grams with special tokens do not count)
+    are banned, or penalised by `ngram_penalty`; see `sampling_ops.repeated_ngram_completions`."""
+    ngram_penalty: float | None = None
+    """None: the guard bans those tokens (as transformers' no_repeat_ngram_size); a value > 1:
+    divides their positive logits and multiplies their negative ones (CTRL, as repetition_penalty)."""
     schedule: ScheduleName = "linear"
     """Noise schedule alpha(t) the ancestral sampler follows: the one the model was trained with
     (linear reveals 1 / remaining steps of the masks per step)."""
@@ -137,6 +165,12 @@ class SamplerConfig:
     """At most ceil(edit_rate * visible) tokens per row are edited per step (largest gain first)."""
     stop_token_ids: tuple[int, ...] | None = None
     """The answer ends before the first of these (None = <|im_end|> and end-of-text; () = none)."""
+    canvas_blocks: int = 1
+    """LLaDA's semi-autoregressive decoding inside one canvas: the canvas is split into this many
+    equal windows revealed left to right, `steps` shared among them; the later windows stay on the
+    canvas as masks (unlike `block_size`, which appends blocks, so the model sees the whole answer
+    length it was trained on). Keeps confidence-ordered decoding from filling a long canvas with
+    end-of-text from the right."""
     block_size: int | None = None
     """None: denoise the whole canvas at once; n: semi-autoregressive blocks of n tokens."""
     prefix_cache: bool = False
@@ -151,6 +185,11 @@ class SamplerConfig:
             "position_selection": self.position_selection in get_args(PositionSelection),
             "position_temperature": self.position_temperature > 0,
             "threshold": 0 < self.threshold <= 1,
+            "eb_gamma": self.eb_gamma >= 0,
+            "remask": self.remask in get_args(Remask),
+            "remask_eta": 0 <= self.remask_eta <= 1,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0,
+            "ngram_penalty": self.ngram_penalty is None or self.ngram_penalty >= 1,
             "schedule": self.schedule in get_args(ScheduleName),
             "t_eps": 0 <= self.t_eps < 1,
             "steps": self.steps >= 1,
@@ -160,6 +199,7 @@ class SamplerConfig:
             "edit_threshold": 0 <= self.edit_threshold <= 1,
             "edit_rate": 0 < self.edit_rate <= 1,
             "block_size": self.block_size is None or self.block_size >= 1,
+            "canvas_blocks": 1 <= self.canvas_blocks <= self.steps,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -181,6 +221,34 @@ class SamplerConfig:
     def replace(self, **overrides: Any) -> SamplerConfig:
         """A copy with some fields changed; unknown names raise TypeError."""
         return dataclasses.replace(self, **overrides) if overrides else self
+
+    def for_method(self, name: str) -> SamplerConfig:
+        """A copy decoding by the named method (see `method_options`)."""
+        return self.replace(**method_options(name))
+
+
+MODIFIERS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "guard": MappingProxyType({"no_repeat_ngram_size": 3}),
+    "remdm_cap": MappingProxyType({"remask": "cap"}),
+    "remdm_rescale": MappingProxyType({"remask": "rescale"}),
+    "remdm_conf": MappingProxyType({"remask": "conf"}),
+})
+"""Sampler options a decoding method name can add to a strategy: `confidence+guard` is confidence
+decoding with the 3-gram repetition guard, `random+remdm_cap` ancestral sampling with ReMDM-cap."""
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """SamplerConfig fields of a decoding method name: a strategy, then any `+modifier`s of
+    `MODIFIERS` (e.g. `confidence+guard+remdm_conf`); ValueError on an unknown part."""
+    strategy, *modifiers = name.split("+")
+    bad = ([strategy] if strategy not in STRATEGIES else []) + [m for m in modifiers if m not in MODIFIERS]
+    if bad:
+        raise ValueError(f"unknown decoding method {name!r} ({', '.join(map(repr, bad))}): a strategy of "
+                         f"{list(STRATEGIES)} followed by any of {['+' + m for m in MODIFIERS]}")
+    options: dict[str, Any] = {"strategy": strategy}
+    for modifier in modifiers:
+        options.update(MODIFIERS[modifier])
+    return options
 
 
 @dataclass

@@ -49,16 +49,25 @@ class NoiseSchedule:
             return 0.5 * math.pi * torch.tan(0.5 * math.pi * (1.0 - t))
         raise ValueError(f"unknown noise schedule {self.name!r}")
 
-    def reveal_probability(self, t: float, s: float) -> float:
+    def reveal_probability(self, t: float, s: float, sigma: float = 0.0) -> float:
         """Probability that a token masked at time t is clean at time s < t:
-        (alpha(s) - alpha(t)) / (1 - alpha(t)); 1 when s <= 0 (the last step reveals everything)
-        and where alpha(t) = 1 (nothing is masked at t, so the 0/0 is taken as its limit)."""
+        (alpha(s) - (1 - sigma) alpha(t)) / (1 - alpha(t)), where sigma is the ReMDM remasking
+        probability of clean tokens (0: the MDLM posterior); 1 when s <= 0 (the last step reveals
+        everything) and where alpha(t) = 1 (nothing is masked at t, so the 0/0 is taken as its limit)."""
         if s <= 0:
             return 1.0
         alpha_t, alpha_s = self.alpha(torch.tensor([t, s], dtype=torch.float64)).tolist()
         if alpha_t >= 1.0:
             return 1.0
-        return min(1.0, max(0.0, (alpha_s - alpha_t) / (1.0 - alpha_t)))
+        return min(1.0, max(0.0, (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)))
+
+    def remask_bound(self, t: float, s: float) -> float:
+        """ReMDM's sigma_max = min(1, (1 - alpha(s)) / alpha(t)): the largest probability with which
+        a clean token at t may be masked at s (0 when s <= 0, 1 where alpha(t) = 0)."""
+        if s <= 0:
+            return 0.0
+        alpha_t, alpha_s = self.alpha(torch.tensor([t, s], dtype=torch.float64)).tolist()
+        return 1.0 if alpha_t <= 0.0 else min(1.0, (1.0 - alpha_s) / alpha_t)
 
 
 def get_schedule(name: str, eps: float = 1e-3) -> NoiseSchedule:

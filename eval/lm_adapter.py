@@ -32,7 +32,7 @@ from dgpt_core.elbo import elbo_nll, stable_seed
 from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import ModelInfo, model_info_of
 from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.sampling_types import DEFAULTS_KEY
+from dgpt_core.sampling_types import DEFAULTS_KEY, method_options
 from dgpt_core.schedules import get_schedule
 
 from .likelihood import greedy_matches, mc_nll, split_windows, windows_to_rows
@@ -80,6 +80,7 @@ class DiffusionLM(LM):
         steps: int | None = None,
         threshold: float | None = None,
         block_size: int | None = None,
+        canvas_blocks: int | None = None,
         temperature: float | None = None,
         top_p: float = 1.0,
         seed: int = EVAL_DEFAULTS.seed,
@@ -116,8 +117,10 @@ class DiffusionLM(LM):
         folder = FolderDefaults.of(model)
         self.sampler = SamplerConfig(**{
             **folder.sampler,
-            **{k: v for k, v in {"strategy": strategy, "steps": _int_or_none(steps), "threshold": threshold,
-                                 "block_size": _int_or_none(block_size), "temperature": temperature}.items()
+            **(method_options(strategy) if strategy is not None else {}),
+            **{k: v for k, v in {"steps": _int_or_none(steps), "threshold": threshold,
+                                 "block_size": _int_or_none(block_size), "temperature": temperature,
+                                 "canvas_blocks": _int_or_none(canvas_blocks)}.items()
                if v is not None},
             "top_p": float(top_p), "seed": int(seed),
         })

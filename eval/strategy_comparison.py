@@ -38,7 +38,7 @@ def compare_strategies(
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     for strategy in strategies:
-        cfg = config.replace(strategy=strategy)
+        cfg = config.for_method(strategy)
         answers: list[list[int]] = []
         stopped: list[bool] = []
         nfes: list[int] = []
@@ -76,3 +76,35 @@ def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
         for key, value in entry.items():
             sums.setdefault(key, []).append(float(value))
     return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+CONFIDENCE_FAMILY = ("confidence", "confidence+guard", "confidence+remdm_conf", "confidence+remdm_cap",
+                     "confidence+guard+remdm_conf")
+"""Confidence-order decoding methods, in order of preference (plainest first), that may replace
+random order for open-ended generation when they repeat no more than it does."""
+
+
+MIN_LENGTH_SHARE = 0.5
+"""A safe method writes at least this share of the reference's mean answer length."""
+
+
+def repetition_safe_method(by_workload: dict[str, dict[str, dict[str, float]]], reference: str = "random",
+                           candidates: tuple[str, ...] = CONFIDENCE_FAMILY) -> str | None:
+    """The first candidate that, on every workload (`{workload: {method: row}}`, rows of
+    `compare_strategies` with fact scores where the workload has them), loops and repeats 4-grams no
+    more than `reference` and states facts at least as precisely, while writing at least half as
+    many tokens (an answer that stops at once repeats nothing and, by convention, states no wrong
+    fact); None when none does (or the reference did not run)."""
+    def safe(rows: dict[str, dict[str, float]], method: str) -> bool:
+        ref, row = rows[reference], rows[method]
+        return (row["loop_rate"] <= ref["loop_rate"] and row["rep_4"] <= ref["rep_4"]
+                and row.get("fact_precision", 1.0) >= ref.get("fact_precision", 1.0)
+                and row["mean_length"] >= MIN_LENGTH_SHARE * ref["mean_length"])
+
+    usable = [rows for rows in by_workload.values() if reference in rows]
+    if not usable:
+        return None
+    for method in candidates:
+        if all(method in rows and safe(rows, method) for rows in usable):
+            return method
+    return None

@@ -15,6 +15,7 @@ Everything is seeded: the same settings give the same numbers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -81,6 +82,10 @@ class _Suite:
         self.schedule = get_schedule(name, cfg.t_eps)
         self.trained_canvas = self.info.answer_canvas if self.info and self.kind == "sft" else None
         """The SFT answer canvas the model was trained on: the skills canvas unless cfg sets one."""
+        self.long_canvas = cfg.long_canvas(self.info)
+        """Canvas of long answers (biography requests)."""
+        self.long_blocks = functools.partial(min, cfg.long_answer_blocks)
+        """steps -> canvas_blocks of long answers (cfg.long_answer_blocks, at most one per step)."""
         self.samples: dict[str, Any] = {}
         self.world = evworld.world_config(self.data_cfg)
         """The run's world settings when its data has the world source, else None."""
@@ -110,16 +115,18 @@ class _Suite:
                 self.notes.append("no held-out SFT examples: conditional bound skipped")
         return result
 
-    def adapter(self, strategy: str, steps: int, skills_canvas: bool = True, canvas: int | None = None):
+    def adapter(self, strategy: str, steps: int, skills_canvas: bool = True, canvas: int | None = None,
+                canvas_blocks: int | None = None):
         """The lm-eval adapter. Its canvas: `canvas`, else cfg.skills_canvas (when `skills_canvas`),
-        else the trained SFT canvas, else each task's max_gen_toks."""
+        else the trained SFT canvas, else each task's max_gen_toks; `canvas_blocks` windows (None:
+        the folder's default)."""
         from .lm_adapter import DiffusionLM
 
         cfg = self.cfg
         canvas = canvas or (cfg.skills_canvas if skills_canvas else None) or self.trained_canvas
         return DiffusionLM(
             model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, threshold=cfg.threshold,
-            block_size=cfg.block_size,
+            block_size=cfg.block_size, canvas_blocks=canvas_blocks,
             temperature=cfg.temperature, seed=cfg.seed, canvas=canvas,
             max_canvas=cfg.standard_canvas,
             mc_num=cfg.mc_num, greedy_check=cfg.greedy_check, t_points=cfg.ppl_t_points,
@@ -175,13 +182,13 @@ class _Suite:
 
     def world_row(self, tm, tasks: list[str], strategy: str, steps: int) -> tuple[dict[str, float], list]:
         """The dgpt_world row of one strategy: questions on the trained canvas, biography requests
-        on cfg.long_answer_canvas (a biography does not fit a short-answer canvas); the adapters."""
+        on the long-answer canvas (a biography does not fit a short-answer canvas); the adapters."""
         flat: dict[str, dict[str, float]] = {}
         lms = []
-        for group, canvas in ((evworld.short_answer_tasks(tasks), None),
-                              (evworld.long_answer_tasks(tasks), self.cfg.long_answer_canvas)):
+        for group, canvas, blocks in ((evworld.short_answer_tasks(tasks), None, None),
+                                      (evworld.long_answer_tasks(tasks), self.long_canvas, self.long_blocks(steps))):
             if group:
-                lm = self.adapter(strategy, steps, skills_canvas=False, canvas=canvas)
+                lm = self.adapter(strategy, steps, skills_canvas=False, canvas=canvas, canvas_blocks=blocks)
                 flat.update(bm.flatten(bm.run_tasks(lm, group, tm, limit=self.cfg.limit, seed=self.cfg.seed)))
                 lms.append(lm)
         row = evworld.summary(flat)
@@ -280,26 +287,30 @@ class _Suite:
         temperature = cfg.temperature if cfg.repetition_temperature is None else cfg.repetition_temperature
         base = SamplerConfig(steps=cfg.steps, threshold=cfg.threshold, block_size=cfg.block_size,
                              temperature=temperature, seed=cfg.seed)
-        modes: dict[str, tuple[list[list[int]], int, Any]] = {}  # prompts, canvas, scorer
+        # prompts, sampler options (canvas, windows), scorer
+        modes: dict[str, tuple[list[list[int]], dict[str, int], Any]] = {}
         if self.world is not None:  # biographies of held-out people, scored for facts
             if self.kind == "sft":
-                limit = self.max_len - min(cfg.long_answer_canvas, self.max_len // 2)
+                limit = self.max_len - min(self.long_canvas, self.max_len // 2)
                 prompts, people = evworld.chat_prompts(self.world, self.tok, n, limit)
-                modes["chat"] = (prompts, cfg.long_answer_canvas, evworld.fact_scorer(people))
+                modes["chat"] = (prompts, {"max_new_tokens": self.long_canvas,
+                                           "canvas_blocks": self.long_blocks(cfg.steps)}, evworld.fact_scorer(people))
             prompts, people = evworld.plain_prompts(self.world, self.tok, n)
-            modes["plain"] = (prompts, cfg.plain_canvas, evworld.fact_scorer(people))
+            modes["plain"] = (prompts, {"max_new_tokens": cfg.plain_canvas}, evworld.fact_scorer(people))
         else:
             if self.kind == "sft":
                 limit = self.max_len - min(cfg.chat_canvas, self.max_len // 2)
-                modes["chat"] = (evdata.chat_prompts(self.data_cfg, self.tok, n, limit), cfg.chat_canvas, None)
-            modes["plain"] = (evdata.plain_prompts(cfg, self.data_cfg, self.tok, n), cfg.plain_canvas, None)
+                modes["chat"] = (evdata.chat_prompts(self.data_cfg, self.tok, n, limit),
+                                 {"max_new_tokens": cfg.chat_canvas}, None)
+            modes["plain"] = (evdata.plain_prompts(cfg, self.data_cfg, self.tok, n), {"max_new_tokens": cfg.plain_canvas},
+                              None)
         by_mode, samples = {}, {}
-        for mode, (prompts, canvas, score) in modes.items():
+        for mode, (prompts, options, score) in modes.items():
             if not prompts:
                 self.notes.append(f"repetition: no {mode} prompts")
                 continue
             by_mode[mode], samples[mode] = compare_strategies(
-                self.model, self.tok, prompts, cfg.strategies, base.replace(max_new_tokens=canvas),
+                self.model, self.tok, prompts, cfg.strategies, base.replace(**options),
                 batch_size=cfg.batch_size, keep_samples=cfg.samples_in_report, score=score)
         self.samples.update({f"{mode} generation": s for mode, s in samples.items()})
         return by_mode

@@ -28,6 +28,8 @@ from dgpt_core.eval_config import EvalConfig
 from dgpt_core.model_info import choose_sampler_defaults, read_model_info, write_sampler_defaults
 from dgpt_core.provenance import git_state
 from dgpt_core.run_config import RunConfig, load_run_config
+from dgpt_core.sampling_types import method_options
+from eval.strategy_comparison import repetition_safe_method
 from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
 
 from .caching import stage_key
@@ -217,6 +219,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
             keys[f"eval-{name}"] = key
             if name == "sft":
                 _adopt_eval_sampler_defaults(out["models"][name], run.eval, result["metrics"])
+            if name == "pretrain":
+                _adopt_open_ended_defaults(out["models"][name], run.eval, result["metrics"])
             create_markdown_artifact(key=f"eval-report-{name.replace('_', '-')}", markdown=Path(result["report_path"]).read_text(),
                                      description=f"eval of the {name} model")
             if tracker:
@@ -307,6 +311,20 @@ def _adopt_eval_sampler_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[
             for strategy, row in benchmarks[task].items()}
     defaults = choose_sampler_defaults(rows, benchmarks.get(f"{task}_steps", {}), canvas, base)
     write_sampler_defaults(model_dir, defaults)
+
+
+def _adopt_open_ended_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[str, Any]) -> None:
+    """A pretrain model only continues text: its sampler defaults become the confidence-family
+    method that repeated no more than random order in the eval's repetition study, with the study's
+    steps and canvas (`repetition_safe_method`); random order stays the default when none did."""
+    info = read_model_info(model_dir)
+    method = repetition_safe_method(metrics.get("repetition_by_mode", {}))
+    if info is None or method is None:
+        return
+    write_sampler_defaults(model_dir, {"schedule": info.schedule, "t_eps": info.t_eps, **method_options(method),
+                                       "steps": cfg.steps, "max_new_tokens": cfg.plain_canvas,
+                                       "temperature": cfg.repetition_temperature if cfg.repetition_temperature
+                                       is not None else cfg.temperature, "threshold": cfg.threshold, "seed": cfg.seed})
 
 
 LIBRARY_LOGGERS = ("dgpt_core", "eval", "deploy", "tasks")

@@ -11,6 +11,7 @@ from typing import Any
 from dgpt_core.markdown import markdown_table, significant
 from dgpt_core.provenance import git_state, library_versions
 from dgpt_core.run_config import RunConfig
+from eval.strategy_comparison import repetition_safe_method
 
 WORLD_KEYS = ("heldout", "train", "reversal", "bio_fact_precision")
 """The dgpt_world figures of each strategy shown in the evaluation table."""
@@ -71,19 +72,24 @@ def world_headline(metrics_by_model: dict[str, dict[str, Any]]) -> list[str]:
                             fmt=significant), "",
              "Fact precision counts an answer that states no attribute value as 1.0 (nothing false was "
              "said): read it beside the recall row.", ""]
-    rep_rows = []
+    rep_rows, studies = [], {}
     for model, mode, what in (("pretrain", "plain", "pretrained model continuing held-out biographies"),
                               ("sft", "chat", "SFT model's biographies of held-out people")):
         by_strategy = metrics_by_model.get(model, {}).get("repetition_by_mode", {}).get(mode, {})
-        for strategy in strategies:
-            r = by_strategy.get(strategy)
-            if r:
-                rep_rows.append([what, strategy, r.get("mean_length"), r.get("loop_rate"), r.get("rep_4"),
-                                 r.get("distinct_2"), r.get("fact_precision")])
+        if by_strategy:
+            studies[what] = by_strategy
+        for strategy, r in by_strategy.items():
+            rep_rows.append([what, strategy, r.get("mean_length"), r.get("loop_rate"), r.get("rep_4"),
+                             r.get("distinct_2"), r.get("fact_precision")])
     if rep_rows:
-        lines += ["Long generations, random vs confidence unmasking:", "",
-                  markdown_table(["generation", "strategy", "tokens", "loop rate", "rep-4", "distinct-2",
-                                  "fact precision"], rep_rows, fmt=significant), ""]
+        safe = repetition_safe_method(studies)
+        lines += ["Long generations by decoding method:", "",
+                  markdown_table(["generation", "method", "tokens", "loop rate", "rep-4", "distinct-2",
+                                  "fact precision"], rep_rows, fmt=significant), "",
+                  f"Repetition-safe confidence-order method (loop rate and rep-4 no higher than random order's, "
+                  f"fact precision no lower, at least half its length, on every generation above): "
+                  f"{f'`{safe}`, the pretrained model folder default' if safe else 'none; random order stays the default'}.",
+                  ""]
     ppl_rows = []
     for model in ("pretrain", "sft", "sft_control"):
         bound = metrics_by_model.get(model, {}).get("ppl_bound", {})

@@ -114,7 +114,9 @@ class Tracker:
 
 
 def flatten_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested dict as 'a/b/c' metric names (MLflow's grouping separator)."""
+    """Numeric leaves of a nested dict as 'a/b/c' metric names (MLflow's grouping separator);
+    characters MLflow refuses in a name become underscores (spaces) or colons (the `+` of decoding
+    method names: `confidence+guard` -> `confidence:guard`)."""
     out: dict[str, float] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
@@ -123,4 +125,4 @@ def flatten_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
         out[prefix[:-1]] = float(tree)
     elif isinstance(tree, int | float) and tree == tree:  # drops NaN
         out[prefix[:-1]] = float(tree)
-    return {k.replace(" ", "_"): v for k, v in out.items()}
+    return {k.replace(" ", "_").replace("+", ":"): v for k, v in out.items()}

@@ -20,18 +20,22 @@ import pytest
 from bench.cli import run_bench
 from bench.common import SIZES
 from bench.report import TARGETS
+from bench.sample import EB_GAMMAS, STEP_METHODS
 from dgpt_core.run_config import load_run_config
 from eval.report import _fmt
 
 SMALL = {"reps": 1, "train_vocabs": (1024,), "overhead_vocabs": (1024,), "lengths": (32,), "length_block": 16,
          "skills_per_skill": 1, "baseline_budget": 0.1, "ppl_sequences": 2}
-METHODS = ("ancestral", "confidence", "threshold", "threshold_block", "threshold_block_cache")
+METHODS = ("ancestral", "confidence", "margin", "entropy", "confidence+guard", "threshold", "eb", "threshold_block",
+           "threshold_block_cache")
+SUITES = ("train", "sample", "repetition", "baseline")
+"""Every suite but `compile` (tests/test_bench_compile.py: a real compile takes half a minute)."""
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    run_bench(out, preset="ci", overrides=SMALL, command="pytest")
+    run_bench(out, suites=SUITES, preset="ci", overrides=SMALL, command="pytest")
     return out
 
 
@@ -49,9 +53,10 @@ def test_meta_records_the_sizes_and_the_suites_it_ran(result):
     assert meta["preset"] == "ci" and meta["command"] == "pytest" and meta["threads"] >= 1
     want = dataclasses.asdict(dataclasses.replace(SIZES["ci"], **SMALL))
     assert meta["sizes"] == json.loads(json.dumps(want))  # tuples are JSON lists
-    assert set(meta["seconds"]) == {"train", "sample", "baseline", "this_run"}
-    assert all(positive(s) for s in meta["seconds"].values())
-    assert meta["seconds"]["this_run"] >= sum(meta["seconds"][k] for k in ("train", "sample", "baseline")) - 0.3
+    assert set(meta["seconds"]) == {*SUITES, "this_run"}
+    assert all(positive(s) for k, s in meta["seconds"].items() if "skipped" not in result.get(k, {}))
+    assert result["repetition"] == {"skipped": "the run's SFT data is not the synthetic world (no held-out people)"}
+    assert meta["seconds"]["this_run"] >= sum(meta["seconds"][k] for k in SUITES) - 0.3
 
 
 def test_training_step_numbers_are_positive_and_consistent(result):
@@ -86,16 +91,17 @@ def test_decoding_methods_numbers_and_nfe_relations(result):
     assert canvas == (run.eval.skills_canvas or 24)
     assert sample["items"] == SMALL["skills_per_skill"] * len(run.data.skills.skills)
     steps = sorted({canvas // 4, canvas // 2, canvas})
-    assert set(sweep) == {f"{m}@{s}" for m in ("ancestral", "confidence") for s in steps} | {
-        "threshold@0.5", "threshold@0.9", "threshold_block@0.9", "threshold_block_cache@0.9"}
+    assert set(sweep) == {f"{m}@{s}" for m in STEP_METHODS for s in steps} | {
+        "threshold@0.5", "threshold@0.9", "threshold_block@0.9", "threshold_block_cache@0.9"} | {
+        f"eb@{g}" for g in EB_GAMMAS}
     for name, point in sweep.items():
         assert name.split("@")[0] == point["method"]
-        assert 0 <= point["exact_match"] <= 1 and 0 <= point["loop_rate"] <= 1
+        assert 0 <= point["exact_match"] <= 1 and 0 <= point["loop_rate"] <= 1 and 0 <= point["rep_4"] <= 1
         assert positive(point["tokens_per_s"])
         # a row takes part in at most every forward of its call, and in at least one
         assert 1 <= point["nfe_per_prompt"] <= point["nfe"] <= canvas
     for s in steps:  # fixed-step strategies: exactly `steps` forwards, every row in each
-        for method in ("ancestral", "confidence"):
+        for method in ("ancestral", "confidence", "margin", "entropy", "confidence+guard"):
             assert sweep[f"{method}@{s}"]["nfe"] == sweep[f"{method}@{s}"]["nfe_per_prompt"] == s
     # each method row is its chosen sweep point
     assert set(sample["methods"]) == set(METHODS)
@@ -138,12 +144,27 @@ def test_baseline_numbers(result):
     canvas = result["sample"]["canvas"]
     ar, ours = base["ar"], base["ours"]
     assert base["workload"] == "skills" and "world_items" not in base and "reversal_ours_minus_ar" not in base
-    for model in (ar, ours):
+    for model in (ar, ours):  # short answers: quality and perplexities
         assert math.isfinite(model["ppl"]) and model["ppl"] >= 1  # exp of a mean negative log-likelihood
         assert math.isfinite(model["answer_ppl"]) and model["answer_ppl"] >= 1
         assert 0 <= model["exact_match"] <= 1 and 0 <= model["loop_rate"] <= 1
-        assert positive(model["tokens_per_s"]) and 1 <= model["nfe"] <= canvas
-    assert base["ours_vs_ar_tokens_per_s"] == pytest.approx(ours["tokens_per_s"] / ar["tokens_per_s"], rel=1e-9)
+        assert 1 <= model["nfe"] <= canvas
+    assert "prefix cache" not in ours["method"] and "prefix cache" in base["ours_cache"]["method"]
+    # long answers (without the world: the skills items again) at batch 1 (at most 8 items) and 32
+    long = base["long_answers"]
+    items = SMALL["skills_per_skill"] * len(run.data.skills.skills)
+    assert (long["workload"], long["canvas"], long["method"]) == ("skills", canvas, ours["method"])
+    assert long["items"] == {"batch_1": min(8, items), "batch_32": items}
+    for model in ("ar", "ours", "ours_cache"):
+        row = long[model]
+        assert 0 <= row["exact_match"] <= 1 and 0 <= row["loop_rate"] <= 1 and 1 <= row["nfe"] <= canvas
+    # tokens/s per batch; with one repetition each ratio is the ratio of the throughputs beside it
+    for batch in ("batch_1", "batch_32"):
+        speeds = {m: base[m]["tokens_per_s"][batch] for m in ("ar", "ours", "ours_cache")}
+        assert all(positive(v) for v in speeds.values())
+        assert base["ours_vs_ar_tokens_per_s"][batch] == pytest.approx(speeds["ours"] / speeds["ar"], rel=1e-9)
+        assert base["ours_cache_vs_ar_tokens_per_s"][batch] == pytest.approx(speeds["ours_cache"] / speeds["ar"],
+                                                                             rel=1e-9)
     # the AR model has our parameter count (within 2 %), and trained the budgeted steps of each stage
     assert ar["training"]["diffusion_parameters"] == ours["parameters"]
     assert abs(ar["parameters"] - ours["parameters"]) / ours["parameters"] < 0.02
@@ -180,18 +201,25 @@ def test_the_report_shows_the_json_numbers(bench, result):
     # decoding methods and the sweep
     for method, row in sample["methods"].items():
         assert rows[method] == [row["setting"], *(_fmt(row[k]) for k in ("nfe", "nfe_per_prompt", "tokens_per_s",
-                                                                          "exact_match", "loop_rate"))]
+                                                                          "exact_match", "loop_rate", "rep_4"))]
     for name, point in sample["sweep"].items():
         assert rows[name] == [_fmt(point[k]) for k in ("nfe", "nfe_per_prompt", "tokens_per_s", "exact_match",
-                                                       "loop_rate")]
+                                                       "loop_rate", "rep_4")]
     assert f"reference `{sample['reference']}`, best fast setting `{sample['best_fast']}`" in text
     assert f"NFE x{sample['nfe_speedup']:.2f}, tokens/s x{sample['tokens_per_s_speedup']:.2f}" in text
-    # the baseline table
-    for model in ("ar", "ours"):
-        assert rows[model] == [_fmt(base[model].get(k)) for k in ("parameters", "ppl", "answer_ppl", "exact_match",
-                                                                    "loop_rate", "nfe", "tokens_per_s")]
-    assert f"Our tokens/s over AR tokens/s: {base['ours_vs_ar_tokens_per_s']:.3f}" in text
+    # the baseline: long-answer speeds per batch, ratios over AR, and the long answers' quality
+    batches = ("batch_1", "batch_32")
+    long = base["long_answers"]
+    for model in ("ar", "ours", "ours_cache"):
+        assert rows[model][1:] == [*(_fmt(base[model]["tokens_per_s"][b]) for b in batches),
+                                   *(_fmt(long[model][k]) for k in ("exact_match", "loop_rate", "nfe"))]
+    for model in ("ours", "ours_cache"):
+        assert rows[f"{model} / ar tokens/s"] == [_fmt(base[f"{model}_vs_ar_tokens_per_s"][b]) for b in batches]
+    best = max(base["ours_vs_ar_tokens_per_s"][batches[0]], base["ours_cache_vs_ar_tokens_per_s"][batches[0]])
+    assert rows["long answers, ours (best of with and without prefix cache) / AR tokens/s, batch 1"] == [
+        _fmt(best), "> 1", str(best > 1)]
     assert "## Decoding methods on the skills test items" in text and "## World" not in text
+    assert "## Repetition" in text and "Skipped: the run's SFT data is not the synthetic world" in text
 
 
 def _png_size(path: Path) -> tuple[int, int]:

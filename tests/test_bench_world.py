@@ -64,15 +64,16 @@ def unit(value) -> bool:
 
 def test_decoding_runs_on_biography_requests_scored_by_facts(result, world):
     sample = result["sample"]
-    assert sample["workload"] == "world" and sample["quality_keys"] == ["fact_recall", "fact_precision"]
+    keys = ["fact_recall", "fact_precision", "exact_match"]
+    assert sample["workload"] == "world" and sample["quality_keys"] == keys
     assert sample["canvas"] == 64 and sample["items"] == min(SMALL["world_people"], len(test_pairs(world)["bio"]))
     for point in sample["sweep"].values():
         assert all(unit(point[k]) for k in ("fact_recall", "fact_precision", "exact_match", "loop_rate"))
         assert 1 <= point["nfe_per_prompt"] <= point["nfe"] <= sample["canvas"]
     sweep, ref = sample["sweep"], sample["sweep"][sample["reference"]]
-    # equal quality: fact recall and precision each within the tolerance of the reference's
+    # equal quality: fact recall, precision and exact match each within the tolerance of the reference's
     fast = [n for n in sweep if not n.startswith("ancestral@")]
-    qualified = [n for n in fast if all(sweep[n][k] >= ref[k] - 0.01 for k in ("fact_recall", "fact_precision"))
+    qualified = [n for n in fast if all(sweep[n][k] >= ref[k] - 0.01 for k in keys)
                  and sweep[n]["loop_rate"] <= ref["loop_rate"]]
     assert sample["best_fast_within_quality"] == bool(qualified)
     if qualified:
@@ -97,6 +98,21 @@ def test_baseline_compares_reversal_and_heldout_exact_match(result, world):
     assert base["reversal_ours_minus_ar"] == pytest.approx(
         base["ours"]["reversal_exact_match"] - base["ar"]["reversal_exact_match"])
     assert set(base["ar"]["training"]["stages"]) == {"pretrain", "sft"}
+    # long answers: the biography requests of the held-out people, scored by facts, at batch 1 and 32
+    long, people = base["long_answers"], min(SMALL["world_people"], len(test_pairs(world)["bio"]))
+    assert (long["workload"], long["canvas"]) == ("world", result["sample"]["canvas"])
+    assert long["items"] == {"batch_1": people, "batch_32": people}
+    for model in ("ar", "ours", "ours_cache"):
+        row = long[model]
+        assert all(unit(row[k]) for k in ("fact_recall", "fact_precision", "exact_match", "loop_rate"))
+        assert 1 <= row["nfe"] <= long["canvas"]
+        for batch, speed in base[model]["tokens_per_s"].items():
+            assert batch in ("batch_1", "batch_32") and math.isfinite(speed) and speed > 0
+    for model in ("ours", "ours_cache"):
+        assert set(base[f"{model}_vs_ar_tokens_per_s"]) == {"batch_1", "batch_32"}
+        for batch, ratio in base[f"{model}_vs_ar_tokens_per_s"].items():  # one repetition: the ratio of the speeds
+            assert ratio == pytest.approx(base[model]["tokens_per_s"][batch] / base["ar"]["tokens_per_s"][batch],
+                                          rel=1e-9)
 
 
 def test_the_report_has_a_world_section(bench, result):

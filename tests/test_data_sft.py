@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from dgpt_core.data.config import SFTDataConfig, SkillsConfig
@@ -91,6 +93,23 @@ def test_canvas_none_pads_to_sequence_end(tok):
     recs = build(tok, convo(1), answer_canvas=None, max_seq_len=64)
     assert len(recs[0]["input_ids"]) == 64
     assert recs[0]["input_ids"][-1] == tok.convert_tokens_to_ids(EOS)
+
+
+@pytest.mark.parametrize("long_canvas", [None, 48])
+def test_a_long_answer_is_padded_to_the_long_answer_canvas(tok, long_canvas):
+    short = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "cat dog"}]
+    long = [{"role": "user", "content": "Say more."}, {"role": "assistant", "content": " ".join(["cat dog"] * 12)}]
+    eos = tok.convert_tokens_to_ids(EOS)
+    for messages in (short, long):
+        (rec,) = build(tok, messages, answer_canvas=8, long_answer_canvas=long_canvas)
+        answer = sum(rec["eligible_mask"])
+        pads = len(rec["input_ids"]) - len(list(itertools.dropwhile(lambda t: t == eos, reversed(rec["input_ids"]))))
+        if messages is short:
+            assert answer == 8, "a short answer fills the short canvas"
+        elif long_canvas is None:
+            assert pads == 0 and answer > 8, "without a long canvas a long answer is not padded"
+        else:
+            assert answer == long_canvas and pads > 0, "a long answer is padded to the long canvas"
 
 
 def test_truncation_keeps_answer_and_system_drops_oldest_turns(tok):

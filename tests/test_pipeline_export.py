@@ -21,7 +21,7 @@ import transformers
 from dgpt_core import pipeline as pipeline_module
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import PIPELINE_FILES, save_model_folder
-from dgpt_core.generate_cli import NOT_ON_COMMAND_LINE
+from dgpt_core.generate_cli import NOT_ON_COMMAND_LINE, sampler_options
 from dgpt_core.model import build_model
 from dgpt_core.pipeline import TextDiffusionPipeline, render
 from dgpt_core.sampling import SamplerConfig
@@ -36,6 +36,11 @@ CLI_OPTIONS = {
     "position_selection": (["--position-selection", "sample"], "sample"),
     "position_temperature": (["--position-temperature", "0.5"], 0.5),
     "threshold": (["--threshold", "0.5"], 0.5),
+    "eb_gamma": (["--eb-gamma", "0.5"], 0.5),
+    "remask": (["--remask", "conf"], "conf"),
+    "remask_eta": (["--remask-eta", "0.1"], 0.1),
+    "no_repeat_ngram_size": (["--no-repeat-ngram-size", "2"], 2),
+    "ngram_penalty": (["--ngram-penalty", "1.5"], 1.5),
     "schedule": (["--schedule", "cosine"], "cosine"),
     "t_eps": (["--t-eps", "0.01"], 0.01),
     "steps": (["--steps", "3"], 3),
@@ -48,6 +53,7 @@ CLI_OPTIONS = {
     "edit_rate": (["--edit-rate", "0.5"], 0.5),
     "stop_token_ids": (["--stop-token-ids", "4", "0"], (4, 0)),
     "block_size": (["--block-size", "3"], 3),
+    "canvas_blocks": (["--canvas-blocks", "2"], 2),
     "prefix_cache": (["--prefix-cache"], True),
 }
 """Per sampler option of `dgpt generate`: arguments giving it a value other than the defaults, and that value."""
@@ -269,3 +275,14 @@ def test_cli_chat_keeps_history(folder, monkeypatch, capsys):
     roles = [[m["role"] for m in chat] for (chat,) in seen]
     assert roles == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
     assert capsys.readouterr().out.count("bot> ") == 3
+
+
+def test_strategy_option_takes_a_decoding_method_that_other_options_override(folder, capsys):
+    parser = build_parser(["generate", "chat"])
+    args = parser.parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "confidence+guard",
+                              "--no-repeat-ngram-size", "4", "--steps", "4"])
+    assert sampler_options(args) == {"strategy": "confidence", "no_repeat_ngram_size": 4, "steps": 4}
+    assert args.func(args) == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "confidence+nope"])
+    assert "unknown decoding method 'confidence+nope'" in capsys.readouterr().err

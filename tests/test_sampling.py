@@ -24,7 +24,7 @@ from dgpt_core.sampling import (
 
 from .tiny_models import IDS, MAX_LEN, PROMPTS, tiny_modernbert
 
-SCORE_STRATEGIES = tuple(s for s, rule in STRATEGIES.items() if rule.score is not None and not rule.threshold_commit)
+SCORE_STRATEGIES = tuple(s for s, rule in STRATEGIES.items() if rule.score is not None and rule.commit == "count")
 """The strategies that reveal a count of best-scored masks per step (where position_selection applies)."""
 
 

@@ -130,6 +130,10 @@ class SFTDataConfig(StrictConfig):
     canvas, and those are eligible too (the model learns where answers stop); `none`: no padding."""
     answer_canvas: int | None = Field(24, gt=0)
     """Answer canvas in tokens (answer + <|im_end|> + eos padding); None = pad to the sequence end."""
+    long_answer_canvas: int | None = Field(None, gt=0)
+    """Canvas of answers longer than `answer_canvas` (a second bucket, also EOS-padded, so the
+    model learns where a long answer stops on the canvas it is decoded on); None = such answers are
+    not padded. Generation of long answers (the eval's biography requests, open-ended chat) uses it."""
     max_answer_tokens: int | None = Field(None, gt=0)
     """Longest answer (content + <|im_end|>) kept whole; None = max_seq_len minus the assistant
     header and 8 tokens of prompt."""

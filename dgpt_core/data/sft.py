@@ -34,6 +34,7 @@ class SFTSettings:
     max_seq_len: int
     answer_padding: str
     answer_canvas: int | None
+    long_answer_canvas: int | None
     max_answer_tokens: int | None
     long_answer: str
     assistant_leading_space: bool
@@ -48,6 +49,7 @@ class SFTSettings:
             max_seq_len=max_seq_len,
             answer_padding=cfg.answer_padding,
             answer_canvas=cfg.answer_canvas,
+            long_answer_canvas=cfg.long_answer_canvas,
             max_answer_tokens=cfg.max_answer_tokens,
             long_answer=cfg.long_answer,
             assistant_leading_space=cfg.assistant_leading_space,
@@ -55,6 +57,15 @@ class SFTSettings:
             im_end=ids["im_end"],
             eos=ids["eos"],
         )
+
+
+    def canvas_of(self, answer_tokens: int) -> int | None:
+        """The canvas an answer of this many tokens (content + <|im_end|>) is padded to: the answer
+        canvas; when it is longer, the long-answer canvas, or the answer itself (no padding) when
+        none is set; None = the sequence end (no answer canvas)."""
+        if self.answer_canvas and answer_tokens > self.answer_canvas:
+            return self.long_answer_canvas or answer_tokens
+        return self.answer_canvas
 
 
 def prepare_messages(messages: list[dict[str, str]], leading_space: bool) -> list[dict[str, str]]:
@@ -110,12 +121,10 @@ def split_conversation(
                 continue
             answer = answer[: max_answer - 1] + [s.im_end]
             rec["truncated"] = 1
-        if s.answer_padding == "eos":
-            want_pad = max(0, s.answer_canvas - len(answer)) if s.answer_canvas else L
-        else:
-            want_pad = 0
+        canvas = s.canvas_of(len(answer))
+        want_pad = (max(0, canvas - len(answer)) if canvas else L) if s.answer_padding == "eos" else 0
         room = L - fixed - len(answer)  # tokens left for context turns and padding
-        reserve = want_pad if s.answer_padding == "eos" and s.answer_canvas else 0
+        reserve = want_pad if s.answer_padding == "eos" and canvas else 0
         first_ctx = 1 if has_system else 0
         context: list[list[int]] = []
         used = 0
@@ -135,8 +144,8 @@ def split_conversation(
             prompt.extend(seg)
         prompt.extend(header)
         free = L - len(prompt) - len(answer)
-        pad = (min(want_pad, free) if s.answer_canvas else free) if s.answer_padding == "eos" else 0
-        rec["short_padding"] = int(bool(s.answer_canvas) and pad < want_pad)
+        pad = (min(want_pad, free) if canvas else free) if s.answer_padding == "eos" else 0
+        rec["short_padding"] = int(bool(canvas) and pad < want_pad)
         rec["input_ids"] = prompt + answer + [s.eos] * pad
         rec["eligible_mask"] = [0] * len(prompt) + [1] * (len(answer) + pad)
         rec["answer_tokens"] = len(answer)

@@ -309,7 +309,8 @@ def prepare_sft_stage(
         write_report(tmp, {
             "title": "SFT data",
             "summary": {"max_seq_len": max_seq_len, "answer_padding": scfg.answer_padding,
-                        "answer_canvas": scfg.answer_canvas, "long_answer": scfg.long_answer,
+                        "answer_canvas": scfg.answer_canvas, "long_answer_canvas": scfg.long_answer_canvas,
+                        "long_answer": scfg.long_answer,
                         **{f"{sp}_examples": len(d) for sp, d in splits.items()},
                         "invalid_conversations": len(failures), "seconds": round(seconds, 2)},
             "tables": {"Sources (train split counts)": rows,
