@@ -1,14 +1,20 @@
 """`dgpt bench`: run the benchmark suites on a model folder and write bench.json / bench.md.
 
-    dgpt bench --model runs/tiny/sft/model --out runs/tiny/bench            # every suite
-    dgpt bench --suite sample --model DIR --preset tiny
+    dgpt bench --model runs/latest/models/sft --out runs/bench              # every suite
+    dgpt bench --suite repetition --model runs/latest/models/sft --text-model runs/latest/models/pretrain
     dgpt bench --preset ci --out /tmp/bench                                 # random weights, seconds
     dgpt bench --preset ci --set 'data.sft.sources=[{name: world}]' --set data.sft.answer_canvas=64
 
-`--preset` picks the measurement sizes (bench/common.SIZES) and, without `--model`, the run config
-whose shape a random-weight model takes and whose data is prepared into `<out>/data`; `--set`
-overrides that run config (or the model folder's). When its SFT data is the synthetic world, the
-decoding and baseline comparisons run on the world's held-out people (bench/world.py), else on the
+Suites: `train` (diffusion vs masked-LM training step), `sample` (decoding methods on long answers:
+quality, NFE and tokens/s against the fixed-step ancestral reference; sampler overhead; time vs
+length), `repetition` (loops, rep-4 and fact precision of every decoding method at several step
+counts, on the pretrain model's plain-text continuations and the SFT model's long answers),
+`baseline` (the parameter-matched GPT-2 trained on the same data: perplexities, short answers,
+long-answer tokens/s at batch 1 and 32) and `compile` (torch.compile of the backbone for sampling
+and training). `--preset` picks the measurement sizes (bench/common.SIZES) and, without `--model`,
+the run config whose shape a random-weight model takes and whose data is prepared into
+`<out>/data`; `--set` overrides that run config (or the model folder's). When its SFT data is the
+synthetic world, the comparisons run on the world's held-out people (bench/world.py), else on the
 skills test items.
 """
 

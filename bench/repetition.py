@@ -37,7 +37,7 @@ from .common import BenchSizes, Subject, Workload
 from .world import bio_workload
 
 METHODS = ("random", "confidence", "margin", "entropy", "threshold", "eb", "confidence+guard",
-           "confidence+remdm_conf", "confidence+remdm_cap", "confidence+guard+remdm_conf")
+           "confidence+remdm_conf", "confidence+remdm_cap", "confidence+guard+remdm_conf", "confidence+guard+remdm_cap")
 """Decoding methods compared (strategy names with `+modifier`s, see `sampling_types.MODIFIERS`)."""
 REFERENCE = "random"
 """Ancestral MDLM decoding: the loop rate, rep-4 and fact precision a safe method must match."""

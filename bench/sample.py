@@ -6,7 +6,7 @@ else the skills test items (quality: exact match; canvas: the run's eval skills 
 Decoding methods (argmax tokens, seed 0, the workload's canvas):
 `ancestral` (MDLM, positions at random) at its best-quality step count is the reference;
 `confidence`, `margin`, `entropy` (count-based top-k by p, p1 - p2, -H) and `confidence+guard`
-(with the 3-gram repetition guard) at their best step counts; `threshold` (Fast-dLLM, tau 0.9,
+(with the 5-gram repetition guard) at their best step counts; `threshold` (Fast-dLLM, tau 0.9,
 `steps` = canvas as the cap), `eb` (EB-sampler, at its best entropy budget gamma, the same cap),
 `threshold_block` (threshold in blocks of half the canvas) and `threshold_block_cache` (that with
 the approximate prefix cache).

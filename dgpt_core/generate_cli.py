@@ -5,7 +5,7 @@
     dgpt generate MODEL_DIR --prompt "Hi there" --strategy threshold --steps 16
                   --max-new-tokens 256 --block-size 32 --prefix-cache     # fast decoding
     dgpt generate MODEL_DIR --prompt "Tell me about Sam Davis." --strategy confidence+guard
-                  --max-new-tokens 64 --steps 64             # confidence order, no repeated 3-gram
+                  --max-new-tokens 64 --steps 64             # confidence order, no repeated 5-gram
     dgpt chat MODEL_DIR [--system "You are terse."] [sampler options]
 
 Prompts go through the tokenizer's chat template as a user turn unless `--raw`. On a terminal,

@@ -228,13 +228,15 @@ class SamplerConfig:
 
 
 MODIFIERS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "guard": MappingProxyType({"no_repeat_ngram_size": 3}),
+    "guard": MappingProxyType({"no_repeat_ngram_size": 5}),
     "remdm_cap": MappingProxyType({"remask": "cap"}),
     "remdm_rescale": MappingProxyType({"remask": "rescale"}),
     "remdm_conf": MappingProxyType({"remask": "conf"}),
 })
 """Sampler options a decoding method name can add to a strategy: `confidence+guard` is confidence
-decoding with the 3-gram repetition guard, `random+remdm_cap` ancestral sampling with ReMDM-cap."""
+decoding with the 5-gram repetition guard, `random+remdm_cap` ancestral sampling with ReMDM-cap.
+The guard's 5: biographies repeat names and relation phrases as 3- and 4-grams (" Sam Davis was
+born"), and a 3-gram guard cost the tiny pretrained model 0.16 of its fact precision."""
 
 
 def method_options(name: str) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
 
 
 CONFIDENCE_FAMILY = ("confidence", "confidence+guard", "confidence+remdm_conf", "confidence+remdm_cap",
-                     "confidence+guard+remdm_conf")
+                     "confidence+guard+remdm_conf", "confidence+guard+remdm_cap")
 """Confidence-order decoding methods, in order of preference (plainest first), that may replace
 random order for open-ended generation when they repeat no more than it does."""
 

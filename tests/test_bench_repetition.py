@@ -118,10 +118,10 @@ def rows_of(**numbers: tuple[float, float, float]) -> dict:
 def test_the_safe_method_must_be_safe_on_every_workload():
     text = rows_of(random=(0.2, 0.3, 0.5), confidence=(0.6, 0.5, 0.5), confidence_guard=(0.1, 0.1, 0.6),
                    confidence_remdm_conf=(0.2, 0.3, 0.5), confidence_remdm_cap=(0.3, 0.3, 0.5),
-                   confidence_guard_remdm_conf=(0.0, 0.0, 0.9))
+                   confidence_guard_remdm_conf=(0.0, 0.0, 0.9), confidence_guard_remdm_cap=(0.9, 0.9, 0.1))
     answers = rows_of(random=(0.1, 0.2, 0.8), confidence=(0.1, 0.4, 0.9), confidence_guard=(0.0, 0.0, 0.7),
                       confidence_remdm_conf=(0.1, 0.2, 0.8), confidence_remdm_cap=(0.1, 0.1, 0.8),
-                      confidence_guard_remdm_conf=(0.0, 0.0, 0.8))
+                      confidence_guard_remdm_conf=(0.0, 0.0, 0.8), confidence_guard_remdm_cap=(0.9, 0.9, 0.1))
     found = findings({"text": text, "answers": answers})
     # confidence loops more on text only (on answers its loop rate ties random's); the guard is
     # below random on both but loses fact precision on answers; remdm_conf ties random everywhere

@@ -13,6 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dgpt_core.model_info import read_model_info, read_sampler_defaults
+from dgpt_core.sampling_types import method_options
+from eval.strategy_comparison import repetition_safe_method
 
 EXPECTED_STAGES = ["data", "pretrain", "sft", "untrained-model", "eval-untrained", "eval-pretrain", "eval-sft", "publish"]
 
@@ -152,8 +154,9 @@ README_COMMANDS = {
         "dgpt bench --suite sample --model runs/latest/models/sft --out runs/bench --preset ci --reps 1 --no-plots",
     "python -m bench.gpu runs/bench-gpu --smoke": None,  # tests/test_bench.py runs the smoke path
     'dgpt generate runs/latest/models/sft --prompt "Where was Sam Davis born?"': "same",
-    'dgpt generate runs/latest/models/sft --prompt "Tell me about Sam Davis." --strategy confidence --steps 16 --stream':
-        "same",
+    'dgpt generate runs/latest/models/sft --prompt "Tell me about Sam Davis." --strategy confidence+guard '
+    "--max-new-tokens 64 --canvas-blocks 8 --steps 32 --stream": "same",
+    'dgpt generate runs/latest/models/pretrain --raw --prompt " Sam Davis was born on"': "same",
     'dgpt generate runs/latest/models/sft --prompt "Who was born on February 21, 1997 in Dallas?" --strategy threshold '
     "--threshold 0.9 --block-size 16 --steps 8 --prefix-cache": "same",
     "dgpt chat runs/latest/models/sft": "same",
@@ -226,6 +229,12 @@ def test_a_ci_sized_world_run_trains_the_control_and_leads_the_card_with_what_pr
     for name in ("sft", "sft_control"):
         world = metrics[name]["benchmarks"]["dgpt_world"]
         assert set(world) == {"random", "confidence"} and all(0.0 <= row["heldout"] <= 1.0 for row in world.values())
+    # the control is evaluated on what the card sets beside the SFT model, nothing more
+    assert "repetition_by_mode" in metrics["sft"] and "repetition_by_mode" not in metrics["sft_control"]
+    # the pretrain folder decodes open-ended text by the repetition-safe method when there is one
+    safe = repetition_safe_method(metrics["pretrain"]["repetition_by_mode"])
+    defaults = read_sampler_defaults(run["models"]["pretrain"])
+    assert defaults.get("strategy", "random") == ("random" if safe is None else method_options(safe)["strategy"])
     card = Path(run["report_card"]).read_text()
     assert card.index("## Headline: what pretraining contributed") < card.index("## Stages")
     assert "SFT from untrained (control)" in card and "text bound" in card and "answer bound" in card
