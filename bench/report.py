@@ -181,6 +181,8 @@ def render(result: dict[str, Any]) -> str:
     lines += world_section(result)
     if "repetition" in result:
         lines += render_repetition(result["repetition"])
+    if "compile" in result:
+        lines += compile_section(result["compile"])
     return "\n".join(lines)
 
 
@@ -205,6 +207,23 @@ def baseline_section(base: dict[str, Any]) -> list[str]:
                   [[f"{key} / ar tokens/s", *(base[f"{key}_vs_ar_tokens_per_s"][b] for b in batches)]
                    for key in ("ours", "ours_cache")]), "",
             f"AR training: {base['ar']['training']['stages']}.", ""]
+
+
+def compile_section(compiled: dict[str, Any]) -> list[str]:
+    """torch.compile of the backbone: compile seconds, eager vs compiled speed, kept or not."""
+    rows = []
+    for use, unit in (("sampling", "tokens/s"), ("training", "s per step")):
+        part = compiled[use]
+        if "error" in part:
+            rows.append([use, part["error"], "", "", "", "", compiled["kept"][use]])
+            continue
+        eager, fast = ((part["eager_tokens_per_s"], part["compiled_tokens_per_s"]) if use == "sampling"
+                       else (part["eager_step_s"], part["compiled_step_s"]))
+        rows.append([use, unit, part["compile_s"], eager, fast, part["speedup"], compiled["kept"][use]])
+    return ["## torch.compile of the backbone", "",
+            f"{compiled['device']}, {compiled['threads']} threads, torch {compiled['torch']}; compile seconds measured "
+            "cold (empty Inductor cache).", "",
+            table(["use", "unit", "compile s", "eager", "compiled", "speedup", "wins"], rows), ""]
 
 
 def world_section(result: dict[str, Any]) -> list[str]:

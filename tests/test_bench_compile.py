@@ -79,3 +79,15 @@ def test_a_real_compile(subject, one_thread):
     check_layout(result, subject)
     assert result["sampling"]["compile_s"] > 0 and result["training"]["compile_s"] > 0
     assert subject.model.model is backbone  # the model under test is eager again
+
+
+def test_the_report_shows_each_use_or_its_error():
+    from bench.report import compile_section
+
+    compiled = {"device": "cpu", "threads": 2, "torch": "x", "kept": {"sampling": True, "training": False},
+                "sampling": {"compile_s": 30.0, "eager_tokens_per_s": 100.0, "compiled_tokens_per_s": 120.0,
+                             "speedup": 1.2},
+                "training": {"error": "RuntimeError: no compiler"}}
+    text = "\n".join(compile_section(compiled))
+    assert "| sampling | tokens/s | 30.000 | 100.000 | 120.000 | 1.200 | True |" in text
+    assert "| training | RuntimeError: no compiler |  |  |  |  | False |" in text
