@@ -33,11 +33,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--tasks", nargs="+", default=None,
                    help="ppl dgpt_skills dgpt_chitchat_mc dgpt_heldout_text repetition editing dgpt_world storage, "
                         "or lm-eval task names")
-    p.add_argument("--strategies", nargs="+", default=None, help="random confidence margin entropy")
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help="decoding methods: random confidence margin entropy threshold eb, each optionally with "
+                        "+guard, +remdm_cap, +remdm_rescale, +remdm_conf (e.g. confidence+guard)")
     p.add_argument("--limit", type=int, default=None, help="items per task (per skill for dgpt_skills)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps")
     p.add_argument("--steps-grid", type=int, nargs="*", default=None, help="steps of the quality-vs-steps sweep")
     p.add_argument("--block-size", type=int, default=None, help="semi-autoregressive block length")
+    p.add_argument("--long-answer-blocks", type=int, default=None,
+                   help="windows of long answers revealed left to right inside the canvas (1 = the whole canvas at once)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo draws of loglikelihood")
     p.add_argument("--model-kind", choices=["auto", "untrained", "pretrain", "sft"], default=None)
@@ -62,7 +66,8 @@ def config_from_args(args: argparse.Namespace):
         data = run.eval.model_dump() if run is not None else {}
     flags = {
         "tasks": args.tasks, "strategies": args.strategies, "limit": args.limit, "steps": args.steps,
-        "steps_grid": args.steps_grid, "block_size": args.block_size, "seed": args.seed, "mc_num": args.mc_num,
+        "steps_grid": args.steps_grid, "block_size": args.block_size, "long_answer_blocks": args.long_answer_blocks,
+        "seed": args.seed, "mc_num": args.mc_num,
         "model_kind": args.model_kind, "skills_jsonl": args.skills_jsonl,
         "pretrain_data_dir": args.pretrain_data, "sft_data_dir": args.sft_data,
     }

@@ -77,7 +77,16 @@ def test_sft_folder_decodes_with_the_best_setting_of_its_own_eval(two_runs):
     chosen = skills[defaults["strategy"]]
     if int(chosen["steps"]) == defaults["steps"]:
         assert chosen["exact_match"] >= best - 0.01
-    assert read_sampler_defaults(root / "latest" / "models" / "pretrain") == {"schedule": "linear", "t_eps": 0.001}
+    # the pretrain folder (open-ended text): the repetition-safe method of its own eval, if any, on the
+    # study's canvas and steps; else only its schedule
+    pretrain = json.loads(Path(first["evals"]["pretrain"]["metrics_path"]).read_text())
+    safe = repetition_safe_method(pretrain["repetition_by_mode"])
+    want = {"schedule": "linear", "t_eps": 0.001}
+    if safe is not None:
+        want.update(method_options(safe), steps=pretrain["meta"]["settings"]["steps"],
+                    max_new_tokens=pretrain["meta"]["settings"]["plain_canvas"])
+    got = read_sampler_defaults(root / "latest" / "models" / "pretrain")
+    assert {k: got.get(k) for k in want} == want
 
 
 def test_task_runs_are_named_for_their_work_and_logs_carry_library_lines_not_bytecode(two_runs):
@@ -230,7 +239,8 @@ def test_a_ci_sized_world_run_trains_the_control_and_leads_the_card_with_what_pr
         world = metrics[name]["benchmarks"]["dgpt_world"]
         assert set(world) == {"random", "confidence"} and all(0.0 <= row["heldout"] <= 1.0 for row in world.values())
     # the control is evaluated on what the card sets beside the SFT model, nothing more
-    assert "repetition_by_mode" in metrics["sft"] and "repetition_by_mode" not in metrics["sft_control"]
+    assert metrics["sft"]["repetition_by_mode"] and not metrics["sft_control"].get("repetition_by_mode")
+    assert not metrics["sft_control"].get("storage") and not metrics["sft_control"].get("editing")
     # the pretrain folder decodes open-ended text by the repetition-safe method when there is one
     safe = repetition_safe_method(metrics["pretrain"]["repetition_by_mode"])
     defaults = read_sampler_defaults(run["models"]["pretrain"])
