@@ -214,7 +214,7 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                 continue
             key = stage_key("eval", {"eval": run.eval.model_dump(mode="json"), "model": name}, [keys[name], data_key])
             cfg = eval_cfg if name != "sft_control" else eval_cfg.model_copy(
-                update={"tasks": [t for t in eval_cfg.tasks if t in CONTROL_TASKS]})
+                update={"tasks": [t for t in eval_cfg.tasks if t in CONTROL_TASKS], "steps_grid": []})
             result = runner(f"eval-{name}", "eval", eval_task, key=key, model_kind=name, model_dir=out["models"][name],
                             out_dir=str(stages_dir / key), cfg=cfg)
             out["evals"][name] = {k: result[k] for k in ("metrics_path", "report_path", "out_dir")}
@@ -295,7 +295,8 @@ def eval_config_for(cfg: EvalConfig, folders: dict[str, str]) -> EvalConfig:
 
 
 CONTROL_TASKS = ("ppl", "dgpt_skills", "dgpt_world")
-"""The eval tasks of the `sft_control` model: what the report card sets beside the SFT model's."""
+"""The eval tasks of the `sft_control` model: what the report card sets beside the SFT model's (at
+the eval's steps only: no steps sweep, which chooses sampler defaults)."""
 SAMPLER_CHOICE_TASKS = {"dgpt_skills": "exact_match", "dgpt_world": "heldout"}
 """Benchmarks whose exact match (the row key) chooses the SFT model's sampler defaults, first found wins."""
 
