@@ -119,8 +119,7 @@ def repetition_suite(subject: Subject, sizes: BenchSizes,
     if subject.world is None:
         return {"skipped": "the run's SFT data is not the synthetic world (no held-out people)"}
     cfg = subject.run.eval
-    temperature = cfg.temperature if cfg.repetition_temperature is None else cfg.repetition_temperature
-    base = SamplerConfig(temperature=temperature, seed=0, threshold=cfg.threshold)
+    base = SamplerConfig(temperature=cfg.repetition_token_temperature, seed=0, threshold=cfg.threshold)
     runs: dict[str, tuple[torch.nn.Module, Any, Workload, str]] = {}
     info: dict[str, dict[str, Any]] = {}
     if text_model is None:

@@ -157,6 +157,11 @@ class EvalConfig(StrictConfig):
             raise ValueError("steps_grid entries must be >= 1")
         return sorted(set(value))
 
+    @property
+    def repetition_token_temperature(self) -> float:
+        """The token temperature of the repetition study: `repetition_temperature`, else `temperature`."""
+        return self.temperature if self.repetition_temperature is None else self.repetition_temperature
+
     def long_canvas(self, info: ModelInfo | None) -> int:
         """The canvas of long answers for a model with this info (see `long_answer_canvas`)."""
         trained = info.long_answer_canvas if info is not None and info.kind == "sft" else None

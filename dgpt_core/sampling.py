@@ -377,13 +377,15 @@ def _denoise_step(
     cfg, rule, ids, gen = run.cfg, run.cfg.rule, run.ids, run.gen
     t, s = remaining / steps, (remaining - 1) / steps
     masked = blk == ids.mask
-    remasked, sigma = _remasked(run, blk, masked, revealed_p, t, s)
-    masked_all, masked = masked, masked.clone()
-    masked[:, end:] = False  # what this step may reveal
+    remasked, repaid = _remasked(run, blk, masked, revealed_p, t, s)
+    masked_all = masked
+    if end < masked.shape[1]:  # a canvas_blocks window: only its masks may be revealed
+        masked = masked.clone()
+        masked[:, end:] = False
     reveal = None
     if rule.score is None:
         # positions are chosen independently of the tokens, so tokens are drawn for them alone
-        p = run.schedule.reveal_probability(t, s, sigma if cfg.remask in ("cap", "rescale") else 0.0)
+        p = run.schedule.reveal_probability(t, s, repaid)
         u = torch.rand(masked.shape, generator=gen, dtype=torch.float64, device=blk.device)
         reveal = masked & (u < p)
     cand = torch.ones_like(masked) if editing else (masked if reveal is None else reveal)
@@ -440,15 +442,17 @@ def _denoise_step(
 def _remasked(run: _Run, blk: torch.Tensor, masked: torch.Tensor, revealed_p: torch.Tensor | None,
               t: float, s: float) -> tuple[torch.Tensor, float]:
     """ReMDM: the revealed generated tokens masked again on the step t -> s (a bool mask of the
-    block), and the step's sigma_t (cap and rescale; for conf its bound sigma_max)."""
+    block), and the remasking probability the ancestral reveal pays back at the masks: sigma_t for
+    cap and rescale, 0 for conf (whose masks keep the MDLM posterior, as in ReMDM)."""
     cfg = run.cfg
     if cfg.remask == "off":
         return torch.zeros_like(masked), 0.0
     bound = run.schedule.remask_bound(t, s)
     sigma = {"cap": min(cfg.remask_eta, bound), "rescale": cfg.remask_eta * bound, "conf": bound}[cfg.remask]
     revealed = ~masked & (blk != run.ids.pad)
+    repaid = 0.0 if cfg.remask == "conf" else sigma
     if sigma == 0 or not bool(revealed.any()):  # no draw: the random stream stays that of remask="off"
-        return torch.zeros_like(masked), sigma
+        return torch.zeros_like(masked), repaid
     if cfg.remask != "conf":
         prob = revealed.double() * sigma
     else:
@@ -456,4 +460,4 @@ def _remasked(run: _Run, blk: torch.Tensor, masked: torch.Tensor, revealed_p: to
         weight = torch.exp(-revealed_p).masked_fill(~revealed, 0.0)
         prob = sigma * weight / weight.sum(1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
     u = torch.rand(masked.shape, generator=run.gen, dtype=torch.float64, device=blk.device)
-    return revealed & (u < prob), sigma
+    return revealed & (u < prob), repaid

@@ -284,9 +284,8 @@ class _Suite:
     def repetition(self) -> dict[str, dict[str, dict[str, float]]]:
         cfg = self.cfg
         n = _cap(cfg.repetition_prompts, cfg.limit)
-        temperature = cfg.temperature if cfg.repetition_temperature is None else cfg.repetition_temperature
         base = SamplerConfig(steps=cfg.steps, threshold=cfg.threshold, block_size=cfg.block_size,
-                             temperature=temperature, seed=cfg.seed)
+                             temperature=cfg.repetition_token_temperature, seed=cfg.seed)
         # prompts, sampler options (canvas, windows), scorer
         modes: dict[str, tuple[list[list[int]], dict[str, int], Any]] = {}
         if self.world is not None:  # biographies of held-out people, scored for facts

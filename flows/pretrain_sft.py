@@ -328,8 +328,8 @@ def _adopt_open_ended_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[st
         return
     write_sampler_defaults(model_dir, {"schedule": info.schedule, "t_eps": info.t_eps, **method_options(method),
                                        "steps": cfg.steps, "max_new_tokens": cfg.plain_canvas,
-                                       "temperature": cfg.repetition_temperature if cfg.repetition_temperature
-                                       is not None else cfg.temperature, "threshold": cfg.threshold, "seed": cfg.seed})
+                                       "temperature": cfg.repetition_token_temperature, "threshold": cfg.threshold,
+                                       "seed": cfg.seed})
 
 
 LIBRARY_LOGGERS = ("dgpt_core", "eval", "deploy", "tasks")
