@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import ModernBertForMaskedLM
 
+from dgpt_core.cli_errors import UsageError
 from dgpt_core.sampling import SamplerConfig
 from dgpt_core.tokenizer import load_tokenizer
 
@@ -143,6 +144,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
+    for flag, folder in (("--model", args.model), ("--text-model", args.text_model)):
+        if folder and not (Path(folder) / "config.json").is_file():
+            raise UsageError(f"{flag} {folder} is not a saved model folder (no config.json)")
     given = {"reps": args.reps, "baseline_budget": args.baseline_budget,
              "lengths": tuple(args.lengths) if args.lengths else None}
     overrides = {k: v for k, v in given.items() if v is not None}

@@ -7,14 +7,15 @@
 The staged folder is exactly what is uploaded: the model files, README.md (the model card),
 eval/<name>/ (metrics.json, report.md, samples, plots) and run_config.yaml. An upload is one
 atomic commit (`create_commit` with explicit operations; or one commit on a pull request, then
-merged); each Hub call is retried with exponential backoff on network errors and retryable
-statuses. The token is read from the environment at upload time, passed only to HfApi (it ends up
-in the Authorization header), and scrubbed from every message this module logs or raises.
+merged); every Hub request is bounded by `request_timeout_seconds`, and each Hub call is retried
+with exponential backoff on timeouts, network errors and retryable statuses. A failed upload
+deletes the repository when this run created it (never one that existed before). The token is
+read from the environment at upload time, passed only to HfApi (it ends up in the Authorization
+header), and scrubbed from every message this module logs or raises.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -29,16 +30,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dgpt_core.hub import is_offline
+from dgpt_core.hub import HUB_OFFLINE_VARS, offline_vars
 from dgpt_core.publish_config import PublishConfig
 
+from .hub_client import create_repo, is_retryable, request_timeout
 from .model_card import build_model_card, load_metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVAL_SUFFIXES = (".json", ".md", ".png")
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 KEEP_REMOTE = frozenset({".gitattributes"})
 _EVAL_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -220,35 +221,6 @@ def scrub(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Transport-level errors of whichever HTTP clients huggingface_hub may use."""
-    names = {
-        "httpx2": ("TimeoutException", "NetworkError", "RemoteProtocolError"),
-        "httpx": ("TimeoutException", "NetworkError", "RemoteProtocolError"),
-        "requests": ("ConnectionError", "Timeout"),
-    }
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module_name, attrs in names.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        found += [getattr(module, a) for a in attrs if hasattr(module, a)]
-    return tuple(found)
-
-
-def is_retryable(err: BaseException) -> bool:
-    """Network errors and HTTP 408/429/5xx; offline mode and other HTTP errors are final."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    if isinstance(err, OfflineModeIsEnabled):
-        return False
-    if isinstance(err, HfHubHTTPError):
-        response = getattr(err, "response", None)
-        return response is None or response.status_code in RETRYABLE_STATUS
-    return isinstance(err, _network_errors())
-
-
 def with_retries(call: Callable[[], T], what: str, cfg: PublishConfig, token: str | None) -> tuple[T, int]:
     """(result, attempts) of `call`, retried with exponential backoff on retryable errors; a final
     error is re-raised as PublishError with the token scrubbed and the original chain dropped."""
@@ -275,7 +247,9 @@ def with_retries(call: Callable[[], T], what: str, cfg: PublishConfig, token: st
 
 
 def dry_run_reason(cfg: PublishConfig, token: str | None) -> str | None:
-    """Why nothing is uploaded, or None when the upload goes ahead."""
+    """Why nothing is uploaded, or None when the upload goes ahead. Offline mode means the
+    variables huggingface_hub itself obeys (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), named in the
+    reason; HF_DATASETS_OFFLINE only concerns dataset downloads and does not stop an upload."""
     from huggingface_hub import constants
 
     if cfg.dry_run:
@@ -284,25 +258,54 @@ def dry_run_reason(cfg: PublishConfig, token: str | None) -> str | None:
         return "no repo_id"
     if not token:
         return f"no token in ${cfg.token_env}"
-    if is_offline() or constants.is_offline_mode():
-        return "offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+    if offline := offline_vars(HUB_OFFLINE_VARS):
+        return f"offline mode ({', '.join(f'{var}={value}' for var, value in offline.items())})"
+    if constants.is_offline_mode():  # read from the environment when huggingface_hub was imported
+        return "offline mode (huggingface_hub.constants.HF_HUB_OFFLINE)"
     return None
 
 
 def _upload(folder: Path, files: list[str], cfg: PublishConfig, token: str, result: PublishResult) -> None:
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
 
     assert cfg.repo_id is not None
     endpoint = cfg.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     api = HfApi(endpoint=endpoint.rstrip("/"), token=token)
-    repo, attempts = cfg.repo_id, result.attempts
+    repo = cfg.repo_id
 
     def step(what: str, call: Callable[[], T]) -> T:
-        value, attempts[what] = with_retries(call, what, cfg, token)
+        value, result.attempts[what] = with_retries(call, what, cfg, token)
         return value
 
-    url = step("create_repo", lambda: api.create_repo(repo, private=cfg.private, exist_ok=True))
-    result.repo_url = str(url)
+    with request_timeout(cfg.request_timeout_seconds):
+        url, created = step("create_repo", lambda: create_repo(api, repo, cfg.private))
+        result.repo_url = url
+        try:
+            _commit_folder(api, folder, files, cfg, step, result)
+        except PublishError as err:
+            if not created:
+                raise
+            try:
+                step("delete_repo", lambda: api.delete_repo(repo, missing_ok=True))
+            except PublishError as cleanup:
+                raise PublishError(
+                    f"{err}\nthe repo {repo} created by this run is left behind: {cleanup}"
+                ) from None
+            raise PublishError(f"{err}\nthe repo {repo} created by this run was deleted") from None
+
+
+def _commit_folder(
+    api: Any,
+    folder: Path,
+    files: list[str],
+    cfg: PublishConfig,
+    step: Callable[[str, Callable[[], Any]], Any],
+    result: PublishResult,
+) -> None:
+    """Everything after the repo exists: the branch, the stale files, the one commit, the merge."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    repo = cfg.repo_id
     if cfg.revision != "main":
         step("create_branch", lambda: api.create_branch(repo, branch=cfg.revision, exist_ok=True))
     target = "main" if cfg.mode == "pull_request" else cfg.revision

@@ -8,15 +8,14 @@ deliberately no flag for it, so it never lands in shell history or process listi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from dgpt_core.cli_errors import ConfigError, DgptError, UsageError, report, validation_message
 from dgpt_core.publish_config import PublishConfig
-from dgpt_core.run_config import parse_override
+from dgpt_core.run_config import parse_override, read_yaml
 
 
 def add_publish_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -65,9 +64,9 @@ def add_publish_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def _publish_section(path: Path, whole_file_fallback: bool) -> dict[str, Any]:
     """The `publish` section of a YAML file; without one, the whole file (a PublishConfig YAML)
     or nothing (a run config from before the publish section existed)."""
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml(path)
     if not isinstance(tree, dict):
-        raise ValueError(f"{path} does not hold a YAML mapping")
+        raise ConfigError(f"{path} does not hold a YAML mapping")
     return dict(tree.get("publish") or (tree if whole_file_fallback else {}))
 
 
@@ -87,7 +86,10 @@ def config_from_args(args: argparse.Namespace) -> PublishConfig:
         data["dry_run"] = True
     if args.no_verify:
         data["verify"] = False
-    return PublishConfig.model_validate(data)
+    try:
+        return PublishConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid publish config: {validation_message(err)}") from None
 
 
 def parse_eval_dirs(items: list[str]) -> dict[str, Path]:
@@ -95,7 +97,7 @@ def parse_eval_dirs(items: list[str]) -> dict[str, Path]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--eval-dir {item!r} is not of the form NAME=DIR")
+            raise UsageError(f"--eval-dir {item!r} is not of the form NAME=DIR")
         out[name] = Path(path)
     return out
 
@@ -107,15 +109,13 @@ def run_publish_command(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         eval_dirs = parse_eval_dirs(args.eval_dir)
-    except (ValueError, ValidationError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UsageError as err:  # reported here as well, for callers of `func` without the dispatcher
+        return report("publish", err)
     out = Path(args.out) if args.out else model_dir.resolve().parent / "publish"
     try:
         result = publish(model_dir, out, cfg, eval_dirs=eval_dirs, run_config_path=args.run_config)
     except PublishError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise DgptError(str(err)) from err
     print(f"staged {len(result.files)} files in {result.folder}")
     if result.verified:
         print(f"verified in a fresh process: {result.verification['text']['generated_text']!r}")

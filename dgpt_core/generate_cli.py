@@ -34,15 +34,19 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from .cli_errors import NotFoundError, UsageError
+from .hub import hub_reachable
 from .model_info import model_info_of
 from .pipeline import MASK_SYMBOL, Message, TextDiffusionPipeline
-from .sampling_types import SamplerConfig, method_options
+from .sampling_types import FIELD_RANGES, SamplerConfig, method_options
 
 NOT_ON_COMMAND_LINE: frozenset[str] = frozenset()
 """SamplerConfig fields without a command-line option: those whose values cannot be typed in (a
@@ -109,12 +113,27 @@ def _sampler_argument(name: str, hint: Any) -> dict[str, Any]:
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if hint in (int, float, str):
-        return {"type": hint}
+        return {"type": _in_range(name, hint) if name in FIELD_RANGES else hint}
     if typing.get_origin(hint) is Literal:
         return {"choices": args}
     if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
         return {"type": args[0], "nargs": "*"}
     raise TypeError(f"SamplerConfig.{name}: no command-line form for {hint}; add it to NOT_ON_COMMAND_LINE")
+
+
+def _in_range(name: str, number: type) -> Callable[[str], Any]:
+    """argparse type of a numeric option: the number, refused outside `FIELD_RANGES[name]`, so a
+    value out of range is one error line naming the option."""
+    allowed = FIELD_RANGES[name]
+
+    def parse(text: str) -> Any:
+        value = number(text)
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"must be {allowed} (got {text})")
+        return value
+
+    parse.__name__ = number.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -145,8 +164,27 @@ def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     return {**method_options(given.pop("strategy")), **given} if "strategy" in given else given
 
 
+def _check_model_source(model_dir: str) -> None:
+    """Raise a UsageError unless `model_dir` is a saved model folder or, when no such path exists,
+    a Hub model id with the Hub reachable; transformers would say so in a 40-line traceback."""
+    path = Path(model_dir)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{model_dir} is not a saved model folder (no config.json)")
+        return
+    try:
+        validate_repo_id(model_dir)
+    except HFValidationError:
+        raise NotFoundError(f"model folder {model_dir} does not exist",
+                            hint="training writes model folders, e.g. runs/latest/models/sft") from None
+    if not hub_reachable():
+        raise UsageError(f"{model_dir} is not a local folder, and as a Hub model id it cannot be downloaded: "
+                         "the Hugging Face Hub is not reachable (or HF_HUB_OFFLINE is set)")
+
+
 def load_pipeline(model_dir: str, device: str | None = None) -> TextDiffusionPipeline:
-    """The text-diffusion pipeline on a model folder, with this package's sampler code."""
+    """The text-diffusion pipeline on a model folder (or Hub model id), with this package's sampler code."""
+    _check_model_source(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForMaskedLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -8,12 +8,21 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""The variables huggingface_hub itself reads (at import) to refuse every request to the Hub."""
+OFFLINE_VARS = (*HUB_OFFLINE_VARS, "HF_DATASETS_OFFLINE")
+"""Every HF offline variable: the Hub's, and the datasets library's for dataset downloads."""
+
+
+def offline_vars(names: tuple[str, ...] = OFFLINE_VARS) -> dict[str, str]:
+    """The variables of `names` that declare offline mode (1/true/yes/on), with their values."""
+    values = {var: os.environ.get(var, "").strip() for var in names}
+    return {var: value for var, value in values.items() if value.lower() in {"1", "true", "yes", "on"}}
 
 
 def is_offline() -> bool:
     """True when the environment declares offline mode (any of the HF offline variables)."""
-    return any(os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"} for var in _OFFLINE_VARS)
+    return bool(offline_vars())
 
 
 @functools.cache

@@ -24,7 +24,8 @@ class PublishConfig(StrictConfig):
     dry run: the upload folder is written and verified, nothing is uploaded."""
     dry_run: bool = False
     """Force a dry run even with a repo id and a token (the stage is also a dry run without a
-    token and whenever the Hub is declared offline by HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    token and whenever the Hub is declared offline by HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE;
+    HF_DATASETS_OFFLINE is about dataset downloads and does not stop an upload)."""
     private: bool = True
     """Create the repo as private (ignored when the repo already exists)."""
     revision: str = "main"
@@ -46,6 +47,10 @@ class PublishConfig(StrictConfig):
     """Wait before the first retry; doubled at every further retry."""
     max_backoff_seconds: float = Field(60.0, ge=0.0)
     """Upper bound of a single wait between retries."""
+    request_timeout_seconds: float = Field(60.0, gt=0.0)
+    """Time limit of every HTTP request to the Hub, for connecting and for each read or write on
+    the connection (a long upload that keeps moving is not cut); a request that stalls longer fails
+    with a timeout, which is retried like any network error."""
     token_env: str = Field("HF_TOKEN", min_length=1)
     """Name of the environment variable holding the Hub token (the token is read at upload time
     and never logged, stored or written to any file)."""

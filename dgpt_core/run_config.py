@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from .cli_errors import ConfigError, NotFoundError, validation_message
 from .config import DiffusionConfig, ModelConfig, StrictConfig, TrainingConfig
 from .data.config import DataConfig, TokenizerConfig
 from .eval_config import EvalConfig
@@ -114,7 +115,7 @@ def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
     node[leaf] = value
 
 
@@ -122,8 +123,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     """'sft.learning_rate=1e-4' -> ('sft.learning_rate', 0.0001); values are parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"override {text!r} is not of the form key.path=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {_flat(err)}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of a config file ({} when empty); a missing file is a NotFoundError and
+    one that does not parse a ConfigError, each naming the file."""
+    if not path.is_file():
+        raise NotFoundError(f"{path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_flat(err)}") from None
+
+
+def _flat(err: yaml.YAMLError) -> str:
+    """A YAML error (problem, position and the line's excerpt) on one line."""
+    return " ".join(str(err).split())
 
 
 def resolve_preset_path(name_or_path: str | Path) -> Path:
@@ -134,7 +154,7 @@ def resolve_preset_path(name_or_path: str | Path) -> Path:
     if candidate.exists():
         return candidate
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"unknown preset {name_or_path!r}: use one of {known} or a path to a YAML file")
+    raise NotFoundError(f"unknown preset {name_or_path!r}: use one of {known} or a path to a YAML file")
 
 
 def add_config_arguments(parser: Any) -> None:
@@ -151,14 +171,15 @@ def available_presets() -> list[str]:
 def load_run_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
     """A preset (name in dgpt_core/presets or a YAML path) with overrides applied and validated."""
     path = resolve_preset_path(name_or_path)
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml(path)
     tree.setdefault("preset", path.stem)
     for item in overrides or []:
         set_by_path(tree, *parse_override(item))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ValueError(f"invalid config from {path} with overrides {overrides or []}:\n{err}") from None
+        given = "".join(f", --set {item!r}" for item in overrides or [])
+        raise ConfigError(f"invalid config: {validation_message(err)} (preset {path}{given})") from None
 
 
 FOLDER_CONFIG_NAME = "run_config.yaml"
@@ -167,11 +188,11 @@ FOLDER_CONFIG_NAME = "run_config.yaml"
 
 def read_folder_run_config(folder: str | Path) -> RunConfig | None:
     """The resolved run config saved in a model (or run) folder; None when the folder has none.
-    A file that no longer validates (an older or foreign config) is a ValueError naming it."""
+    A file that no longer validates (an older or foreign config) is a ConfigError naming it."""
     path = Path(folder) / FOLDER_CONFIG_NAME
     if not path.exists():
         return None
     try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except (ValidationError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: not a valid run config: {err}") from None
+        return RunConfig.model_validate(read_yaml(path))
+    except ValidationError as err:
+        raise ConfigError(f"{path}: not a valid run config: {validation_message(err)}") from None

@@ -8,6 +8,7 @@ copied beside the weights of exported model folders with `sampling.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -101,6 +102,49 @@ class TokenIds:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """The values a numeric option allows: from `low` to `high`, each end included unless open."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if not isinstance(value, int | float):
+            return False
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+FIELD_RANGES: Mapping[str, Interval] = MappingProxyType({
+    "position_temperature": Interval(0, open_low=True),
+    "threshold": Interval(0, 1, open_low=True),
+    "eb_gamma": Interval(0),
+    "remask_eta": Interval(0, 1),
+    "no_repeat_ngram_size": Interval(0),
+    "ngram_penalty": Interval(1),
+    "t_eps": Interval(0, 1, open_high=True),
+    "steps": Interval(1),
+    "max_new_tokens": Interval(1),
+    "temperature": Interval(0),
+    "top_p": Interval(0, 1, open_low=True),
+    "edit_threshold": Interval(0, 1),
+    "edit_rate": Interval(0, 1, open_low=True),
+    "canvas_blocks": Interval(1),  # and at most `steps`: SamplerConfig checks the pair
+    "block_size": Interval(1),
+})
+"""The range of each numeric SamplerConfig field (None, where a field allows it, is outside any
+range's concern); `SamplerConfig` checks them, and `dgpt generate` checks each option as it parses."""
+
+
+@dataclass(frozen=True)
 class SamplerConfig:
     """Options of the reverse process."""
 
@@ -183,24 +227,12 @@ class SamplerConfig:
         checks = {
             "strategy": self.strategy in STRATEGIES,
             "position_selection": self.position_selection in get_args(PositionSelection),
-            "position_temperature": self.position_temperature > 0,
-            "threshold": 0 < self.threshold <= 1,
-            "eb_gamma": self.eb_gamma >= 0,
             "remask": self.remask in get_args(Remask),
-            "remask_eta": 0 <= self.remask_eta <= 1,
-            "no_repeat_ngram_size": self.no_repeat_ngram_size >= 0,
-            "ngram_penalty": self.ngram_penalty is None or self.ngram_penalty >= 1,
             "schedule": self.schedule in get_args(ScheduleName),
-            "t_eps": 0 <= self.t_eps < 1,
-            "steps": self.steps >= 1,
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "top_p": 0 < self.top_p <= 1,
-            "edit_threshold": 0 <= self.edit_threshold <= 1,
-            "edit_rate": 0 < self.edit_rate <= 1,
-            "block_size": self.block_size is None or self.block_size >= 1,
-            "canvas_blocks": 1 <= self.canvas_blocks <= self.steps,
+            **{name: getattr(self, name) in allowed or (getattr(self, name) is None and name in _NULLABLE)
+               for name, allowed in FIELD_RANGES.items()},
         }
+        checks["canvas_blocks"] = checks["canvas_blocks"] and (not checks["steps"] or self.canvas_blocks <= self.steps)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
@@ -251,6 +283,10 @@ def method_options(name: str) -> dict[str, Any]:
     for modifier in modifiers:
         options.update(MODIFIERS[modifier])
     return options
+
+
+_NULLABLE = frozenset(f.name for f in dataclasses.fields(SamplerConfig) if f.default is None)
+"""SamplerConfig fields whose default None means "off" or "the default of the token ids"."""
 
 
 @dataclass

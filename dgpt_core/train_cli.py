@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli_errors import UsageError
 from .run_config import add_config_arguments
 
 
@@ -32,18 +33,18 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .data.stages import prepare_all
     from .run_config import load_run_config
+
+    run = load_run_config(args.preset, args.overrides)  # a bad config fails before torch is imported
+    from .data.stages import prepare_all
     from .train import TRAINING_STAGES, train_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    run = load_run_config(args.preset, args.overrides)
     root = Path(args.output_dir or Path(run.output_dir) / run.preset)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(TRAINING_STAGES))
     if unknown:
-        print(f"dgpt train: unknown stages {unknown}; choose from {list(TRAINING_STAGES)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown stages {unknown}; choose from {list(TRAINING_STAGES)}")
     run.save_yaml(root / "run_config.yaml")
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -86,15 +86,21 @@ class ValidationElboCallback(TrainerCallback):
 COMPLETE_MARKER = "checkpoint_complete.json"
 
 
-class CheckpointMarkerCallback(TrainerCallback):
-    """Writes a marker into each checkpoint folder once it is fully saved; resuming only trusts
-    marked checkpoints (the Trainer's own resume takes the highest checkpoint-N, complete or not)."""
+def mark_complete(folder: Path, step: int) -> None:
+    """Write the completion marker of a fully saved checkpoint folder."""
+    (folder / COMPLETE_MARKER).write_text(f'{{"global_step": {step}}}\n')
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / COMPLETE_MARKER).write_text(f'{{"global_step": {state.global_step}}}\n')
+
+def rotate_checkpoints(checkpoint_dir: str | Path, keep: int, protected: Path | None = None) -> list[Path]:
+    """Delete all but the `keep` highest-step checkpoint-N folders (never `protected`); returns them.
+    Each folder loses its marker before its files, so a kill midway leaves an unmarked folder
+    that resuming ignores, never a marked half-deleted one."""
+    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=checkpoint_step)
+    doomed = [f for f in folders[:max(len(folders) - keep, 0)] if protected is None or f.resolve() != protected.resolve()]
+    for folder in doomed:
+        (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(folder)
+    return doomed
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -117,10 +123,7 @@ def resumable_checkpoint(checkpoint_dir: str | Path, max_steps: int) -> Path | N
 
 def remove_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     """Delete every checkpoint-N folder (complete or not) under `checkpoint_dir`; returns them."""
-    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"))
-    for folder in folders:
-        shutil.rmtree(folder)
-    return folders
+    return rotate_checkpoints(checkpoint_dir, keep=0)
 
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "deepspeed"
@@ -190,9 +193,24 @@ class DiffusionTrainer(Trainer):
         if isinstance(self.data_collator, DiffusionCollator):
             self.add_callback(CurriculumCallback(self.data_collator))
         self.add_callback(_SessionStartCallback(self))
-        self.add_callback(CheckpointMarkerCallback())
         self._session_start_step = 0
         self._reset_log_accumulators()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's save with the marker written before older checkpoints are rotated away
+        (the Trainer rotates first and calls `on_save` after, so a kill during rotation could
+        leave no marked checkpoint but a half-deleted one still marked)."""
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            mark_complete(folder, self.state.global_step)
+            if keep:
+                best = self.state.best_model_checkpoint
+                rotate_checkpoints(folder.parent, keep, protected=Path(best) if best else None)
 
     def _start_session(self) -> None:
         self._session_start_step = self.state.global_step

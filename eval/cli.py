@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from dgpt_core.cli_errors import NotFoundError, UsageError, run_command
+
 _QUIET_ENV = {
     "HF_UPDATE_DOWNLOAD_COUNTS": "0",
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -60,6 +62,8 @@ def config_from_args(args: argparse.Namespace):
     from dgpt_core.run_config import read_folder_run_config
 
     if args.config:
+        if not Path(args.config).is_file():
+            raise NotFoundError(f"--config {args.config} does not exist")
         data = EvalConfig.from_yaml(args.config).model_dump()
     else:
         run = read_folder_run_config(args.model_dir)
@@ -81,22 +85,18 @@ def run_eval_command(args: argparse.Namespace) -> int:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     model_dir = Path(args.model_dir)
+    if not model_dir.exists():
+        raise NotFoundError(f"model folder {model_dir} does not exist")
     if not (model_dir / "config.json").exists():
-        print(f"error: {model_dir} is not a saved model folder (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        cfg = config_from_args(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{model_dir} is not a saved model folder (no config.json)")
+    cfg = config_from_args(args)
     out = Path(args.out) if args.out else model_dir.resolve().parent / "eval"
     from .benchmarks import check_standard_tasks
 
     try:
         check_standard_tasks(cfg.standard_tasks())
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except RuntimeError as err:  # a standard task that needs the unreachable Hub: the task list's to fix
+        raise UsageError(str(err)) from err
     from .suite import run_eval
 
     metrics = run_eval(model_dir, out, cfg)
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dgpt")
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    return run_command(parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

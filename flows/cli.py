@@ -3,6 +3,10 @@
 This dispatcher sits in the top layer because its sub-commands come from every layer (library,
 eval, deploy, bench, flows). A sub-command's module is imported only when that command (or the
 full `dgpt --help`) is asked for, so `dgpt chat` does not load Prefect, MLflow or lm-eval.
+
+Every error ends the command with one line on stderr and a non-zero exit code (see
+`dgpt_core.cli_errors`): 2 for a bad option, config or path, 1 for a failed run; `--debug`
+(before or after the sub-command) shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from dgpt_core.cli_errors import OneLineArgumentParser, add_debug_flag, run_command
 
 # sub-command name -> (module, function adding its parser)
 SUBCOMMANDS = {
@@ -25,11 +31,12 @@ SUBCOMMANDS = {
 
 
 def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgpt", description="diffusionGPT: masked-diffusion chat models")
+    parser = OneLineArgumentParser(prog="dgpt", description="diffusionGPT: masked-diffusion chat models")
+    add_debug_flag(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in names or SUBCOMMANDS:
         module, function = SUBCOMMANDS[name]
-        getattr(importlib.import_module(module), function)(subparsers)
+        add_debug_flag(getattr(importlib.import_module(module), function)(subparsers))
     return parser
 
 
@@ -37,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser([command] if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

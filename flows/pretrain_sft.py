@@ -8,7 +8,7 @@ MLflow tracking and Prefect artifacts.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,7 +21,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import get_run_context
-from prefect.filesystems import LocalFileSystem
 from prefect.logging.handlers import APILogHandler
 
 from dgpt_core.eval_config import EvalConfig
@@ -35,52 +34,8 @@ from tasks.stages import data_task, eval_task, publish_task, train_task, untrain
 from .caching import stage_key
 from .plan import plan_stages
 from .report_card import write_report_card
+from .stage_runner import StageFailedError, StageRunner
 from .tracking import Tracker
-
-
-class StageRunner:
-    """Runs cached stage tasks and records per-stage wall time, cache hits and MLflow child runs."""
-
-    def __init__(self, root: Path, forced: set[str], tracker: Tracker | None):
-        basepath = str(root / ".prefect-results")
-        self.storage = LocalFileSystem(basepath=basepath)
-        # Prefect only takes result storage that is saved server-side; one block per output root
-        self.storage.save(f"dgpt-results-{hashlib.sha256(basepath.encode()).hexdigest()[:12]}", overwrite=True)
-        self.forced, self.tracker = forced, tracker
-        self.wall: dict[str, float] = {}
-        self.cache_hits: dict[str, bool] = {}
-        self.child_runs: dict[str, str] = {}
-
-    def child(self, name: str) -> str | None:
-        if self.tracker and name not in self.child_runs:
-            self.child_runs[name] = self.tracker.start_child(name)
-        return self.child_runs.get(name)
-
-    def __call__(self, name: str, stage: str, task, /, **params: Any) -> dict[str, Any]:
-        print(f"\n===== {name} =====")
-        start = time.perf_counter()
-        configured = task.with_options(result_storage=self.storage, refresh_cache=stage in self.forced)
-        child = self.child(name)
-        # training processes sample system metrics themselves (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING)
-        sampling = self.tracker and "tracking_env" not in params
-        with self.tracker.system_metrics(child) if sampling else contextlib.nullcontext():
-            state = configured(**params, return_state=True)
-        result = state.result()
-        hit = state.name == "Cached"
-        if hit and not all(Path(p).exists() for p in _paths(result)):
-            print(f"{name}: cached outputs are gone, recomputing")
-            state = task.with_options(result_storage=self.storage, refresh_cache=True)(**params, return_state=True)
-            result, hit = state.result(), False
-        self.wall[name] = round(time.perf_counter() - start, 2)
-        self.cache_hits[name] = hit
-        print(f"{name}: {'cache hit' if hit else 'done'} in {self.wall[name]:.1f}s")
-        return result
-
-
-def _paths(result: dict[str, Any]) -> list[str]:
-    keys = ("model_dir", "metrics_path", "report_path", "folder", "out_dir")
-    found = [result[k] for k in keys if isinstance(result.get(k), str)]
-    return found + list(result.get("folders", {}).values())
 
 
 @flow(name="pretrain-sft", log_prints=True)
@@ -93,22 +48,25 @@ def pretrain_sft(
     from_stage: str | None = None,
     only: list[str] | None = None,
     run_config: RunConfig | None = None,
+    wait_for_stages: bool = True,
 ) -> dict[str, Any]:
     """Run the flow for a preset with `--set`-style overrides; returns the run summary (also written
     to summary.json). `run_config` is the config already loaded from them (`dgpt run` parses it once
-    to validate it); a deployment run passes only preset and overrides and the flow loads it."""
+    to validate it); a deployment run passes only preset and overrides and the flow loads it.
+    `wait_for_stages=False` fails at once when a stage this run needs is being built by another run
+    into the same output root (by default it waits and then uses that run's result)."""
     with library_logs_in_prefect():
-        return _run_flow(run_config or load_run_config(preset, overrides), output_dir, run_name, refresh, from_stage, only)
+        return _run_flow(run_config or load_run_config(preset, overrides), output_dir, run_name, refresh, from_stage,
+                         only, wait_for_stages)
 
 
 def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refresh: list[str] | None,
-              from_stage: str | None, only: list[str] | None) -> dict[str, Any]:
+              from_stage: str | None, only: list[str] | None, wait_for_stages: bool) -> dict[str, Any]:
     logger = get_run_logger()
     root = Path(output_dir or run.output_dir).resolve()
     flow_run = get_run_context().flow_run
-    run_name = run_name or f"{run.preset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    run_dir = root / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _new_run_dir(root, run_name, run.preset)
+    run_name = run_dir.name
     config_path = str(run.save_yaml(run_dir / "run_config.yaml"))
     to_run, forced = plan_stages(from_stage, only, refresh)
     logger.info("run %s: stages %s (forced: %s) -> %s", run_name, to_run, sorted(forced), run_dir)
@@ -117,8 +75,10 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
     if tracker:
         tags = {"prefect.flow_run_id": str(flow_run.id), "preset": run.preset, **git_state()}
         tracker.start_parent(run_name, tags, run.model_dump(mode="json"))
+        if tracker.killed:
+            print(f"MLflow: {len(tracker.killed)} runs left RUNNING by killed processes are now KILLED")
         tracker.log_artifact(tracker.parent_id, Path(config_path))
-    runner = StageRunner(root, forced, tracker)
+    runner = StageRunner(root, forced, tracker, run_name, wait_for_stages)
     progress_id = create_progress_artifact(progress=0.0, key="pretrain-sft-progress", description=run_name)
     summary: dict[str, Any] = {"run_name": run_name, "preset": run.preset, "status": "running",
                                "run_dir": str(run_dir), "run_config": config_path,
@@ -127,8 +87,10 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
     try:
         results = _run_stages(run, config_path, root, to_run, runner, tracker, progress_id)
         summary["status"] = "completed"
-    except BaseException:
-        summary["status"] = "failed"
+    except BaseException as err:
+        summary.update(status="failed", failed_stage=runner.failed, error=f"{type(err).__name__}: {err}")
+        if runner.failed is not None:
+            raise StageFailedError(runner.failed, err, run_dir / "summary.json") from err
         raise
     finally:
         summary["wall_time_s"] = {**runner.wall, "total": round(time.perf_counter() - started, 2)}
@@ -136,8 +98,9 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
         if tracker:
             summary["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                  "parent_run_id": tracker.parent_id, "stage_run_ids": runner.child_runs}
-            for run_id in [*runner.child_runs.values(), tracker.parent_id]:
-                tracker.end(run_id, ok=summary["status"] == "completed")
+            for name, run_id in runner.child_runs.items():
+                tracker.end(run_id, runner.child_status(name))
+            tracker.end(tracker.parent_id, "FINISHED" if summary["status"] == "completed" else "FAILED")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary.update(results)
     summary["model_links"] = _link_models(run_dir, results["models"])
@@ -379,6 +342,21 @@ def _link_models(run_dir: Path, models: dict[str, str]) -> dict[str, str]:
     for kind, model_dir in models.items():
         _replace_symlink(folder / kind, os.path.relpath(model_dir, folder))
     return {kind: str(folder / kind) for kind in models}
+
+
+def _new_run_dir(root: Path, run_name: str | None, preset: str) -> Path:
+    """The run folder: `run_name` (reused if it exists), else a new `<preset>-<UTC time>` folder,
+    suffixed -2, -3, ... when a concurrent run took that name in the same second."""
+    if run_name:
+        (root / run_name).mkdir(parents=True, exist_ok=True)
+        return root / run_name
+    stem = f"{preset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in itertools.count(1):
+        run_dir = root / (stem if suffix == 1 else f"{stem}-{suffix}")
+        with contextlib.suppress(FileExistsError):
+            run_dir.mkdir()
+            return run_dir
 
 
 def _point_latest(root: Path, run_dir: Path) -> None:

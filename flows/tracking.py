@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from dgpt_core.run_config import TrackingConfig
 
+OWNER_HOST, OWNER_PID = "dgpt.host", "dgpt.pid"
+"""Tags naming the flow process that owns a run, so a later run can close what a killed one left RUNNING."""
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
@@ -36,20 +41,50 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(tree)[:MAX_PARAM_LENGTH]}
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, else None (a server or a file store)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a SQLite database, not
+    MLflow's default `./mlruns` of whatever directory the command ran in; a server or a file store
+    decides for itself (None)."""
+    database = sqlite_database(uri)
+    return (database.resolve().parent / "mlartifacts").as_uri() if database else None
+
+
 class Tracker:
     """Thin wrapper over MlflowClient for the parent/child run layout."""
 
     def __init__(self, cfg: TrackingConfig, output_root: Path):
         self.cfg = cfg
         self.uri = tracking_uri(cfg, output_root)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
+        database = sqlite_database(self.uri)
+        # MLflow creates and migrates a new SQLite database when a client first opens it, which two
+        # processes must not do at once; the lock also makes get-or-create of the experiment atomic
+        with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
+            self.client = MlflowClient(self.uri)
+            experiment = self.client.get_experiment_by_name(cfg.experiment)
+            self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                cfg.experiment, artifact_location=artifact_location(self.uri))
         self.parent_id: str | None = None
+        self.owner = {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+        self.killed = self.close_orphaned_runs()
+
+    def close_orphaned_runs(self) -> list[str]:
+        """Mark KILLED the runs left RUNNING by a flow process of this host that no longer exists
+        (killed, e.g. by `kill -9`, before it could end them); returns their ids."""
+        running = self.client.search_runs(
+            [self.experiment_id], f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{self.owner[OWNER_HOST]}'",
+            max_results=1000)
+        orphans = [r.info.run_id for r in running if not psutil.pid_exists(int(r.data.tags.get(OWNER_PID, "0")))]
+        for run_id in orphans:
+            self.client.set_terminated(run_id, "KILLED")
+        return orphans
 
     def start_parent(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, **self.owner})
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
@@ -57,7 +92,7 @@ class Tracker:
     def start_child(self, stage: str, tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=stage,
-            tags={"mlflow.parentRunId": self.parent_id or "", "stage": stage, **(tags or {})},
+            tags={"mlflow.parentRunId": self.parent_id or "", "stage": stage, **self.owner, **(tags or {})},
         )
         return run.info.run_id
 
@@ -80,8 +115,21 @@ class Tracker:
         elif path.exists():
             self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def end(self, run_id: str, ok: bool = True) -> None:
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        """Terminate `run_id` as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
+
+    @contextlib.contextmanager
+    def fluent_api(self) -> Iterator[None]:
+        """MLflow's fluent API (start_run, register_model) on this tracker's URI while the block
+        runs. `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which `tracking_uri` reads
+        first, so it is restored after: a later tracker of another output root must not inherit it."""
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def stage_env(self, run_id: str) -> dict[str, str]:
         """Environment for a training process to log into `run_id` (HF MLflowCallback reads it)."""
@@ -98,7 +146,7 @@ class Tracker:
             yield
             return
         mlflow.set_system_metrics_sampling_interval(self.cfg.system_metrics_interval)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+        with self.fluent_api(), mlflow.start_run(run_id=run_id, log_system_metrics=True):
             yield
 
     def log_text_diffusion_model(self, run_id: str, model_dir: Path) -> tuple[str, str]:
@@ -106,9 +154,10 @@ class Tracker:
         Returns (registered model name, version)."""
         from .mlflow_model import log_pyfunc_model
 
-        with mlflow.start_run(run_id=run_id):
-            info = log_pyfunc_model(model_dir)
-        version = mlflow.register_model(info.model_uri, self.cfg.registered_model_name)
+        with self.fluent_api():
+            with mlflow.start_run(run_id=run_id):
+                info = log_pyfunc_model(model_dir)
+            version = mlflow.register_model(info.model_uri, self.cfg.registered_model_name)
         self.client.set_registered_model_alias(self.cfg.registered_model_name, self.cfg.model_alias, version.version)
         return self.cfg.registered_model_name, str(version.version)
 

@@ -5,6 +5,7 @@ Task runs are named for what they do (train-pretrain, eval-sft, ...)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from dgpt_core.data.config import DataConfig, TokenizerConfig
 from dgpt_core.eval_config import EvalConfig
 from dgpt_core.publish_config import PublishConfig
 from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig
+
+from .stage_folders import building
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -33,7 +36,8 @@ def data_task(key: str, data: DataConfig, tokenizer: TokenizerConfig, max_seq_le
     from dgpt_core.data.manifest import read_manifest
     from dgpt_core.data.stages import prepare_all
 
-    folders = prepare_all(data, tokenizer, max_seq_len, out_dir)
+    with building(out_dir):
+        folders = prepare_all(data, tokenizer, max_seq_len, out_dir)
     return {
         "folders": {name: str(path) for name, path in folders.items()},
         "manifests": {name: read_manifest(path) for name, path in folders.items()},
@@ -52,9 +56,10 @@ def untrained_model_task(key: str, run: RunConfig, tokenizer_dir: str, out_dir: 
 
     tokenizer = load_tokenizer(tokenizer_dir)
     set_seed(run.pretrain.seed)
-    model_dir = save_model_folder(build_model(run.model, tokenizer), tokenizer, Path(out_dir) / "model",
-                                  info=info_for_stage(run, "untrained"))
-    run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
+    with building(out_dir) as folder:
+        model_dir = save_model_folder(build_model(run.model, tokenizer), tokenizer, folder / "model",
+                                      info=info_for_stage(run, "untrained"))
+        run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
     return {"model_dir": str(model_dir), "metrics": {}}
 
 
@@ -75,7 +80,8 @@ def train_task(
     retrains from scratch."""
     from .launch import run_training_stage
 
-    return run_training_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir, tracking_env, resume)
+    with building(out_dir):
+        return run_training_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir, tracking_env, resume)
 
 
 @task(name="eval", task_run_name="eval-{model_kind}", **CACHED)
@@ -84,7 +90,8 @@ def eval_task(key: str, model_kind: str, model_dir: str, out_dir: str, cfg: Eval
     and plots in out_dir."""
     from eval.suite import run_eval
 
-    metrics = run_eval(model_dir, out_dir, cfg)
+    with building(out_dir):
+        metrics = run_eval(model_dir, out_dir, cfg)
     out = Path(out_dir)
     return {"metrics_path": str(out / "metrics.json"), "report_path": str(out / "report.md"),
             "out_dir": str(out), "metrics": metrics}
@@ -97,5 +104,9 @@ def publish_task(key: str, model_dir: str, out_dir: str, cfg: PublishConfig, eva
     the run's run_config.yaml is uploaded beside them."""
     from deploy.publish import publish
 
-    result = publish(model_dir, out_dir, cfg, {k: Path(v) for k, v in eval_dirs.items()}, run_config_path)
+    # the folder is the flow's own: what a killed publish left in it is cleared, which publish()
+    # refuses to do for a folder it does not recognise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with building(out_dir):
+        result = publish(model_dir, out_dir, cfg, {k: Path(v) for k, v in eval_dirs.items()}, run_config_path)
     return result.to_dict()

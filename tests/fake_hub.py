@@ -1,4 +1,4 @@
-"""A tiny in-process fake of the Hugging Face Hub API, enough for HfApi.create_repo,
+"""A tiny in-process fake of the Hugging Face Hub API, enough for HfApi.create_repo, delete_repo,
 create_branch, list_repo_files, create_commit (preupload + NDJSON commit) and merge_pull_request.
 
     with FakeHub(fail_commit=[503]) as hub:
@@ -9,7 +9,9 @@ Every request is recorded (method, path, query, lower-cased headers, body). Preu
 "regular" for every file, so commits carry base64 file contents inline and no LFS transfer is
 needed. `fail_commit` lists HTTP statuses the commit endpoint answers, in order, before it
 accepts a commit; `error_echo` is added to those error messages (to test that clients scrub what
-a server echoes back).
+a server echoes back). The first `hang_commit` commit requests are read and then left unanswered
+for `hang_seconds` (or until the hub is closed), after which the connection is dropped, as a hung
+Hub would do; they come before any `fail_commit` status.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Commit:
 class FakeHub:
     fail_commit: list[int] = field(default_factory=list)
     error_echo: str = ""
+    hang_commit: int = 0
+    hang_seconds: float = 60.0
     owner: str = "tester"
     requests: list[Request] = field(default_factory=list)
     commits: list[Commit] = field(default_factory=list)
@@ -63,6 +67,7 @@ class FakeHub:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -76,6 +81,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -84,11 +90,14 @@ class FakeHub:
 
     # ------------------------------------------------------------------------------------------
 
-    def handle(self, req: Request) -> tuple[int, Any]:
+    def handle(self, req: Request) -> tuple[int, Any] | None:
+        """(status, JSON payload) of the answer, or None: leave the request unanswered."""
         with self._lock:
             self.requests.append(req)
             if req.method == "POST" and req.path == "/api/repos/create":
                 return self._create(json.loads(req.body))
+            if req.method == "DELETE" and req.path == "/api/repos/delete":
+                return self._delete(json.loads(req.body))
             if req.method == "POST" and req.path == "/api/validate-yaml":
                 return 200, {"errors": [], "warnings": []}
             if m := _MERGE.match(req.path):
@@ -125,7 +134,17 @@ class FakeHub:
         self.repos[repo] = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
         return 200, {"url": f"{self.url}/{repo}", "name": repo}
 
-    def _commit(self, req: Request, repo: str, rev: str) -> tuple[int, Any]:
+    def _delete(self, payload: dict[str, Any]) -> tuple[int, Any]:
+        repo = f"{payload.get('organization') or self.owner}/{payload['name']}"
+        if self.repos.pop(repo, None) is None:
+            return 404, {"error": f"Repository not found: {repo}"}
+        self.branches = {(r, b) for r, b in self.branches if r != repo}
+        return 200, {}
+
+    def _commit(self, req: Request, repo: str, rev: str) -> tuple[int, Any] | None:
+        if self.hang_commit:
+            self.hang_commit -= 1
+            return None
         if self.fail_commit:
             status = self.fail_commit.pop(0)
             return status, {"error": f"Fake failure {status}. {self.error_echo}".strip()}
@@ -166,7 +185,12 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 {k.lower(): v for k, v in self.headers.items()},
                 self.rfile.read(length),
             )
-            status, payload = hub.handle(req)
+            answer = hub.handle(req)
+            if answer is None:
+                hub._closing.wait(hub.hang_seconds)
+                self.close_connection = True
+                return
+            status, payload = answer
             body = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

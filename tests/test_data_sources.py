@@ -106,8 +106,8 @@ def test_on_invalid_error_is_default_for_local_files(tmp_path):
     with pytest.raises(DataValidationError) as err:
         raise_on_errors(res, stats)
     msg = str(err.value)
-    assert f"{path}: row 2: field 'messages[0].role': unknown role" in msg
-    assert f"{path}: row 3: field 'messages[0].content': non-string content" in msg
+    assert f"{path}: line 2: field 'messages[0].role': unknown role" in msg
+    assert f"{path}: line 3: field 'messages[0].content': non-string content" in msg
 
 
 def test_role_map_and_reasoning_dropped(tmp_path):

@@ -121,13 +121,68 @@ def test_local_invalid_file_fails_stage_with_row(built, tmp_path):
     cfg = small_cfg()
     cfg.validation_fraction = 0.0  # the one valid row must land in train (the hash depends on the tmp path)
     cfg.sft.sources = [SourceSpec(name=str(path))]
-    with pytest.raises(DataValidationError, match=r"row 2: field 'messages\[0\].content': non-string content"):
+    with pytest.raises(DataValidationError, match=r"line 2: field 'messages\[0\].content': non-string content"):
         prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
     assert not (tmp_path / "sft").exists() and not list(tmp_path.glob("sft.partial-*"))
     cfg.sft.sources = [SourceSpec(name=str(path), on_invalid="drop")]
     out = prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
     report = json.loads((out / "report.json").read_text())
     assert report["failure_count"] == 1 and report["failures"][0]["row"] == 2
+
+
+GOOD_LINE = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+BAD_UTF8 = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "caf\xe9"}]}\n'
+BAD_COLUMN = BAD_UTF8.index(b"\xe9") + 1
+BAD_UTF8_AT = f"line 2: field 'messages[1].content': not valid UTF-8 (byte 0xe9 at column {BAD_COLUMN})"
+
+
+def test_an_undecodable_row_fails_a_strict_stage_in_one_line_and_is_counted_when_dropped(built, tmp_path):
+    _, folders = built
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(GOOD_LINE + BAD_UTF8)
+    cfg = small_cfg()
+    cfg.validation_fraction = 0.0
+    cfg.sft.sources = [SourceSpec(name=str(path))]
+    with pytest.raises(DataValidationError) as err:
+        prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
+    assert str(err.value) == f"{path}: {BAD_UTF8_AT}; set on_invalid: drop to skip and count invalid rows"
+    cfg.sft.sources = [SourceSpec(name=str(path), on_invalid="drop")]
+    out = prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
+    report, manifest = json.loads((out / "report.json").read_text()), read_manifest(out)
+    dropped = [{"source": str(path), "file": str(path), "reason": "invalid_utf8", "rows": 1}]
+    assert report["tables"]["Dropped rows"] == manifest["counts"]["dropped_rows"] == dropped
+    assert report["failure_count"] == 1 and report["failures"][0]["line"] == 2
+    assert report["failures"][0]["code"] == "invalid_utf8" and manifest["counts"]["sources"][0]["invalid"] == 1
+    assert "| invalid_utf8 |" in (out / "report.md").read_text()
+
+
+def test_a_stage_without_valid_rows_names_every_file_and_why_its_rows_were_dropped(built, tmp_path):
+    from dgpt_core.data.stages import prepare_pretrain_stage
+
+    _, folders = built
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_bytes(b'{"conversation": []}\n' + BAD_UTF8 + b'{"conversation": []}\n')
+    b.write_text("")
+    cfg = small_cfg()
+    cfg.sft.sources = cfg.pretrain.sources = [SourceSpec(name=str(p), on_invalid="drop") for p in (a, b)]
+    first = f"first dropped row: {a}: line 1: field 'messages': missing or empty message list (None)"
+    with pytest.raises(ValueError) as err:
+        prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
+    assert str(err.value).splitlines() == [
+        f"no valid SFT rows: {a}: 3 read, 3 dropped (missing_messages: 2, invalid_utf8: 1); {b}: 0 read", f"  {first}"]
+    with pytest.raises(ValueError) as err:
+        prepare_pretrain_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "pretrain")
+    assert str(err.value).splitlines() == [
+        f"no valid pretraining rows: {a}: 3 read, 3 dropped (missing_text: 2, invalid_utf8: 1); {b}: 0 read",
+        f"  first dropped row: {a}: line 1: field 'text': missing or non-string field 'text'"]
+    # valid rows that all go elsewhere: the message says where they went
+    a.write_bytes(GOOD_LINE * 2)
+    cfg.validation_fraction = 0.0
+    cfg.sft.sources = [SourceSpec(name=str(a), weight=0.1)]
+    with pytest.raises(ValueError) as err:
+        prepare_sft_stage(cfg, folders["tokenizer"], SEQ, tmp_path / "sft")
+    assert str(err.value) == f"no SFT training examples: {a}: 2 read, 2 valid (2 train, 0 validation), 0 taken at weight 0.1"
+    assert not list(tmp_path.glob("*.partial-*")) and not (tmp_path / "sft").exists()
 
 
 def test_staging_without_manifest_is_never_complete(tmp_path):
@@ -261,6 +316,17 @@ def test_dgpt_prepare_with_a_bad_config_exits_2_with_one_error_line(args, named,
     assert [line for line in err.splitlines() if line.startswith("dgpt prepare: ")] == \
         [err.splitlines()[0]], "one error line, first"
     assert not [p for p in tmp_path.rglob("*") if p.is_dir() and is_complete(p)], "no stage was written"
+
+
+def test_dgpt_prepare_with_an_undecodable_row_exits_2_naming_file_line_and_field(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(GOOD_LINE + BAD_UTF8)
+    small = [s for s in SMALL if not s.startswith("data.sft.sources")]
+    code, out, err = dgpt("prepare", "--preset", "ci", "--stage", "sft", "--output-dir", str(tmp_path / "data"),
+                          *sets(*small, f"data.sft.sources=[{{name: {path}}}]"))
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("dgpt prepare: ")] == \
+        [f"dgpt prepare: {path}: {BAD_UTF8_AT}; set on_invalid: drop to skip and count invalid rows"]
 
 
 def test_pretrained_tokenizer_stage(tmp_path, monkeypatch):

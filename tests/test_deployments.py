@@ -1,7 +1,8 @@
 """prefect.yaml and the deploy/prefect scripts: the file names both deployments with the real flow,
-and the real deployment cycle against a local Prefect server on 127.0.0.1 (server, work pools,
-`prefect deploy --name smoke`, a process worker, `prefect deployment run pretrain-sft/smoke --watch`)
-ends Completed, then everything is stopped by PID."""
+and the real deployment cycle against one local Prefect server on 127.0.0.1 (server, work pools,
+`prefect deploy --all`, process workers): `prefect deployment run pretrain-sft/smoke --watch` ends
+Completed, two runs of `full` submitted together run one after the other (its concurrency limit),
+then stop.sh stops everything by PID."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,9 @@ class LocalPrefect:
             "DGPT_PREFECT_TIMEOUT": "120",
             "PREFECT_SERVER_UI_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "2",
+            # a run held back by a deployment concurrency limit is offered again at the worker's
+            # next poll instead of 30 s later
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
             # built DeepSpeed ops and HF caches are reused across test runs (git-ignored .cache/)
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
             "HF_HOME": os.environ.get("HF_HOME", str(ROOT / ".cache" / "huggingface")),
@@ -237,33 +241,50 @@ class LocalPrefect:
                     except (ProcessLookupError, PermissionError):
                         pass
 
+    def query(self, script: str, *args: str, timeout: float = 120):
+        """Run a Python snippet against the server (`prefect.get_client` sees its PREFECT_API_URL) and
+        return the JSON it prints last."""
+        proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**self.env, "PREFECT_API_URL": self.api_url}, timeout=timeout)
+        assert proc.returncode == 0, f"{proc.stderr}\n{self.logs()}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
-@pytest.fixture
-def local_prefect(tmp_path):
-    stack = LocalPrefect(tmp_path / "prefect")
+
+@pytest.fixture(scope="module")
+def local_prefect(tmp_path_factory):
+    """One server for the module's deployment runs, with both work pools and both deployments;
+    test_stop_sh_stops_the_workers_and_the_server_by_pid (the module's last test) stops it, and
+    teardown kills whatever is left."""
+    stack = LocalPrefect(tmp_path_factory.mktemp("prefect"))
     try:
+        # server.sh start prints the API URL it wrote for the other scripts
+        assert stack.sh("server.sh", "start").stdout.strip().splitlines()[-1] == stack.api_url
+        stack.sh("pools.sh")
+        stack.sh("deploy.sh")
         yield stack
     finally:
         stack.teardown()
 
 
-def test_smoke_deployment_runs_to_completed_through_a_worker(local_prefect, tmp_path):
+def _flow_run_id(cli_output: str) -> str:
+    return re.search(r"UUID: ([0-9a-f-]{36})", cli_output).group(1)
+
+
+def test_the_scripts_start_a_server_with_both_work_pools(local_prefect):
     stack = local_prefect
-    started = time.perf_counter()
-    url = stack.sh("server.sh", "start").stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api", url) and url == stack.api_url
-    assert "running" in stack.sh("server.sh", "status").stdout
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api", stack.api_url)
+    status = stack.sh("server.sh", "status").stdout
+    assert f"running: PID {stack.pids()['server']}, PREFECT_API_URL={stack.api_url}" in status
     stack.sh("server.sh", "start")  # idempotent: reports the running server
     assert (stack.state / "home").is_dir()
-
-    stack.sh("pools.sh")
     pools = stack.cli("work-pool", "ls")
     assert pools.returncode == 0 and "cpu-pool" in pools.stdout and "gpu-pool" in pools.stdout
 
-    stack.sh("deploy.sh", "smoke")
+
+def test_smoke_deployment_runs_to_completed_through_a_worker(local_prefect, tmp_path):
+    stack = local_prefect
     stack.sh("worker.sh", "cpu-pool")
-    pids = stack.pids()
-    assert set(pids) == {"server", "worker-cpu-pool"} and all(map(_alive, pids.values()))
+    assert _alive(stack.pids()["worker-cpu-pool"])
 
     out_dir = tmp_path / "runs"
     run = stack.cli("deployment", "run", "pretrain-sft/smoke", "--watch", "--watch-timeout", "540",
@@ -273,20 +294,16 @@ def test_smoke_deployment_runs_to_completed_through_a_worker(local_prefect, tmp_
     assert "Flow run finished successfully in 'Completed'" in run.stdout
 
     # the flow run as the server recorded it: Completed, from the smoke deployment, on cpu-pool
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
-    query = (
+    flow_run_id = _flow_run_id(run.stdout)
+    flow_run = stack.query(
         "import json, sys, uuid\n"
         "from prefect import get_client\n"
         "with get_client(sync_client=True) as c:\n"
         "    fr = c.read_flow_run(uuid.UUID(sys.argv[1]))\n"
         "    dep = c.read_deployment(fr.deployment_id)\n"
         "    print(json.dumps({'state': fr.state.type.value, 'deployment': dep.name,\n"
-        "                      'pool': fr.work_pool_name, 'params': fr.parameters}))\n"
-    )
-    record = subprocess.run([sys.executable, "-c", query, flow_run_id], cwd=ROOT, capture_output=True, text=True,
-                            env={**stack.env, "PREFECT_API_URL": stack.api_url}, timeout=120)
-    assert record.returncode == 0, record.stderr
-    flow_run = json.loads(record.stdout.strip().splitlines()[-1])
+        "                      'pool': fr.work_pool_name, 'params': fr.parameters}))\n",
+        flow_run_id)
     assert flow_run["state"] == "COMPLETED"
     assert flow_run["deployment"] == "smoke" and flow_run["pool"] == "cpu-pool"
     assert flow_run["params"]["preset"] == "ci" and flow_run["params"]["overrides"] == SMOKE_OVERRIDES
@@ -299,8 +316,60 @@ def test_smoke_deployment_runs_to_completed_through_a_worker(local_prefect, tmp_
     assert summary["flow_run_id"] == flow_run_id
     assert {"data", "pretrain", "sft", "eval-sft", "publish"} <= set(summary["wall_time_s"])
 
-    # stop.sh stops the worker and the server by PID
+
+# Polls the server until every flow run given is in a final state (or the deadline passes), then
+# prints each run's record and the names of the states it went through.
+WAIT_FOR_RUNS = """
+import json, sys, time, uuid
+from prefect import get_client
+deadline = time.monotonic() + float(sys.argv[1])
+with get_client(sync_client=True) as c:
+    while True:
+        runs = [c.read_flow_run(uuid.UUID(i)) for i in sys.argv[2:]]
+        if all(r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    print(json.dumps([{"state": r.state.type.value, "pool": r.work_pool_name,
+                       "deployment": c.read_deployment(r.deployment_id).name,
+                       "start": r.start_time and r.start_time.isoformat(),
+                       "end": r.end_time and r.end_time.isoformat(),
+                       "states": [s.name for s in c.read_flow_run_states(r.id)]} for r in runs]))
+"""
+
+
+def test_two_runs_of_the_full_deployment_are_serialized_by_its_concurrency_limit(local_prefect, tmp_path):
+    """Two runs of `full` submitted back to back, on a gpu-pool worker that would run both at once:
+    the second waits in AwaitingConcurrencySlot until the first has finished. The runs use the CPU
+    and the smoke deployment's offline env (a per-run job variable), the `ci` preset and only the
+    data stage, with separate output folders so that nothing but the limit orders them."""
+    stack = local_prefect
+    stack.sh("worker.sh", "gpu-pool")
+    cpu_env = json.dumps(_deployments()["smoke"]["work_pool"]["job_variables"]["env"])
+    runs = {}
+    for name in ("first", "second"):
+        run = stack.cli("deployment", "run", "pretrain-sft/full", "--job-variable", f"env={cpu_env}",
+                        "--param", "preset=ci", "--param", 'only=["data"]',
+                        "--param", 'overrides=["tracking.enabled=false"]',
+                        "--param", f"output_dir={tmp_path / name}", "--param", f"run_name={name}")
+        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+        runs[name] = _flow_run_id(run.stdout)
+
+    records = stack.query(WAIT_FOR_RUNS, "300", *runs.values(), timeout=330)
+    assert all(r["state"] == "COMPLETED" for r in records), f"{records}\n{stack.logs(80)}"
+    assert all(r["deployment"] == "full" and r["pool"] == "gpu-pool" for r in records), records
+    earlier, later = sorted(records, key=lambda r: r["start"])
+    assert datetime.fromisoformat(later["start"]) >= datetime.fromisoformat(earlier["end"]), records
+    assert "AwaitingConcurrencySlot" in later["states"], records
+    for name, flow_run_id in runs.items():
+        summary = json.loads((tmp_path / name / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["flow_run_id"] == flow_run_id
+
+
+def test_stop_sh_stops_the_workers_and_the_server_by_pid(local_prefect):
+    """Last in the module: it stops the module's server."""
+    stack = local_prefect
+    pids = stack.pids()
+    assert "server" in pids and all(map(_alive, pids.values())), pids
     stack.sh("stop.sh", timeout=120)
     assert not any(map(_alive, pids.values()))
     assert not stack.pids()
-    print(f"deployment cycle: {time.perf_counter() - started:.1f}s")

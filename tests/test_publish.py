@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from deploy.publish import PublishError, list_upload_files, publish, stage_publi
 from deploy.publish_cli import add_publish_parser
 from dgpt_core.config import ModelConfig
 from dgpt_core.export import save_model_folder
+from dgpt_core.hub import offline_vars
 from dgpt_core.model import build_model
 from dgpt_core.publish_config import PublishConfig
 from dgpt_core.run_config import load_run_config
@@ -118,7 +120,13 @@ def upload_cfg(hub: FakeHub, **kw) -> PublishConfig:
 def test_config_fields_documented_and_validated():
     assert all(f.description for f in PublishConfig.model_fields.values())
     assert PublishConfig.model_validate_json(PublishConfig(repo_id="a/b").model_dump_json()).repo_id == "a/b"
-    for bad in ({"repo_id": "a/b/c"}, {"mode": "pull_request", "revision": "dev"}, {"tokens": "x"}):
+    bad_values = (
+        {"repo_id": "a/b/c"},
+        {"mode": "pull_request", "revision": "dev"},
+        {"tokens": "x"},
+        {"request_timeout_seconds": 0},
+    )
+    for bad in bad_values:
         with pytest.raises(ValueError):
             PublishConfig(**bad)
 
@@ -227,6 +235,77 @@ def test_final_error_is_scrubbed_and_not_retried_when_not_retryable(model_dir, t
     message = "".join(traceback.format_exception(info.value))
     assert "create_commit failed after 2 attempts" in message and "<token>" in message
     assert TOKEN not in message and TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "offline mode (HF_HUB_OFFLINE=1)"),
+        ({"TRANSFORMERS_OFFLINE": "true"}, "offline mode (TRANSFORMERS_OFFLINE=true)"),
+        (
+            {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+            "offline mode (HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1)",
+        ),
+        ({}, "offline mode (huggingface_hub.constants.HF_HUB_OFFLINE)"),  # set when it was imported
+        ({"HF_DATASETS_OFFLINE": "1"}, None),  # about dataset downloads: the upload goes ahead
+    ],
+)
+def test_dry_run_reason_names_the_offline_variables(model_dir, tmp_path, online, monkeypatch, env, reason):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    if not env:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert offline_vars() == env
+    with FakeHub() as hub:
+        result = publish(model_dir, tmp_path / "publish", upload_cfg(hub))
+    assert result.dry_run_reason == reason and result.uploaded == (reason is None)
+    assert bool(hub.requests) == (reason is None)
+
+
+def test_a_hung_commit_times_out_and_is_retried(model_dir, tmp_path, online):
+    factory = huggingface_hub.utils._http._GLOBAL_CLIENT_FACTORY
+    with FakeHub(hang_commit=1, hang_seconds=60) as hub:
+        start = time.monotonic()
+        result = publish(model_dir, tmp_path / "publish", upload_cfg(hub, request_timeout_seconds=0.5))
+        elapsed = time.monotonic() - start
+    assert result.uploaded and result.attempts["create_commit"] == 2  # timed out once, then accepted
+    assert len(hub.commit_attempts()) == 2 and len(hub.commits) == 1
+    assert elapsed < 10, f"the hung commit blocked the publish for {elapsed:.1f} s"
+    # the bounded client is gone: huggingface_hub's own factory and unbounded client are back
+    assert huggingface_hub.utils._http._GLOBAL_CLIENT_FACTORY is factory
+    assert huggingface_hub.get_session().timeout.read is None
+
+
+def test_a_hub_that_never_answers_fails_cleanly_and_removes_the_new_repo(model_dir, tmp_path, online):
+    with FakeHub(hang_commit=100, hang_seconds=60) as hub:
+        start = time.monotonic()
+        with pytest.raises(PublishError) as info:
+            publish(
+                model_dir, tmp_path / "publish", upload_cfg(hub, request_timeout_seconds=0.5, max_retries=2)
+            )
+        elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert "create_commit failed after 3 attempts: ReadTimeout" in message
+    assert f"the repo {REPO} created by this run was deleted" in message and TOKEN not in message
+    assert len(hub.commit_attempts()) == 3 and hub.repos == {}
+    assert elapsed < 10, f"the hung commit blocked the publish for {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_commit_deletes_only_a_repo_this_run_created(model_dir, tmp_path, online, existing):
+    with FakeHub(fail_commit=[503, 503, 503]) as hub:
+        if existing:
+            hub.repos[REPO] = {"README.md": b"an earlier model"}
+        with pytest.raises(PublishError) as info:
+            publish(model_dir, tmp_path / "publish", upload_cfg(hub, max_retries=2))
+    assert "create_commit failed after 3 attempts: HfHubHTTPError" in str(info.value) and hub.commits == []
+    deletes = [r for r in hub.requests if r.method == "DELETE"]
+    if existing:
+        assert hub.repos == {REPO: {"README.md": b"an earlier model"}} and deletes == []
+        assert "created by this run" not in str(info.value)
+    else:
+        assert hub.repos == {} and len(deletes) == 1
+        assert str(info.value).endswith(f"the repo {REPO} created by this run was deleted")
 
 
 def test_pull_request_mode_merges_and_deletes_stale_files(model_dir, eval_dirs, tmp_path, online):

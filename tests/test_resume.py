@@ -1,6 +1,7 @@
 """Resuming from the middle gives exactly the losses of the uninterrupted run (torchtune-style)."""
 
 import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -74,3 +75,25 @@ def test_train_loss_is_the_mean_over_the_steps_of_this_session(tiny_tokenizer, t
     assert output.metrics["train_loss"] == pytest.approx(session_mean, rel=1e-6)
     logged = [h["train_loss"] for h in resumed.state.log_history if "train_loss" in h]
     assert logged == [output.metrics["train_loss"]], "the logged (MLflow) value is the corrected one"
+
+
+def test_a_kill_during_rotation_leaves_the_new_checkpoint_marked_and_no_marked_half_deleted_one(
+        tiny_tokenizer, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_tokenizer, tmp_path, max_steps=8)
+    trainer.args.save_steps, trainer.args.save_total_limit = 2, 1
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        """Deletes every file but the marker, then dies (the marker outlives a plain rmtree)."""
+        for file in Path(path).iterdir():
+            if file.name != COMPLETE_MARKER:
+                real_rmtree(file) if file.is_dir() else file.unlink()
+        raise KeyboardInterrupt("killed during rotation")
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    half_deleted, newest = sorted((tmp_path).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert (newest / COMPLETE_MARKER).exists() and (newest / "model.safetensors").exists()
+    assert not (half_deleted / COMPLETE_MARKER).exists()
+    assert latest_complete_checkpoint(tmp_path) == newest

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_errors import UsageError
 from ..run_config import add_config_arguments
 
 
@@ -38,20 +39,21 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from . import stages
-    from .sources import describe_registry
-
     if args.list_sources:
+        from .sources import describe_registry
+
         print(describe_registry())
         return 0
     from ..run_config import load_run_config
 
+    cfg = load_run_config(args.preset, args.overrides)  # a bad config fails before the data libraries load
+    from . import stages
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     t0 = time.perf_counter()
+    root = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.preset / "data"
+    max_seq_len = cfg.model.max_seq_len
     try:
-        cfg = load_run_config(args.preset, args.overrides)
-        root = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir) / cfg.preset / "data"
-        max_seq_len = cfg.model.max_seq_len
         if args.stage == "all":
             folders = stages.prepare_all(cfg.data, cfg.tokenizer, max_seq_len, root, force=args.force)
         else:
@@ -64,8 +66,9 @@ def run_prepare(args: argparse.Namespace) -> int:
             elif args.stage == "sft":
                 folders["sft"] = stages.prepare_sft_stage(cfg.data, tok_dir, max_seq_len, root / "sft", args.force)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
-        print(f"dgpt prepare: {err}", file=sys.stderr)
-        return 2
+        # a source the config names that cannot be read (a missing file, the Hub unreachable) is
+        # the config's to fix
+        raise UsageError(str(err)) from err
     for name, folder in folders.items():
         print(f"{name}: {folder}  {json.dumps(stages.stage_summary(folder))}")
     print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

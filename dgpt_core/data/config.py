@@ -53,8 +53,10 @@ class SourceSpec(StrictConfig):
     txt_unit: Literal["paragraph", "line", "file"] = "paragraph"
     """How a local .txt file is cut into documents: blank-line paragraphs, lines, or whole file."""
     on_invalid: OnInvalid | None = None
-    """What an invalid conversation does: `error` fails naming file, row and field; `drop` counts
-    and reports it. None = `error` for local files, `drop` for registry/Hub sources."""
+    """What an invalid row (a malformed conversation or text row, invalid JSON, bytes that are not
+    UTF-8) does: `error` fails naming file, line or row, and field; `drop` skips it, counted per
+    file and reason in the stage's report and manifest. None = `error` for local files, `drop` for
+    registry/Hub sources."""
 
 
 class SkillsConfig(StrictConfig):

@@ -2,31 +2,30 @@
 
 Every source yields rows with a stable `key` (used by the seeded held-out split, so the same rows
 are held out in every stage) and, for chat, messages validated here: unknown roles, non-string or
-empty content and conversations without an assistant turn become `Failure` records naming the
-file, row and field. Hub names are checked with `require_hub` first, so offline they fail within
+empty content, conversations without an assistant turn and rows that are not UTF-8 become
+`Failure` records naming the file, line or row, and field, counted per file and reason in
+`LoadStats`. Hub names are checked with `require_hub` first, so offline they fail within
 seconds with a message that says how to run offline.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from ..hub import hub_error_message, require_hub
 from . import chitchat, skills, world
 from .config import DataConfig, SourceSpec
+from .local_files import BadRow, is_local, local_paths, local_rows
 
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # local loads would otherwise ping the Hub
 
 ROLES = ("system", "user", "assistant")
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 Kind = Literal["text", "chat"]
 
 
@@ -78,18 +77,26 @@ class DataValidationError(ValueError):
 
 @dataclass(frozen=True)
 class Failure:
-    """One invalid row: where it is and what is wrong with it."""
+    """One invalid row: where it is (`line` for files with lines), what is wrong with it, and the
+    reason `code` it is counted under (`invalid_utf8`, `unknown_role`, ...)."""
 
     source: str
     row: int
     field: str
     reason: str
+    code: str
     file: str | None = None
     value: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return self.file or self.source
 
     def describe(self) -> str:
-        where = f"{self.file}: " if self.file else f"{self.source}: "
-        return f"{where}row {self.row}: field {self.field!r}: {self.reason}" + (f" ({self.value})" if self.value else "")
+        at = f"line {self.line}" if self.line is not None else f"row {self.row}"
+        fld = "" if self.field == "<row>" else f"field {self.field!r}: "
+        return f"{self.where}: {at}: {fld}{self.reason}" + (f" ({self.value})" if self.value else "")
 
 
 @dataclass
@@ -110,15 +117,6 @@ class Resolved:
     on_invalid: Literal["error", "drop"] = "drop"
     builtin: str | None = None
     files: list[str] = field(default_factory=list)
-
-
-def is_local(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or name.endswith(LOCAL_SUFFIXES)
-        or any(ch in name for ch in "*?[")
-        or Path(name).exists()
-    )
 
 
 def resolve(spec: SourceSpec) -> Resolved:
@@ -149,14 +147,7 @@ def resolve(spec: SourceSpec) -> Resolved:
     if name not in REGISTRY and origin == "hub" and spec.messages_field:
         res.kind = "chat"
     if origin == "local":
-        path = os.path.expanduser(spec.name)
-        if Path(path).is_dir():
-            res.files = [path]
-        else:
-            res.files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
-            missing = [f for f in res.files if not Path(f).is_file()]
-            if not res.files or missing:
-                raise FileNotFoundError(f"data source {spec.name!r}: no such file {missing or path}")
+        res.files = local_paths(spec.name)
     return res
 
 
@@ -197,64 +188,6 @@ def _hub_rows(res: Resolved) -> Iterator[dict]:
     yield from ds
 
 
-def _txt_docs(path: str, unit: str) -> Iterator[str]:
-    text = Path(path).read_text(encoding="utf-8")
-    if unit == "file":
-        yield text
-    elif unit == "line":
-        yield from text.splitlines()
-    else:
-        yield from re.split(r"\n\s*\n", text)
-
-
-def _local_rows(res: Resolved) -> Iterator[tuple[str, int, Any]]:
-    """(file, row number, row) for every row of every local file; rows are 1-based line numbers
-    for .jsonl/.txt(line) and 0-based indices otherwise."""
-    for path in res.files:
-        if Path(path).is_dir():
-            _quiet_datasets()
-            import datasets
-
-            ds = datasets.load_from_disk(path)
-            if isinstance(ds, datasets.DatasetDict):
-                if res.split not in ds:
-                    raise ValueError(f"{path}: no split {res.split!r} (has {list(ds)})")
-                ds = ds[res.split]
-            for i, row in enumerate(ds):
-                yield path, i, row
-        elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield path, lineno, json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield path, lineno, _BadRow(f"invalid JSON: {err.msg}")
-        elif path.endswith(".json"):
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            rows = data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
-            for i, row in enumerate(rows):
-                yield path, i, row
-        elif path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            i = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-                for row in batch.to_pylist():
-                    yield path, i, row
-                    i += 1
-        else:  # plain text
-            offset = 1 if res.spec.txt_unit == "line" else 0
-            for i, doc in enumerate(_txt_docs(path, res.spec.txt_unit)):
-                yield path, i + offset, {"text": doc}
-
-
-@dataclass(frozen=True)
-class _BadRow:
-    error: str
-
-
 # ---------------------------------------------------------------------------------------------
 # validation and normalisation
 
@@ -262,45 +195,45 @@ _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 def validate_conversation(
-    raw: Any, res: Resolved, row: int, file: str | None = None, require_assistant: bool = True
+    raw: Any, res: Resolved, row: int, file: str | None = None, require_assistant: bool = True, line: int | None = None
 ) -> tuple[list[dict[str, str]] | None, list[Failure]]:
     """Normalised `[{"role", "content"}]` (roles mapped, reasoning dropped) or the failures.
     `require_assistant=False` accepts chats without an assistant turn (pretraining text)."""
 
-    def fail(fld: str, reason: str, value: Any = "") -> Failure:
+    def fail(fld: str, reason: str, code: str, value: Any = "") -> Failure:
         text = value if isinstance(value, str) else repr(value)
-        return Failure(res.label, row, fld, reason, file, text[:80])
+        return Failure(res.label, row, fld, reason, code, file, text[:80], line)
 
-    if isinstance(raw, _BadRow):
-        return None, [fail("<row>", raw.error)]
+    if isinstance(raw, BadRow):
+        return None, [fail(raw.field, raw.reason, raw.code)]
     fld = res.messages_field
     messages = raw.get(fld) if isinstance(raw, dict) else None
     if not isinstance(messages, list) or not messages:
-        return None, [fail(fld, "missing or empty message list", messages)]
+        return None, [fail(fld, "missing or empty message list", "missing_messages", messages)]
     out: list[dict[str, str]] = []
     failures: list[Failure] = []
     key_role, key_content = res.spec.role_key, res.spec.content_key
     for i, msg in enumerate(messages):
         where = f"{fld}[{i}]"
         if not isinstance(msg, dict):
-            failures.append(fail(where, "message is not an object", msg))
+            failures.append(fail(where, "message is not an object", "bad_message", msg))
             continue
         role = msg.get(key_role)
         role = res.spec.role_map.get(role, role) if isinstance(role, str) else role
         content = msg.get(key_content)
         if role not in ROLES:
-            failures.append(fail(f"{where}.{key_role}", "unknown role", role))
+            failures.append(fail(f"{where}.{key_role}", "unknown role", "unknown_role", role))
         if not isinstance(content, str):
-            failures.append(fail(f"{where}.{key_content}", "non-string content", content))
+            failures.append(fail(f"{where}.{key_content}", "non-string content", "non_string_content", content))
             continue
         if res.drop_reasoning and role == "assistant":
             content = _THINK.sub("", content)
         if not content.strip():
-            failures.append(fail(f"{where}.{key_content}", "empty content", content))
+            failures.append(fail(f"{where}.{key_content}", "empty content", "empty_content", content))
             continue
         out.append({"role": role, "content": content})
     if require_assistant and not failures and not any(m["role"] == "assistant" for m in out):
-        failures.append(fail(fld, "no assistant turn"))
+        failures.append(fail(fld, "no assistant turn", "no_assistant_turn"))
     return (None, failures) if failures else (out, [])
 
 
@@ -311,26 +244,54 @@ def render_chat_text(messages: list[dict[str, str]]) -> str:
 
 @dataclass
 class LoadStats:
-    """What a source produced (rows read, in split, invalid)."""
+    """What a source produced: rows read (in all and per file, or per source when it has no
+    files), kept, and the failures of the dropped rows, each row counted once under the reason
+    of its first failure."""
 
     rows: int = 0
     kept: int = 0
     failures: list[Failure] = field(default_factory=list)
+    read: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, Counter] = field(default_factory=dict)
+
+    def count(self, where: str) -> None:
+        """One row read from `where` (a file or the source label)."""
+        self.rows += 1
+        self.read[where] = self.read.get(where, 0) + 1
+
+    def drop(self, failures: list[Failure]) -> None:
+        """One row dropped for these failures."""
+        self.failures.extend(failures)
+        self.dropped.setdefault(failures[0].where, Counter())[failures[0].code] += 1
+
+    def summary(self) -> str:
+        """`a.jsonl: 120 read, 20 dropped (missing_messages: 15, invalid_utf8: 5); b.jsonl: 0 read`."""
+        parts = []
+        for where, n in self.read.items():
+            reasons = self.dropped.get(where)
+            part = f"{where}: {n} read"
+            if reasons:
+                part += f", {sum(reasons.values())} dropped ({', '.join(f'{c}: {k}' for c, k in reasons.most_common())})"
+            parts.append(part)
+        return "; ".join(parts)
 
 
-def _rows(res: Resolved) -> Iterator[tuple[str | None, int, str, Any]]:
-    """(file, row, split key, raw row) of a non-skills source, up to max_items rows."""
+def _rows(res: Resolved, stats: LoadStats) -> Iterator[tuple[str | None, int, int | None, str, Any]]:
+    """(file, row, line, split key, raw row) of a non-skills source, up to max_items rows, each
+    counted in `stats` (every file of a local source is listed there, also one with no rows)."""
     if res.builtin == "chitchat":
-        rows: Iterator[tuple[str | None, int, str, Any]] = (
-            (None, c["row"], c["id"], c) for c in chitchat.iter_conversations()
+        rows: Iterator[tuple[str | None, int, int | None, str, Any]] = (
+            (None, c["row"], None, c["id"], c) for c in chitchat.iter_conversations()
         )
     elif res.origin == "hub":
-        rows = ((None, i, str(i), r) for i, r in enumerate(_hub_rows(res)))
+        rows = ((None, i, None, str(i), r) for i, r in enumerate(_hub_rows(res)))
     else:
-        rows = ((f, i, f"{f}:{i}", r) for f, i, r in _local_rows(res))
+        stats.read.update({f: 0 for f in res.files if f not in stats.read})
+        rows = ((f, i, line, f"{f}:{i}", r) for f, i, line, r in local_rows(res.files, res.split, res.spec.txt_unit))
     for n, item in enumerate(rows):
         if res.spec.max_items is not None and n >= res.spec.max_items:
             return
+        stats.count(item[0] or res.label)
         yield item
 
 
@@ -343,23 +304,22 @@ def iter_chat_routed(
     if res.builtin == "skills":
         for split in ("train", "validation"):
             for conv in skills.iter_skill_conversations(cfg.skills, split):
-                stats.rows += 1
+                stats.count(res.label)
                 stats.kept += 1
                 yield split, conv
         return
     if res.builtin == "world":
         for row, pair in enumerate(world.sft_pairs(cfg.world)):
-            stats.rows += 1
+            stats.count(res.label)
             stats.kept += 1
             split = "validation" if is_heldout(res.label, pair.question + pair.answer, cfg.seed, cfg.validation_fraction) else "train"
             messages = [{"role": "user", "content": pair.question}, {"role": "assistant", "content": pair.answer}]
             yield split, {"messages": messages, "skill": pair.attribute, "row": row}
         return
-    for file, row, key, raw in _rows(res):
-        stats.rows += 1
-        messages, failures = validate_conversation(raw, res, row, file, require_assistant)
+    for file, row, line, key, raw in _rows(res, stats):
+        messages, failures = validate_conversation(raw, res, row, file, require_assistant, line)
         if failures:
-            stats.failures.extend(failures)
+            stats.drop(failures)
             continue
         stats.kept += 1
         split = "validation" if is_heldout(res.label, key, cfg.seed, cfg.validation_fraction) else "train"
@@ -373,7 +333,7 @@ def iter_text_routed(res: Resolved, cfg: DataConfig, stats: LoadStats) -> Iterat
     if res.builtin == "world":
         for split, docs in (("train", world.pretraining_text(cfg.world)), ("validation", world.validation_biographies(cfg.world))):
             for doc in docs:
-                stats.rows += 1
+                stats.count(res.label)
                 stats.kept += 1
                 yield split, doc
         return
@@ -381,19 +341,19 @@ def iter_text_routed(res: Resolved, cfg: DataConfig, stats: LoadStats) -> Iterat
         for split, conv in iter_chat_routed(res, cfg, stats, require_assistant=False):
             yield split, render_chat_text(conv["messages"])
         return
-    for file, row, key, raw in _rows(res):
-        stats.rows += 1
-        if isinstance(raw, dict) and res.messages_field in raw and res.text_field not in raw:
-            messages, failures = validate_conversation(raw, res, row, file, require_assistant=False)
+    for file, row, line, key, raw in _rows(res, stats):
+        if isinstance(raw, BadRow) or (isinstance(raw, dict) and res.messages_field in raw and res.text_field not in raw):
+            messages, failures = validate_conversation(raw, res, row, file, require_assistant=False, line=line)
             if failures:
-                stats.failures.extend(failures)
+                stats.drop(failures)
                 continue
             text: Any = render_chat_text(messages or [])
         else:
             text = raw.get(res.text_field) if isinstance(raw, dict) else None
             if not isinstance(text, str) or not text.strip():
-                reason = "empty text" if isinstance(text, str) else f"missing or non-string field {res.text_field!r}"
-                stats.failures.append(Failure(res.label, row, res.text_field, reason, file))
+                reason, code = ("empty text", "empty_text") if isinstance(text, str) else \
+                    (f"missing or non-string field {res.text_field!r}", "missing_text")
+                stats.drop([Failure(res.label, row, res.text_field, reason, code, file, line=line)])
                 continue
         stats.kept += 1
         yield ("validation" if is_heldout(res.label, key, cfg.seed, cfg.validation_fraction) else "train"), text
@@ -403,7 +363,7 @@ def iter_chat(res: Resolved, cfg: DataConfig, split: str, stats: LoadStats) -> I
     """Valid conversations of one split ("train" or "validation"; "test" only for skills)."""
     if res.builtin == "skills" and split == "test":
         for conv in skills.iter_skill_conversations(cfg.skills, "test"):
-            stats.rows += 1
+            stats.count(res.label)
             stats.kept += 1
             yield conv
         return
@@ -420,15 +380,24 @@ def iter_text(res: Resolved, cfg: DataConfig, split: str, stats: LoadStats) -> I
 
 
 def raise_on_errors(res: Resolved, stats: LoadStats, limit: int = 20) -> None:
-    """Raise DataValidationError listing the failures when the source's on_invalid is `error`."""
-    if res.on_invalid == "error" and stats.failures:
-        lines = [f.describe() for f in stats.failures[:limit]]
-        more = len(stats.failures) - len(lines)
-        raise DataValidationError(
-            f"{len(stats.failures)} invalid row(s) in source {res.label!r} (set on_invalid: drop to skip them):\n  "
-            + "\n  ".join(lines)
-            + (f"\n  ... and {more} more" if more > 0 else "")
-        )
+    """Raise DataValidationError when the source's on_invalid is `error` and a row was invalid:
+    the first line names the first failure (file, line or row, field, problem) and the counts per
+    reason; the next lines list further failures."""
+    if res.on_invalid != "error" or not stats.failures:
+        return
+    first, *rest = [f.describe() for f in stats.failures[:limit]]
+    if len(stats.failures) == 1:
+        raise DataValidationError(f"{first}; set on_invalid: drop to skip and count invalid rows")
+    reasons = sum(stats.dropped.values(), Counter())
+    n = sum(reasons.values())
+    source = "this source" if res.files == [res.label] else f"source {res.label!r}"
+    counts = ", ".join(f"{c}: {k}" for c, k in reasons.most_common())
+    more = len(stats.failures) - limit
+    raise DataValidationError(
+        f"{first}; {n} invalid row{'s' * (n != 1)} in {source} ({counts}); set on_invalid: drop to skip and count them"
+        + "".join(f"\n  {line}" for line in rest)
+        + (f"\n  ... and {more} more" if more > 0 else "")
+    )
 
 
 def describe_registry() -> str:

@@ -33,7 +33,7 @@ from .pretrain import (
     tokenize_documents,
 )
 from .report import write_report
-from .sft import SFTSettings, count_statuses, render_example, tokenize_batch
+from .sft import STATUSES, SFTSettings, count_statuses, render_example, tokenize_batch
 from .sources import LoadStats, iter_chat, iter_chat_routed, iter_text_routed, raise_on_errors, resolve
 from .stage_cache import log, reuse_complete, tokenized_stage_inputs, uses_skills
 from .tokenizer_stage import prepare_tokenizer_stage
@@ -51,9 +51,30 @@ def _datasets():
 
 def _failure_rows(failures: list) -> list[dict[str, Any]]:
     return [
-        {"source": f.source, "file": f.file or "", "row": f.row, "field": f.field, "reason": f.reason, "value": f.value}
+        {"source": f.source, "file": f.file or "", "row": f.row, "line": f.line or "", "field": f.field,
+         "code": f.code, "reason": f.reason, "value": f.value}
         for f in failures[:MAX_REPORTED_FAILURES]
     ]
+
+
+def _dropped_rows(label: str, stats: LoadStats) -> list[dict[str, Any]]:
+    """Rows dropped per file and reason (each dropped row once, under its first failure)."""
+    return [{"source": label, "file": where, "reason": code, "rows": n}
+            for where, reasons in stats.dropped.items() for code, n in reasons.most_common()]
+
+
+def _no_training_data(stage: str, outcome: str, reads: list[tuple[str, LoadStats, str]], failures: list) -> ValueError:
+    """The error of a stage left without training data: every file (or source) with its rows read
+    and dropped per reason, and where the valid rows of each source went (`outcome`)."""
+    parts = []
+    for label, stats, went in reads:
+        part = stats.summary() or f"{label}: 0 read"
+        if stats.kept:
+            part += (", " if list(stats.read) == [label] else f"; {label}: ") + f"{stats.kept} valid {went}"
+        parts.append(part)
+    head = outcome if any(stats.kept for _, stats, _ in reads) else f"no valid {stage} rows"
+    hint = f"\n  first dropped row: {failures[0].describe()}" if failures else ""
+    return ValueError(f"{head}: {'; '.join(parts)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +108,7 @@ def prepare_pretrain_stage(
     t0 = time.perf_counter()
     wsum = sum(s.weight for s in pcfg.sources)
     parts: dict[str, list] = {"train": [], "validation": []}
-    rows, failures, tok_seconds, tok_bytes = [], [], 0.0, 0
+    rows, failures, dropped, reads, tok_seconds, tok_bytes = [], [], [], [], 0.0, 0
     for i, spec in enumerate(pcfg.sources):
         res, stats = resolve(spec), LoadStats()
         target = int(pcfg.token_budget * spec.weight / wsum) if pcfg.token_budget else None
@@ -131,7 +152,10 @@ def prepare_pretrain_stage(
                 src = {"train": src["train"].select(pos),
                        "validation": src["validation"].select(_val_subset(len(src["validation"]), ratio, data_cfg.seed + i))}
         failures += stats.failures
-        rows.append({"source": res.label, "rows_read": stats.rows, "invalid": len(stats.failures),
+        dropped += _dropped_rows(res.label, stats)
+        reads.append((res.label, stats, f"({n_train} train, {len(src['validation'])} validation)"
+                      + (f", {len(src['train'])} taken at weight {spec.weight:g}" if len(src["train"]) != n_train else "")))
+        rows.append({"source": res.label, "rows_read": stats.rows, "invalid": stats.rows - stats.kept,
                      "train_docs_available": n_train, "train_docs": len(src["train"]),
                      "validation_docs": len(src["validation"]), "train_tokens": selected,
                      "validation_tokens": int(_lengths(src["validation"]).sum())})
@@ -149,7 +173,7 @@ def prepare_pretrain_stage(
     mb_s = tok_bytes / 1e6 / tok_seconds if tok_seconds else 0.0
     splits = {sp: d for sp, d in splits.items() if len(d)}  # an empty split cannot round-trip save_to_disk
     if "train" not in splits:
-        raise ValueError("the pretraining stage produced no training tokens (see the source counts)")
+        raise _no_training_data("pretraining", "no pretraining training documents", reads, failures)
     with staging(out_dir) as tmp:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
         sample = splits["train"][0]["input_ids"]
@@ -160,7 +184,8 @@ def prepare_pretrain_stage(
                         **{f"{sp}_tokens": t["tokens_out"] for sp, t in tokens.items()},
                         "tokenize_MB": round(tok_bytes / 1e6, 2), "tokenize_seconds": round(tok_seconds, 2),
                         "tokenize_MB_per_s": round(mb_s, 2), "seconds": round(seconds, 2)},
-            "tables": {"Sources": rows, "Packing": [{"split": sp, **t} for sp, t in tokens.items()]},
+            "tables": {"Sources": rows, "Dropped rows": dropped,
+                       "Packing": [{"split": sp, **t} for sp, t in tokens.items()]},
             "failures": _failure_rows(failures), "failure_count": len(failures),
             "examples": [{"title": "first training sequence", "text": tok.decode(sample)}],
         })
@@ -168,7 +193,8 @@ def prepare_pretrain_stage(
             "stage": "pretrain", "key": key, "inputs": inputs,
             "tokenizer": {"path": str(tokenizer_dir), "fingerprint": fingerprint},
             "max_seq_len": max_seq_len, "splits": {sp: len(d) for sp, d in splits.items()},
-            "counts": {"sources": rows, "invalid_rows": len(failures)}, "tokens": tokens,
+            "counts": {"sources": rows, "invalid_rows": sum(r["invalid"] for r in rows), "dropped_rows": dropped},
+            "tokens": tokens,
             "throughput": {"tokenize_bytes": tok_bytes, "tokenize_seconds": round(tok_seconds, 3),
                            "MB_per_s": round(mb_s, 3), "num_proc": data_cfg.num_proc},
             "seconds": round(seconds, 2),
@@ -214,6 +240,18 @@ def _percentiles(values: list[int]) -> dict[str, float]:
             "p95": float(np.percentile(arr, 95)), "max": int(arr.max())}
 
 
+def _sft_outcome(train: int, validation: int, taken: int, weight: float, tc: dict, examples: int, selected: int) -> str:
+    """Where a source's valid conversations went (for the error of a stage without training examples)."""
+    out = f"({train} train, {validation} validation)"
+    if taken != train:
+        out += f", {taken} taken at weight {weight:g}"
+    if taken:
+        drops = ", ".join(f"{st}: {tc[f'status_{st}']}" for st in STATUSES[1:] if tc[f"status_{st}"])
+        out += f", {examples} train examples" + (f" ({drops})" if drops else "")
+        out += f", {selected} selected" if selected != examples else ""
+    return out
+
+
 def prepare_sft_stage(
     data_cfg: DataConfig, tokenizer_dir: str | Path, max_seq_len: int, out_dir: str | Path, force: bool = False
 ) -> Path:
@@ -232,7 +270,7 @@ def prepare_sft_stage(
     t0 = time.perf_counter()
     wsum = sum(s.weight for s in scfg.sources)
     parts: dict[str, list] = {"train": [], "validation": [], "test": []}
-    rows, failures, examples, counters = [], [], [], {}
+    rows, failures, dropped, reads, examples, counters = [], [], [], [], [], {}
     for i, spec in enumerate(scfg.sources):
         res, stats = resolve(spec), LoadStats()
         if res.kind == "text":
@@ -246,8 +284,9 @@ def prepare_sft_stage(
             convs["test"] = list(iter_chat(res, data_cfg, "test", LoadStats()))
         raise_on_errors(res, stats)
         failures += stats.failures
+        dropped += _dropped_rows(res.label, stats)
+        n_conv, n_val = len(convs["train"]), len(convs["validation"])
         if scfg.max_examples is None:  # select conversations first: only what is used gets tokenized
-            n_conv = len(convs["train"])
             cidx = select_by_weight(n_conv, spec.weight, data_cfg.seed + i)
             ratio = len(cidx) / n_conv if n_conv else 0.0
             convs["train"] = [convs["train"][j] for j in cidx]
@@ -272,7 +311,8 @@ def prepare_sft_stage(
             parts[sp].append(src[sp])
         counters[res.label] = counts
         tc = counts["train"]
-        rows.append({"source": res.label, "conversations": stats.rows, "invalid": len(stats.failures),
+        reads.append((res.label, stats, _sft_outcome(n_conv, n_val, len(convs["train"]), spec.weight, tc, n, len(idx))))
+        rows.append({"source": res.label, "conversations": stats.rows, "invalid": stats.rows - stats.kept,
                      "train_convs": len(convs["train"]), "assistant_turns": tc["assistant_turns"],
                      "examples": n, "selected": len(idx), "validation": len(src["validation"]),
                      "test": len(src.get("test", [])), "long_answer_dropped": tc["status_dropped_long_answer"],
@@ -287,7 +327,7 @@ def prepare_sft_stage(
         merged = datasets.concatenate_datasets(dss)
         splits[sp] = merged.select(np.random.default_rng(data_cfg.seed).permutation(len(merged)))
     if "train" not in splits:
-        raise ValueError("the SFT stage produced no training examples (see the source counts)")
+        raise _no_training_data("SFT", "no SFT training examples", reads, failures)
     token_totals = {sp: {"examples": len(d), "tokens": int(_lengths(d).sum()),
                          "eligible_tokens": int(sum(sum(m) for m in d["eligible_mask"])),
                          "length": _percentiles(_lengths(d).tolist())} for sp, d in splits.items()}
@@ -312,8 +352,8 @@ def prepare_sft_stage(
                         "answer_canvas": scfg.answer_canvas, "long_answer_canvas": scfg.long_answer_canvas,
                         "long_answer": scfg.long_answer,
                         **{f"{sp}_examples": len(d) for sp, d in splits.items()},
-                        "invalid_conversations": len(failures), "seconds": round(seconds, 2)},
-            "tables": {"Sources (train split counts)": rows,
+                        "invalid_conversations": sum(r["invalid"] for r in rows), "seconds": round(seconds, 2)},
+            "tables": {"Sources (train split counts)": rows, "Dropped rows": dropped,
                        "Splits": [{"split": sp, **{k: v for k, v in t.items() if k != "length"}, **t["length"]}
                                   for sp, t in token_totals.items()],
                        "Skills": skills_rows},
@@ -325,7 +365,8 @@ def prepare_sft_stage(
             "tokenizer": {"path": str(tokenizer_dir), "fingerprint": fingerprint},
             "max_seq_len": max_seq_len, "splits": {sp: len(d) for sp, d in splits.items()},
             "columns": SFT_COLUMNS, "skills_jsonl": exported,
-            "counts": {"sources": rows, "statuses": counters, "invalid_conversations": len(failures)},
+            "counts": {"sources": rows, "statuses": counters, "invalid_conversations": sum(r["invalid"] for r in rows),
+                       "dropped_rows": dropped},
             "tokens": token_totals, "seconds": round(seconds, 2),
         })
     log.info("sft stage: %s %s in %.1fs", out_dir, {sp: len(d) for sp, d in splits.items()}, seconds)
