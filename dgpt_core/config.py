@@ -143,7 +143,8 @@ class TrainingConfig(StrictConfig):
     seed: int = 0
     """Seed for model init, data order and dropout."""
     deepspeed: str | dict[str, Any] | None = None
-    """DeepSpeed config: a dict, a JSON path, or a config shipped in dgpt_core/deepspeed by name
-    (zero1, zero2, zero3, zero2_offload); None trains without DeepSpeed."""
+    """DeepSpeed config: a dict, the name of a config shipped in dgpt_core/deepspeed (zero1, zero2,
+    zero3, zero2_offload: no path separator, no .json suffix), or the path of a JSON file; None
+    trains without DeepSpeed."""
     use_cpu: bool = False
     """Force CPU even when CUDA is available (needed for DeepSpeed on CPU)."""

@@ -32,13 +32,30 @@ class StageConfig(TrainingConfig):
     num_processes: int = Field(1, gt=0)
     """Training processes per node (GPUs, or CPU processes with use_cpu); 1 trains in-process."""
     num_nodes: int = Field(1, gt=0)
-    """Nodes for multi-node training (torchrun rendezvous or a DeepSpeed hostfile)."""
+    """Nodes for multi-node training: launcher=deepspeed starts them all from its hostfile; with
+    launcher=torchrun every node runs `dgpt train-node` itself (the flow cannot start them)."""
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     """Launcher used when more than one process is asked for."""
     hostfile: str | None = None
-    """DeepSpeed hostfile (multi-node with launcher=deepspeed)."""
+    """DeepSpeed hostfile (`host slots=N` lines; multi-node with launcher=deepspeed): the launcher
+    starts the first num_nodes hosts over ssh (pdsh), in the same working directory and Python."""
     rdzv_endpoint: str | None = None
-    """torchrun rendezvous host:port shared by all nodes (multi-node with launcher=torchrun)."""
+    """host:port every node reaches: the c10d rendezvous of `dgpt train-node` (torchrun), or rank
+    0's address and port for launcher=deepspeed (default: the first host's `hostname -I`, 29500)."""
+    max_restarts: int = Field(0, ge=0)
+    """torchrun launches: how often the processes are all restarted after one of them dies (a
+    crash, an OOM kill, a lost node); each restart resumes from the last complete checkpoint, so
+    set save_steps. The deepspeed launcher does not restart: it needs 0."""
+    ddp_timeout: int = Field(1800, gt=0)
+    """Launched runs: seconds a process waits at a collective (gradient all-reduce, barrier) for
+    the others before it fails, so a rank that died or hangs ends the job instead of stalling it."""
+
+    @model_validator(mode="after")
+    def _restarts_need_torchrun(self) -> StageConfig:
+        if self.max_restarts and self.launcher != "torchrun":
+            raise ValueError(f"max_restarts={self.max_restarts} needs launcher=torchrun (the deepspeed launcher "
+                             "does not restart processes)")
+        return self
 
 
 class TrackingConfig(StrictConfig):

@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import ModernBertForMaskedLM, TrainerCallback, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -161,9 +162,10 @@ def train_stage(
 
     model_dir = out_dir / "model"
     if trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 3:
-        trainer.save_model(str(model_dir))  # gathers the ZeRO-3 shards into full weights
+        trainer.save_model(str(model_dir))  # every rank: gathers the ZeRO-3 shards into full weights
         unset_hf_deepspeed_config()  # else this load, and every later one in the process, is partitioned again
-        model = ModernBertForMaskedLM.from_pretrained(model_dir)
+        if trainer.is_world_process_zero():  # the only writer; other ranks would race its save
+            model = ModernBertForMaskedLM.from_pretrained(model_dir)
     if trainer.is_world_process_zero():
         save_model_folder(model, tokenizer, model_dir, info=stage_model_info(run, stage, data["train"], token_ids))
         run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
@@ -173,15 +175,22 @@ def train_stage(
     return StageResult(model_dir=model_dir, metrics=metrics)
 
 
+@record  # a rank's exception goes to the error file torchrun names, read back by the launching process
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one training process, for `deepspeed` / `torchrun` launches:
 
     torchrun --nproc_per_node 2 -m dgpt_core.train --run-config run_config.yaml --stage pretrain \\
         --dataset-dir D --tokenizer-dir T --out-dir O [--init-model-dir M] [--resume]
 
-    Without --resume the stage starts clean (its old checkpoints are removed).
+    Without --resume the stage starts clean (its old checkpoints are removed), except after a
+    torchrun restart (TORCHELASTIC_RESTART_COUNT > 0), which resumes from the last complete
+    checkpoint the failed attempt saved. With several processes this one joins the process group
+    with the stage's ddp_timeout.
     """
     import argparse
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
 
     parser = argparse.ArgumentParser(prog="python -m dgpt_core.train", description=main.__doc__)
     parser.add_argument("--run-config", required=True, help="resolved RunConfig YAML")
@@ -197,9 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = RunConfig.from_yaml(args.run_config)
+    cfg: StageConfig = getattr(run, args.stage)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # Every process group waits ddp_timeout at most. TrainingArguments passes no timeout on the
+        # CPU, and DeepSpeed creates its ZeRO groups without one, so both get torch's default.
+        timeout = timedelta(seconds=cfg.ddp_timeout)
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        cuda = torch.cuda.is_available() and not cfg.use_cpu
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:
+        log.info("torchrun restart %d: %s resumes from its last complete checkpoint", restart, args.stage)
     result = train_stage(
         run, args.stage, args.dataset_dir, args.tokenizer_dir, args.out_dir,
-        init_model_dir=args.init_model_dir, resume=args.resume, report_to=args.report_to,
+        init_model_dir=args.init_model_dir, resume=args.resume or restart > 0, report_to=args.report_to,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(args.out_dir) / "stage_result.json").write_text(

@@ -6,16 +6,18 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .cli_errors import NotFoundError
 from .collator import IGNORE_INDEX, DiffusionCollator
 from .config import DiffusionConfig, TrainingConfig
 from .elbo import Row, elbo_per_token
-from .loss import diffusion_loss
+from .loss import LossParts, diffusion_loss
 from .schedules import NoiseSchedule
 
 
@@ -130,18 +132,36 @@ DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "deepspeed"
 
 
 def resolve_deepspeed(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-    """A DeepSpeed config dict, JSON path, or the name of one shipped in dgpt_core/deepspeed (zero2)."""
-    if not isinstance(value, str) or Path(value).exists():
+    """A DeepSpeed config dict (returned as is), the name of one shipped in dgpt_core/deepspeed
+    (`zero2`: no path separator, no .json suffix; never looked up in the working directory), or
+    the path of a JSON file, which must exist; a NotFoundError names what is missing."""
+    if not isinstance(value, str):
         return value
-    shipped = DEEPSPEED_CONFIG_DIR / (value if value.endswith(".json") else f"{value}.json")
-    if shipped.exists():
+    if Path(value).name == value and not value.endswith(".json"):
+        shipped = DEEPSPEED_CONFIG_DIR / f"{value}.json"
+        if not shipped.is_file():
+            names = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
+            raise NotFoundError(f"unknown DeepSpeed config {value!r}: use one of {names} or a path to a JSON file")
         return str(shipped)
-    names = sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
-    raise FileNotFoundError(f"DeepSpeed config {value!r} is neither a file nor one of {names}")
+    if not Path(value).is_file():
+        raise NotFoundError(f"DeepSpeed config file {value} does not exist")
+    return value
+
+
+def join_deepspeed_comm(args: TrainingArguments) -> None:
+    """Hand the process group the TrainingArguments started to deepspeed.comm. On the CPU
+    accelerate starts only torch.distributed, and ZeRO-3's zero.Init (the model is built before
+    the engine) checks its batch sizes against deepspeed.comm's world size before it initialises
+    deepspeed.comm itself: 1, so `train_batch_size` (filled for the whole world) fails the check."""
+    from deepspeed import comm
+
+    if args.world_size > 1 and not comm.is_initialized():
+        comm.init_distributed(dist_backend=args.distributed_state.backend, auto_mpi_discovery=False)
 
 
 def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
-    """TrainingArguments from the typed config, with the settings the diffusion trainer relies on."""
+    """TrainingArguments from the typed config, with the settings the diffusion trainer relies on;
+    with DeepSpeed, deepspeed.comm joins the process group (`join_deepspeed_comm`)."""
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -171,7 +191,30 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides:
         include_num_input_tokens_seen="non_padding",
     )
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    args = TrainingArguments(**kwargs)
+    if args.deepspeed:
+        join_deepspeed_comm(args)
+    return args
+
+
+def call_as_forward(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """`fn()` run as the forward of the module a DeepSpeed engine or DDP wraps, called through the
+    wrapper; a plain module just runs `fn()`. The wrapper's forward does bookkeeping its backward
+    relies on (ZeRO counts accumulation micro-steps and hooks its backward prologue onto the output
+    tensors, DDP prepares its reducer), which calling the module's submodules directly skips: under
+    ZeRO-3 every micro-batch's gradients then overwrite the previous ones'."""
+    module = getattr(model, "module", None)
+    if module is None:
+        return fn()
+    own = module.__dict__.get("forward")  # accelerate may have set one (autocast)
+    module.forward = fn
+    try:
+        return model()
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class DiffusionTrainer(Trainer):
@@ -205,6 +248,8 @@ class DiffusionTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = keep
+        if self.args.world_size > 1:
+            torch.distributed.barrier()  # every rank's own files (rng_state_N.pth, ZeRO shards) are written
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             mark_complete(folder, self.state.global_step)
@@ -236,15 +281,18 @@ class DiffusionTrainer(Trainer):
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parts = diffusion_loss(
-            model,
-            inputs,
-            mask_id=self.mask_token_id,
-            normalization=self.diffusion_config.loss_normalization,
-            normalizer=num_items_in_batch,
-            edit_loss_weight=self.diffusion_config.edit_loss_weight,
-        )
-        loss = parts.total
+        def objective() -> tuple[torch.Tensor, LossParts]:
+            parts = diffusion_loss(
+                model,
+                inputs,
+                mask_id=self.mask_token_id,
+                normalization=self.diffusion_config.loss_normalization,
+                normalizer=num_items_in_batch,
+                edit_loss_weight=self.diffusion_config.edit_loss_weight,
+            )
+            return parts.total, parts  # DeepSpeed hooks the tensor, not the dataclass
+
+        loss, parts = call_as_forward(model, objective)
         if num_items_in_batch is not None and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP/ZeRO average gradients over processes
         if model.training:

@@ -8,13 +8,15 @@ import logging
 import os
 import shlex
 import subprocess
-import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dgpt_core.cli_errors import ConfigError
+from dgpt_core.launch import TORCHRUN_ENV, launch_error, launcher_command, write_deepspeed_env
 from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
-from dgpt_core.train import free_port, train_stage
+from dgpt_core.train import train_stage
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +36,6 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def launcher_command(cfg: StageConfig, module_args: list[str]) -> list[str]:
-    """torchrun or deepspeed command line running `python -m dgpt_core.train` on every process."""
-    if cfg.launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", str(cfg.num_processes)]
-        if cfg.num_nodes > 1:
-            if not cfg.hostfile:
-                raise ValueError("multi-node training with launcher=deepspeed needs a hostfile")
-            cmd += ["--num_nodes", str(cfg.num_nodes), "--hostfile", cfg.hostfile]
-        else:
-            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        return [*cmd, "--module", "dgpt_core.train", *module_args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.num_processes)]
-    if cfg.num_nodes > 1:
-        if not cfg.rdzv_endpoint:
-            raise ValueError("multi-node training with launcher=torchrun needs rdzv_endpoint host:port")
-        cmd += ["--nnodes", str(cfg.num_nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", cfg.rdzv_endpoint]
-    else:
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return [*cmd, "-m", "dgpt_core.train", *module_args]
-
-
 def run_training_stage(
     run: RunConfig,
     stage: str,
@@ -68,7 +49,9 @@ def run_training_stage(
     """Train one stage of `run`; returns model_dir and metrics. With `resume` it continues from the
     stage's last complete checkpoint short of max_steps (a rerun of an interrupted stage), else it
     starts clean, removing the old checkpoints (a forced rerun). One process trains here, on the
-    config object; launched processes read it from out_dir/run_config.yaml."""
+    config object; launched processes read it from out_dir/run_config.yaml. Several nodes need
+    launcher=deepspeed, which starts them all; a failed launch raises a DgptError naming the stage
+    and, under torchrun, the first failing rank and its error."""
     cfg: StageConfig = getattr(run, stage)
     report_to = "mlflow" if tracking_env else "none"
     if cfg.num_processes * cfg.num_nodes == 1:
@@ -79,6 +62,9 @@ def run_training_stage(
             finally:
                 _end_active_mlflow_runs()
         return {"model_dir": str(result.model_dir), "metrics": result.metrics}
+    if cfg.num_nodes > 1 and cfg.launcher == "torchrun":
+        raise ConfigError(f"{stage}: num_nodes={cfg.num_nodes} with launcher=torchrun would start this node only; "
+                          "use launcher=deepspeed with a hostfile, or run `dgpt train-node` on every node")
 
     run_config_path = run.save_yaml(Path(out_dir) / FOLDER_CONFIG_NAME)
     module_args = ["--run-config", str(run_config_path), "--stage", stage, "--dataset-dir", dataset_dir,
@@ -87,9 +73,18 @@ def run_training_stage(
         module_args.append("--resume")
     if init_model_dir:
         module_args += ["--init-model-dir", init_model_dir]
-    cmd = launcher_command(cfg, module_args)
-    log.info("launching %s: %s", stage, shlex.join(cmd))
-    subprocess.run(cmd, env={**os.environ, **tracking_env}, check=True)
+    env = {**os.environ, **tracking_env}
+    with tempfile.TemporaryDirectory(prefix=f"dgpt-{stage}-launch-") as scratch:
+        log_dir = Path(scratch) / "torchrun"
+        cmd = launcher_command(cfg, module_args, log_dir=log_dir)
+        if cfg.launcher == "torchrun":
+            env.update(TORCHRUN_ENV)
+        elif cfg.num_nodes > 1:
+            env["DS_ENV_FILE"] = str(write_deepspeed_env(Path(scratch) / "deepspeed_env", env))
+        log.info("launching %s: %s", stage, shlex.join(cmd))
+        returncode = subprocess.run(cmd, env=env).returncode
+        if returncode:
+            raise launch_error(stage, cfg.launcher, returncode, log_dir)
     return json.loads((Path(out_dir) / "stage_result.json").read_text())
 
 
