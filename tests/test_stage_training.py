@@ -3,6 +3,7 @@ forced reruns start clean, interrupted ones resume, and the validation ELBO is l
 into the stage's own MLflow run."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import datasets
@@ -101,6 +102,7 @@ def test_the_launcher_path_passes_resume_only_when_asked(stage_inputs, tmp_path,
         commands.append(cmd)
         out.mkdir(parents=True, exist_ok=True)
         (out / "stage_result.json").write_text(json.dumps({"model_dir": str(out / "model"), "metrics": {}}))
+        return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr("tasks.launch.subprocess.run", fake_run)
     run_training_stage(config, "pretrain", data, tokenizer, str(out), None, {}, resume=resume)
