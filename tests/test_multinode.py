@@ -291,3 +291,17 @@ def test_a_hung_rank_ends_the_job_after_ddp_timeout(ci_data, tmp_path):
     assert time.monotonic() - start < 10 + 30 + 20
     message = str(outcome["error"])
     assert message.startswith("pretrain: rank 0 failed: RuntimeError: ") and "Timed out" in message, message
+
+
+@pytest.mark.slow  # ~1 min: a ZeRO-3 reference and two more train-node processes
+def test_two_zero3_nodes_train_like_one_process_accumulating_two(ci_data, tmp_path):
+    zero3 = "pretrain.deepspeed=zero3"
+    expected = one_process_losses(ci_data, tmp_path / "ga2", [*SMALL, zero3])
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [train_node(ci_data, tmp_path / "pretrain", endpoint, "--fresh", "--set", zero3) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    got = step_losses(tmp_path / "pretrain")
+    print("zero3 losses: 1 process GA2", expected, "| 2 train-nodes", got)
+    assert_same_losses(got, expected)
