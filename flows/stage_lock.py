@@ -25,10 +25,15 @@ class StageBusyError(DgptError):
     """The stage folder is being built by another run and the caller asked not to wait."""
 
 
+def _holder_file(lock_path: Path) -> Path:
+    """Where the holder of the lock at `lock_path` describes itself."""
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
 def holder_description(path: Path) -> str:
     """Who holds the lock at `path`, as its holder described itself ("unknown run" if unreadable)."""
     try:
-        holder = json.loads(path.with_name(path.name + ".holder").read_text())
+        holder = json.loads(_holder_file(path).read_text())
     except (OSError, ValueError):
         return "an unknown run"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
@@ -50,7 +55,7 @@ def claim(path: Path, what: str, run_name: str, wait: bool = True) -> Iterator[N
                                  hint="run again without --no-wait to wait for it and use its result") from None
         print(f"{what}: waiting for {holder}")
         lock.acquire()
-    holder_file = path.with_name(path.name + ".holder")
+    holder_file = _holder_file(path)
     try:
         holder_file.write_text(json.dumps({"run": run_name, "pid": os.getpid(), "host": socket.gethostname(),
                                            "since": time.time()}))
