@@ -22,6 +22,7 @@ from .elbo import dataset_rows
 from .export import save_model_folder
 from .model import build_model, count_parameters
 from .model_info import ModelInfo, context_messages_of, info_for_stage
+from .pruning import pruning_callbacks
 from .run_config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
 from .schedules import get_schedule
 from .tokenizer import load_tokenizer, special_token_ids
@@ -148,7 +149,7 @@ def train_stage(
         data_collator=collator,
         diffusion_config=cfg.diffusion,
         mask_token_id=token_ids["mask"],
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *pruning_callbacks()],
     )
     validation = validation_callback(trainer, cfg, data.get("validation"), token_ids["pad"])
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

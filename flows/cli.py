@@ -28,6 +28,8 @@ SUBCOMMANDS = {
     "publish": ("deploy.publish_cli", "add_publish_parser"),
     "bench": ("bench.cli", "add_bench_parser"),
     "run": ("flows.run_cli", "add_run_parser"),
+    "sweep": ("flows.sweep_cli", "add_sweep_parser"),
+    "serve": ("deploy.serve.cli", "add_serve_parser"),
 }
 
 

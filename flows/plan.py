@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, Field
+
 FLOW_STAGES = ("data", "pretrain", "sft", "eval", "publish")
 UPSTREAM = {"data": (), "pretrain": ("data",), "sft": ("data", "pretrain"), "eval": ("data", "pretrain", "sft"),
             "publish": ("sft", "eval")}
@@ -27,3 +29,21 @@ def plan_stages(from_stage: str | None, only: list[str] | None, refresh: list[st
     if from_stage:
         forced |= set(FLOW_STAGES[FLOW_STAGES.index(from_stage):])
     return list(FLOW_STAGES), forced
+
+
+class SweepTrial(BaseModel):
+    """What makes a pretrain-sft run a trial of a sweep (flows/sweep.py): it skips publishing,
+    nests its MLflow run under the sweep's, and may report its validation curve to Optuna."""
+
+    sweep: str
+    """The sweep's name (tag `dgpt.sweep` of the trial's MLflow run)."""
+    number: int
+    """The trial's setting number in the sweep (tag `dgpt.trial`)."""
+    seed: int
+    """The trial's seed (tag `dgpt.seed`)."""
+    mlflow_parent_run_id: str | None = None
+    """The sweep's MLflow run, under which the trial's run is nested."""
+    pruning_env: dict[str, str] = Field(default_factory=dict)
+    """Environment of the last trained stage: the Optuna trial it reports val_elbo to (empty: no pruning)."""
+    in_subprocess: bool = False
+    """Train every stage in a process of its own (trials running at once in one sweep process)."""

@@ -32,10 +32,10 @@ from eval.strategy_comparison import repetition_safe_method
 from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
 
 from .caching import stage_key
-from .plan import plan_stages
+from .plan import SweepTrial, plan_stages
 from .report_card import write_report_card
 from .stage_runner import StageFailedError, StageRunner
-from .tracking import Tracker
+from .tracking import Tracker, flatten_metrics
 
 
 @flow(name="pretrain-sft", log_prints=True)
@@ -49,19 +49,22 @@ def pretrain_sft(
     only: list[str] | None = None,
     run_config: RunConfig | None = None,
     wait_for_stages: bool = True,
+    trial: SweepTrial | None = None,
 ) -> dict[str, Any]:
     """Run the flow for a preset with `--set`-style overrides; returns the run summary (also written
     to summary.json). `run_config` is the config already loaded from them (`dgpt run` parses it once
     to validate it); a deployment run passes only preset and overrides and the flow loads it.
     `wait_for_stages=False` fails at once when a stage this run needs is being built by another run
-    into the same output root (by default it waits and then uses that run's result)."""
+    into the same output root (by default it waits and then uses that run's result). `trial`
+    makes the run a trial of a sweep (flows/sweep.py)."""
     with library_logs_in_prefect():
         return _run_flow(run_config or load_run_config(preset, overrides), output_dir, run_name, refresh, from_stage,
-                         only, wait_for_stages)
+                         only, wait_for_stages, trial)
 
 
 def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refresh: list[str] | None,
-              from_stage: str | None, only: list[str] | None, wait_for_stages: bool) -> dict[str, Any]:
+              from_stage: str | None, only: list[str] | None, wait_for_stages: bool,
+              trial: SweepTrial | None) -> dict[str, Any]:
     logger = get_run_logger()
     root = Path(output_dir or run.output_dir).resolve()
     flow_run = get_run_context().flow_run
@@ -69,11 +72,13 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
     run_name = run_dir.name
     config_path = str(run.save_yaml(run_dir / "run_config.yaml"))
     to_run, forced = plan_stages(from_stage, only, refresh)
+    if trial:
+        to_run = [stage for stage in to_run if stage != "publish"]
     logger.info("run %s: stages %s (forced: %s) -> %s", run_name, to_run, sorted(forced), run_dir)
 
     tracker = Tracker(run.tracking, root) if run.tracking.enabled else None
     if tracker:
-        tags = {"prefect.flow_run_id": str(flow_run.id), "preset": run.preset, **git_state()}
+        tags = {"prefect.flow_run_id": str(flow_run.id), "preset": run.preset, **git_state(), **_trial_tags(trial)}
         tracker.start_parent(run_name, tags, run.model_dump(mode="json"))
         if tracker.killed:
             print(f"MLflow: {len(tracker.killed)} runs left RUNNING by killed processes are now KILLED")
@@ -85,7 +90,7 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
                                "flow_run_id": str(flow_run.id), "stages": to_run}
     started = time.perf_counter()
     try:
-        results = _run_stages(run, config_path, root, to_run, runner, tracker, progress_id)
+        results = _run_stages(run, config_path, root, to_run, runner, tracker, progress_id, trial)
         summary["status"] = "completed"
     except BaseException as err:
         summary.update(status="failed", failed_stage=runner.failed, error=f"{type(err).__name__}: {err}")
@@ -103,6 +108,9 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
             tracker.end(tracker.parent_id, "FINISHED" if summary["status"] == "completed" else "FAILED")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary.update(results)
+    summary["metrics"] = run_metrics(results)
+    if tracker:
+        tracker.log_metrics(tracker.parent_id, {"train": results.get("train_metrics", {})})
     summary["model_links"] = _link_models(run_dir, results["models"])
     card = write_report_card(run_dir, run, summary)
     summary["report_card"] = str(card)
@@ -117,7 +125,7 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
 
 
 def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str], runner: StageRunner,
-                tracker: Tracker | None, progress_id) -> dict[str, Any]:
+                tracker: Tracker | None, progress_id, trial: SweepTrial | None) -> dict[str, Any]:
     stages_dir = root / "stages"
     out: dict[str, Any] = {"models": {}, "evals": {}}
     done = 0
@@ -146,6 +154,8 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
 
     keys = {"data": data_key}
     model_section = run.model.model_dump(mode="json")
+    # a sweep's pruner watches the validation curve of the last stage the trial trains
+    pruned_stage = "sft" if run.sft.enabled and "sft" in to_run else "pretrain"
     previous_model = None
     for stage in ("pretrain", "sft"):
         cfg = getattr(run, stage)
@@ -158,14 +168,14 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                         dataset_dir=folders[stage], tokenizer_dir=folders["tokenizer"],
                         out_dir=str(stages_dir / key), init_model_dir=cfg.init_from or previous_model,
                         tracking_env=tracker.stage_env(child) if tracker else {},
-                        resume=stage not in runner.forced)
+                        resume=stage not in runner.forced, **_trial_training(trial, stage == pruned_stage))
         keys[stage], previous_model = key, result["model_dir"]
         out["models"][stage] = result["model_dir"]
         out.setdefault("train_metrics", {})[stage] = result["metrics"]
         if tracker:
             tracker.log_metrics(child, {"final": result["metrics"]})
         if stage == "sft" and "sft_control" in run.eval_models:
-            _train_sft_control(run, folders, keys, out, runner, tracker, stages_dir)
+            _train_sft_control(run, folders, keys, out, runner, tracker, stages_dir, trial)
         step_done()
 
     if "eval" in to_run:
@@ -196,7 +206,7 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
         step_done()
 
     final_model = out["models"].get("sft") or out["models"].get("pretrain")
-    if tracker and final_model:
+    if tracker and final_model and trial is None:  # a sweep registers only its best trial's model
         name, version = tracker.log_text_diffusion_model(runner.child("sft"), Path(final_model))
         out["registered_model"] = {"name": name, "version": version, "alias": run.tracking.model_alias}
 
@@ -218,6 +228,28 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
     return out
 
 
+def run_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Every number a run produced under the name MLflow shows on its run: `train/<stage>/<name>`
+    (final training metrics) and `eval/<model>/...` (the eval headlines)."""
+    evals = {name: _eval_headline(json.loads(Path(paths["metrics_path"]).read_text()))
+             for name, paths in results.get("evals", {}).items()}
+    return flatten_metrics({"train": results.get("train_metrics", {}), "eval": evals})
+
+
+def _trial_training(trial: SweepTrial | None, pruned: bool) -> dict[str, Any]:
+    """How a sweep trial trains a stage: in a process of its own, and reporting to Optuna when it is `pruned`."""
+    if trial is None:
+        return {}
+    return {"trial_env": trial.pruning_env if pruned else {}, "in_subprocess": trial.in_subprocess}
+
+
+def _trial_tags(trial: SweepTrial | None) -> dict[str, str]:
+    if trial is None:
+        return {}
+    tags = {"dgpt.sweep": trial.sweep, "dgpt.trial": str(trial.number), "dgpt.seed": str(trial.seed)}
+    return {**tags, "mlflow.parentRunId": trial.mlflow_parent_run_id} if trial.mlflow_parent_run_id else tags
+
+
 def _untrained_model(run: RunConfig, folders: dict[str, str], keys: dict[str, str], out: dict[str, Any],
                      runner: StageRunner, stages_dir: Path) -> str:
     """The freshly initialised model folder (cached), recorded as out["models"]["untrained"]."""
@@ -230,7 +262,7 @@ def _untrained_model(run: RunConfig, folders: dict[str, str], keys: dict[str, st
 
 
 def _train_sft_control(run: RunConfig, folders: dict[str, str], keys: dict[str, str], out: dict[str, Any],
-                       runner: StageRunner, tracker: Tracker | None, stages_dir: Path) -> None:
+                       runner: StageRunner, tracker: Tracker | None, stages_dir: Path, trial: SweepTrial | None) -> None:
     """The control: the SFT stage's exact recipe started from the untrained model instead of the
     pretrained one (cached like the others), recorded as out["models"]["sft_control"]."""
     untrained = _untrained_model(run, folders, keys, out, runner, stages_dir)
@@ -240,7 +272,8 @@ def _train_sft_control(run: RunConfig, folders: dict[str, str], keys: dict[str, 
     result = runner("sft_control", "sft", train_task.with_options(task_run_name="train-sft-control"), key=key,
                     stage="sft", run=run, dataset_dir=folders["sft"], tokenizer_dir=folders["tokenizer"],
                     out_dir=str(stages_dir / key), init_model_dir=untrained,
-                    tracking_env=tracker.stage_env(child) if tracker else {}, resume="sft" not in runner.forced)
+                    tracking_env=tracker.stage_env(child) if tracker else {}, resume="sft" not in runner.forced,
+                    **_trial_training(trial, pruned=False))
     keys["sft_control"] = key
     out["models"]["sft_control"] = result["model_dir"]
     out.setdefault("train_metrics", {})["sft_control"] = result["metrics"]

@@ -10,8 +10,10 @@ taken from the cache (`--no-wait`: fail at once, naming the run that holds it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 
 from dgpt_core.run_config import add_config_arguments
 from flows.plan import FLOW_STAGES
@@ -35,28 +37,34 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_flow(args: argparse.Namespace) -> int:
-    from dgpt_core.run_config import load_run_config
-
-    run = load_run_config(args.preset, args.overrides)  # an invalid config fails here, before Prefect loads
+@contextlib.contextmanager
+def console_without_failure_tracebacks(debug: bool) -> Iterator[None]:
+    """Prefect logs a failed task and flow with their tracebacks; on the console (its run logs keep
+    them) a command's failure is its last line instead, unless --debug."""
     from prefect.logging.handlers import PrefectConsoleHandler
-
-    from flows.pretrain_sft import pretrain_sft
 
     def no_failure_traceback(record: logging.LogRecord) -> bool:
         return record.exc_info is None or not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
 
-    # Prefect logs a failed task and flow with their tracebacks; on the console (its run logs keep
-    # them) the stage's failure is the command's last line instead, unless --debug
-    consoles = [] if args.debug else [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    consoles = [] if debug else [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
     for handler in consoles:
         handler.addFilter(no_failure_traceback)
     try:
-        summary = pretrain_sft(preset=args.preset, overrides=args.overrides, output_dir=args.output_dir,
-                               run_name=args.run_name, refresh=args.refresh, from_stage=args.from_stage,
-                               only=args.only, run_config=run, wait_for_stages=args.wait_for_stages)
+        yield
     finally:
         for handler in consoles:
             handler.removeFilter(no_failure_traceback)
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    from dgpt_core.run_config import load_run_config
+
+    run = load_run_config(args.preset, args.overrides)  # an invalid config fails here, before Prefect loads
+    from flows.pretrain_sft import pretrain_sft
+
+    with console_without_failure_tracebacks(args.debug):
+        summary = pretrain_sft(preset=args.preset, overrides=args.overrides, output_dir=args.output_dir,
+                               run_name=args.run_name, refresh=args.refresh, from_stage=args.from_stage,
+                               only=args.only, run_config=run, wait_for_stages=args.wait_for_stages)
     print(json.dumps({k: summary.get(k) for k in ("run_name", "status", "wall_time_s", "cache_hit")}, indent=2))
     return 0 if summary.get("status") == "completed" else 1

@@ -149,16 +149,17 @@ class Tracker:
         with self.fluent_api(), mlflow.start_run(run_id=run_id, log_system_metrics=True):
             yield
 
-    def log_text_diffusion_model(self, run_id: str, model_dir: Path) -> tuple[str, str]:
-        """Log the saved folder as a pyfunc model in `run_id`, register it, point the alias at it.
-        Returns (registered model name, version)."""
+    def log_text_diffusion_model(self, run_id: str, model_dir: Path, alias: str | None = None) -> tuple[str, str]:
+        """Log the saved folder as a pyfunc model in `run_id`, register it, point `alias` (default
+        the config's model_alias) at it. Returns (registered model name, version)."""
         from .mlflow_model import log_pyfunc_model
 
         with self.fluent_api():
             with mlflow.start_run(run_id=run_id):
                 info = log_pyfunc_model(model_dir)
             version = mlflow.register_model(info.model_uri, self.cfg.registered_model_name)
-        self.client.set_registered_model_alias(self.cfg.registered_model_name, self.cfg.model_alias, version.version)
+        self.client.set_registered_model_alias(self.cfg.registered_model_name, alias or self.cfg.model_alias,
+                                               version.version)
         return self.cfg.registered_model_name, str(version.version)
 
 

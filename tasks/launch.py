@@ -45,17 +45,23 @@ def run_training_stage(
     init_model_dir: str | None,
     tracking_env: dict[str, str],
     resume: bool = True,
+    trial_env: dict[str, str] | None = None,
+    in_subprocess: bool = False,
 ) -> dict[str, Any]:
     """Train one stage of `run`; returns model_dir and metrics. With `resume` it continues from the
     stage's last complete checkpoint short of max_steps (a rerun of an interrupted stage), else it
     starts clean, removing the old checkpoints (a forced rerun). One process trains here, on the
     config object; launched processes read it from out_dir/run_config.yaml. Several nodes need
     launcher=deepspeed, which starts them all; a failed launch raises a DgptError naming the stage
-    and, under torchrun, the first failing rank and its error."""
+    and, under torchrun, the first failing rank and its error.
+
+    `trial_env` is the environment of a sweep trial's stage (Optuna pruning, see
+    dgpt_core.pruning); `in_subprocess` trains even one process through the launcher, so that
+    concurrent trials of one sweep process never share a process's seeds and environment."""
     cfg: StageConfig = getattr(run, stage)
     report_to = "mlflow" if tracking_env else "none"
-    if cfg.num_processes * cfg.num_nodes == 1:
-        with patched_env(dict(tracking_env)):
+    if cfg.num_processes * cfg.num_nodes == 1 and not in_subprocess:
+        with patched_env({**tracking_env, **(trial_env or {})}):
             try:
                 result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir=init_model_dir,
                                      resume=resume, report_to=report_to)
@@ -73,7 +79,7 @@ def run_training_stage(
         module_args.append("--resume")
     if init_model_dir:
         module_args += ["--init-model-dir", init_model_dir]
-    env = {**os.environ, **tracking_env}
+    env = {**os.environ, **tracking_env, **(trial_env or {})}
     with tempfile.TemporaryDirectory(prefix=f"dgpt-{stage}-launch-") as scratch:
         log_dir = Path(scratch) / "torchrun"
         cmd = launcher_command(cfg, module_args, log_dir=log_dir)

@@ -74,14 +74,18 @@ def train_task(
     init_model_dir: str | None,
     tracking_env: dict[str, str],
     resume: bool,
+    trial_env: dict[str, str] | None = None,
+    in_subprocess: bool = False,
 ) -> dict[str, Any]:
     """One training stage through tasks.launch (in-process, torchrun or deepspeed). `resume`
     continues an interrupted stage from its last complete checkpoint; False (a forced rerun)
-    retrains from scratch."""
+    retrains from scratch. `trial_env` and `in_subprocess`: how a sweep trial trains (see
+    run_training_stage); like the tracking environment they are not part of the cache key."""
     from .launch import run_training_stage
 
     with building(out_dir):
-        return run_training_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir, tracking_env, resume)
+        return run_training_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir, tracking_env, resume,
+                                  trial_env, in_subprocess)
 
 
 @task(name="eval", task_run_name="eval-{model_kind}", **CACHED)

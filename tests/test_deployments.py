@@ -24,6 +24,7 @@ from .conftest import QUIET_OFFLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "deploy" / "prefect"
+SWEEP_ENTRYPOINT = "flows/sweep.py:sweep"
 ENTRYPOINT = "flows/pretrain_sft.py:pretrain_sft"
 
 
@@ -55,21 +56,33 @@ def _deployments() -> dict[str, dict]:
 # --------------------------------------------------------------------------- prefect.yaml
 
 
-def test_prefect_yaml_names_both_deployments_of_the_real_flow():
+def test_prefect_yaml_names_the_deployments_of_the_real_flows():
     from flows.pretrain_sft import pretrain_sft
+    from flows.sweep import sweep
 
     deployments = _deployments()
-    assert set(deployments) == {"full", "smoke"}
-    flow_params = set(inspect.signature(pretrain_sft.fn).parameters)
+    assert set(deployments) == {"full", "smoke", "trial", "tiny-sft"}
+    flows = {"pretrain_sft": pretrain_sft, "sweep": sweep}
     for name, dep in deployments.items():
         path, _, func = dep["entrypoint"].partition(":")
-        assert dep["entrypoint"] == ENTRYPOINT and (ROOT / path).is_file()
-        assert func == "pretrain_sft" and pretrain_sft.name == "pretrain-sft"
-        assert set(dep["parameters"]) <= flow_params, name
-        assert dep["work_pool"]["name"] == {"full": "gpu-pool", "smoke": "cpu-pool"}[name]
+        assert (ROOT / path).is_file() and dep["entrypoint"] == (ENTRYPOINT if func == "pretrain_sft" else SWEEP_ENTRYPOINT)
+        assert set(dep["parameters"]) <= set(inspect.signature(flows[func].fn).parameters), name
+        assert dep["work_pool"]["name"] == {"full": "gpu-pool", "smoke": "cpu-pool", "trial": "gpu-pool",
+                                            "tiny-sft": "cpu-pool"}[name]
+    assert deployments["trial"]["work_pool"] == deployments["full"]["work_pool"]  # the same GPU job variables
     # the pull step runs the flow from the worker's checkout
     (step,) = _config()["pull"]
     assert step == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DGPT_ROOT }}"}}
+
+
+def test_the_sweep_deployment_fans_its_trials_out_as_runs_of_the_trial_deployment():
+    from dgpt_core.run_config import load_run_config
+    from dgpt_core.sweep_space import check_keys, parse_dimension
+
+    params = _deployments()["tiny-sft"]["parameters"]
+    assert params["trial_deployment"] == "pretrain-sft/trial" and params["max_parallel"] > 1
+    load_run_config(params["preset"], params["overrides"])
+    check_keys(params["preset"], [parse_dimension(d) for d in params["grid"]], "sft.seed")
 
 
 def test_the_full_deployment_is_gpu_production_with_a_guarded_schedule():
@@ -363,6 +376,35 @@ def test_two_runs_of_the_full_deployment_are_serialized_by_its_concurrency_limit
     for name, flow_run_id in runs.items():
         summary = json.loads((tmp_path / name / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["flow_run_id"] == flow_run_id
+
+
+@pytest.mark.slow
+def test_a_sweep_deployment_runs_its_trials_as_deployment_runs_on_the_pool(local_prefect, tmp_path):
+    """`sweep/tiny-sft` with the `ci` preset and pretrain-sft/smoke (CPU) as the trial deployment:
+    the sweep's flow run and its two trials run through the cpu-pool worker, each trial a run of the
+    deployment nested under the sweep's, sharing the data and pretraining stages."""
+    stack = local_prefect
+    stack.sh("worker.sh", "cpu-pool")
+    run = stack.cli("deployment", "run", "sweep/tiny-sft", "--watch", "--watch-timeout", "540",
+                    "--param", "preset=ci", "--param", f"output_dir={tmp_path}", "--param", "name=pool-sweep",
+                    "--param", 'grid=["sft.learning_rate=1e-3,3e-4"]', "--param", "seeds=[0]",
+                    "--param", "metric=train/sft/val_elbo", "--param", "trial_deployment=pretrain-sft/smoke",
+                    "--param", f"overrides={json.dumps(SMOKE_OVERRIDES)}", timeout=600)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{stack.logs(80)}"
+    summary = json.loads((tmp_path / "sweeps" / "pool-sweep" / "sweep.json").read_text())
+    assert summary["counts"]["completed"] == 2, summary["trials"]
+    assert summary["cache"]["stages"]["pretrain"] == {**summary["cache"]["stages"]["pretrain"], "executed": 1,
+                                                      "cache_hits": 1}
+    children = stack.query(
+        "import json, sys, uuid\n"
+        "from prefect import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(\n"
+        "        any_=[uuid.UUID(sys.argv[1])])))\n"
+        "    print(json.dumps([[c.read_deployment(r.deployment_id).name, r.state.type.value] for r in runs]))\n",
+        _flow_run_id(run.stdout))
+    assert sorted(children) == [["smoke", "COMPLETED"], ["smoke", "COMPLETED"]]
 
 
 def test_stop_sh_stops_the_workers_and_the_server_by_pid(local_prefect):
