@@ -16,20 +16,17 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from deploy.serve.process import started_server
+
 QUESTIONS = ["What is 12 plus 30?", "Where was Sam Davis born?", "Sort: pear apple fig", "Count the words: a b c d",
              "Reverse: one two three", "Which is larger, 41 or 14?", "Hello! How are you?", "Repeat: blue fox"]
 
@@ -158,41 +155,6 @@ def run_load(url: str, clients: int, seconds: float, max_tokens: int | None = No
     tokens = after.get("dgpt_generated_tokens_total", 0) - before.get("dgpt_generated_tokens_total", 0)
     report.server_tokens_per_decode_second = tokens / decode_seconds if decode_seconds else 0.0
     return report
-
-
-@contextlib.contextmanager
-def started_server(model_dir: str | Path, extra_args: tuple[str, ...] = (), log: Path | None = None,
-                   timeout: float = 120) -> Iterator[str]:
-    """`dgpt serve MODEL_DIR` on a free loopback port for the duration of the block; yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = subprocess.DEVNULL if log is None else log.open("w")
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(model_dir), "--port", str(port),
-                                *extra_args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"dgpt serve exited with code {process.returncode}"
-                                   + (f"; see {log}" if log else ""))
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"dgpt serve did not answer within {timeout:.0f}s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if log is not None:
-            out.close()
 
 
 def main(argv: list[str] | None = None) -> LoadReport:

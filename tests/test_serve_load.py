@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve_load import run_load, started_server
+from bench.serve_load import run_load
+from deploy.serve.process import started_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

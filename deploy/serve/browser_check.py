@@ -13,58 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import websockets
 
-ROOT = Path(__file__).resolve().parents[2]
+from .process import free_port, running, started_server, wait_for
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float) -> Any:
-    """The JSON at `url` once it answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return json.load(response)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout:.0f}s") from None
-            time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def running(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
-    """A subprocess for the duration of the block, its output in `log`."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 class DevTools:
@@ -143,15 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    serve_port, debug_port = free_port(), free_port()
+    debug_port = free_port()
     with tempfile.TemporaryDirectory() as profile, \
-            running([sys.executable, "-m", "flows.cli", "serve", args.model_dir, "--port", str(serve_port)],
-                    out.parent / "serve.log"), \
+            started_server(args.model_dir, log=out.parent / "serve.log", timeout=args.timeout) as base, \
             running([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,800",
                      f"--remote-debugging-port={debug_port}", f"--user-data-dir={profile}", "about:blank"],
                     out.parent / "chromium.log"):
-        base = f"http://127.0.0.1:{serve_port}"
-        wait_for(base + "/health", args.timeout)
         result = asyncio.run(chat_in_page(debug_port, base + "/", args.message, out, args.timeout))
     print(json.dumps({**result, "screenshot": str(out)}, indent=2, ensure_ascii=False))
     return 0 if result["state"] == "true" else 1
