@@ -206,3 +206,35 @@ def test_a_sweep_that_does_not_beat_the_champion_keeps_it(grid_sweep):
     assert not kept["promoted"] and "has no eval/sft/benchmarks" in kept["reason"]
     champion = tracker.client.get_model_version_by_alias("diffusiongpt", "champion")
     assert str(champion.version) == first["champion"]["version"]
+
+
+@pytest.mark.slow
+def test_an_optuna_search_reports_every_setting_to_its_study_and_prunes_on_the_validation_curve(tmp_path):
+    done = _sweep(tmp_path, "--name", "tpe", "--search", "optuna", "--trials", "5", "--seeds", "0",
+                  "--grid", "sft.learning_rate=1e-5:1e-2:log", "--set", "sft.max_steps=8", "--set", "sft.eval_steps=2")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = json.loads((tmp_path / "sweeps" / "tpe" / "sweep.json").read_text())
+    assert summary["counts"]["runs"] == 5 and summary["counts"]["failed"] == 0
+    study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.number: t.state.name for t in study.trials}
+    for record in summary["trials"]:
+        assert states[record["number"]] == {"completed": "COMPLETE", "pruned": "PRUNED"}[record["status"]]
+        assert 1e-5 <= record["setting"]["sft.learning_rate"] <= 1e-2
+        if record["status"] == "pruned":
+            assert "TrialPrunedError: pruned at step" in record["error"]
+            assert study.trials[record["number"]].user_attrs["pruned_at_step"] < 8
+        else:
+            assert study.trials[record["number"]].value == pytest.approx(record["value"])
+
+
+@pytest.mark.slow
+def test_parallel_trials_share_the_cache_and_train_in_processes_of_their_own(tmp_path):
+    done = _sweep(tmp_path, "--name", "par", "--max-parallel", "2", "--grid", "sft.learning_rate=1e-3,3e-4")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = json.loads((tmp_path / "sweeps" / "par" / "sweep.json").read_text())
+    assert summary["counts"]["completed"] == 2
+    assert {k: summary["cache"]["stages"][k]["executed"] for k in ("data", "pretrain", "sft")} == \
+        {"data": 1, "pretrain": 1, "sft": 2}
+    log = done.stdout + done.stderr
+    assert "waiting for run 'par-t0" in log  # the second trial waited for the first's data stage
+    assert log.count("launching sft: ") == 2 and "--nproc_per_node 1" in log
