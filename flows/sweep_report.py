@@ -168,7 +168,7 @@ def plot_metric(cfg: SweepConfig, records: list[TrialRecord], out_dir: Path) -> 
         others = [d.key for d in cfg.space if d.key != dim.key]
         lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
-            lines[", ".join(f"{k}={row['values'][k]}" for k in others) or cfg.metric].append(row)
+            lines[", ".join(f"{k}={row['values'][k]}" for k in others) or "mean ± std over seeds"].append(row)
         numeric = all(isinstance(r["values"][dim.key], int | float) and not isinstance(r["values"][dim.key], bool)
                       for r in rows)
         labels = sorted({str(r["values"][dim.key]) for r in rows})
@@ -183,8 +183,8 @@ def plot_metric(cfg: SweepConfig, records: list[TrialRecord], out_dir: Path) -> 
         if not numeric:
             ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(dim.key)
-        ax.set_ylabel(f"{cfg.metric} ({'lower' if cfg.direction == 'minimize' else 'higher'} is better)")
-        ax.set_title(f"{cfg.name}: mean over seeds {cfg.seeds}", fontsize=9)
+        ax.set_ylabel(f"{cfg.metric.rsplit('/', 1)[-1]} ({'lower' if cfg.direction == 'minimize' else 'higher'} is better)")
+        ax.set_title(f"{cfg.name}: {cfg.metric}\nmean ± std over seeds {cfg.seeds}", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"metric_vs_{dim.key.replace('.', '_')}.png"
