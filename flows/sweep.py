@@ -165,9 +165,10 @@ class TrialRunner:
     def _in_parallel(self, work, jobs: list) -> list:
         if self.cfg.max_parallel == 1:
             return [work(job) for job in jobs]
-        # each thread runs its subflows inside a copy of this flow run's context, so Prefect nests them
+        # each job runs in a copy of this thread's context (this flow run's), so Prefect nests its runs
         with ThreadPoolExecutor(self.cfg.max_parallel, thread_name_prefix="trial") as pool:
-            return list(pool.map(lambda job: contextvars.copy_context().run(work, job), jobs))
+            futures = [pool.submit(contextvars.copy_context().run, work, job) for job in jobs]
+            return [future.result() for future in futures]
 
     def run_trial(self, number: int, setting: dict[str, Any], seed: int,
                   env: dict[str, str] | None = None) -> TrialRecord:

@@ -1,8 +1,8 @@
-"""prefect.yaml and the deploy/prefect scripts: the file names both deployments with the real flow,
+"""prefect.yaml and the deploy/prefect scripts: the file names the deployments with the real flows,
 and the real deployment cycle against one local Prefect server on 127.0.0.1 (server, work pools,
 `prefect deploy --all`, process workers): `prefect deployment run pretrain-sft/smoke --watch` ends
-Completed, two runs of `full` submitted together run one after the other (its concurrency limit),
-then stop.sh stops everything by PID."""
+Completed, then stop.sh stops everything by PID. Slow: two runs of `full` submitted together run
+one after the other (its concurrency limit); a sweep deployment runs its trials on the pool."""
 
 from __future__ import annotations
 
@@ -350,6 +350,7 @@ with get_client(sync_client=True) as c:
 """
 
 
+@pytest.mark.slow
 def test_two_runs_of_the_full_deployment_are_serialized_by_its_concurrency_limit(local_prefect, tmp_path):
     """Two runs of `full` submitted back to back, on a gpu-pool worker that would run both at once:
     the second waits in AwaitingConcurrencySlot until the first has finished. The runs use the CPU
@@ -395,16 +396,16 @@ def test_a_sweep_deployment_runs_its_trials_as_deployment_runs_on_the_pool(local
     assert summary["counts"]["completed"] == 2, summary["trials"]
     assert summary["cache"]["stages"]["pretrain"] == {**summary["cache"]["stages"]["pretrain"], "executed": 1,
                                                       "cache_hits": 1}
+    # every run of the trial deployment hangs off a task run of the sweep's flow run (Prefect's nesting)
     children = stack.query(
         "import json, sys, uuid\n"
         "from prefect import get_client\n"
-        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId\n"
         "with get_client(sync_client=True) as c:\n"
-        "    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(\n"
-        "        any_=[uuid.UUID(sys.argv[1])])))\n"
-        "    print(json.dumps([[c.read_deployment(r.deployment_id).name, r.state.type.value] for r in runs]))\n",
+        "    runs = [r for r in c.read_flow_runs() if r.parent_task_run_id]\n"
+        "    print(json.dumps([[c.read_deployment(r.deployment_id).name, r.state.type.value,\n"
+        "                       str(c.read_task_run(r.parent_task_run_id).flow_run_id) == sys.argv[1]] for r in runs]))\n",
         _flow_run_id(run.stdout))
-    assert sorted(children) == [["smoke", "COMPLETED"], ["smoke", "COMPLETED"]]
+    assert sorted(children) == [["smoke", "COMPLETED", True], ["smoke", "COMPLETED", True]], children
 
 
 def test_stop_sh_stops_the_workers_and_the_server_by_pid(local_prefect):

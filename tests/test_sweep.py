@@ -189,12 +189,13 @@ def test_mlflow_holds_one_sweep_run_with_the_trials_nested_and_a_champion(grid_s
     assert len(client.search_model_versions("name='diffusiongpt'")) == 1
 
 
-def test_a_sweep_that_does_not_beat_the_champion_keeps_it(grid_sweep):
+def test_a_sweep_that_does_not_beat_the_champion_keeps_it(grid_sweep, monkeypatch):
     from dgpt_core.run_config import load_run_config
     from flows.sweep import _promote_champion
     from flows.tracking import Tracker
 
     out, first = grid_sweep
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's own database, whatever ran before
     base = load_run_config("ci", [])
     tracker = Tracker(base.tracking, out)
     cfg = SweepConfig(name="next", space=[parse_dimension("sft.seed=0,1")], seed_key="seed")
@@ -238,3 +239,4 @@ def test_parallel_trials_share_the_cache_and_train_in_processes_of_their_own(tmp
     log = done.stdout + done.stderr
     assert "waiting for run 'par-t0" in log  # the second trial waited for the first's data stage
     assert log.count("launching sft: ") == 2 and "--nproc_per_node 1" in log
+    assert log.count("Beginning subflow run") == 2  # both trials nested under the sweep's flow run
