@@ -119,7 +119,8 @@ def _run_flow(run: RunConfig, output_dir: str | None, run_name: str | None, refr
     if tracker:
         tracker.log_artifact(tracker.parent_id, card)
         tracker.log_artifact(tracker.parent_id, run_dir / "summary.json")
-    _point_latest(root, run_dir)
+    if trial is None:  # `latest` is the newest pipeline run, never a sweep's trial
+        _point_latest(root, run_dir)
     print(f"\nrun folder: {run_dir}\nsummary:    {run_dir / 'summary.json'}\nreport:     {card}")
     return summary
 

@@ -130,6 +130,7 @@ def test_a_grid_with_seeds_completes_and_trains_data_and_pretraining_once(grid_s
     assert stages["pretrain"]["executed"] == 1 and stages["pretrain"]["cache_hits"] == 7
     assert stages["sft"]["executed"] == 8 and stages["sft"]["cache_hits"] == 0
     assert summary["cache"]["executions_saved"] == 14
+    assert not (out / "latest").exists()  # trials never move `latest` off the newest pipeline run
     assert summary["cache"]["no_cache_estimate_s"] > summary["cache"]["trials_wall_s"]
     rows = {(r["values"]["sft.learning_rate"], r["values"]["sft.diffusion.edit_prob"]): r for r in summary["settings"]}
     assert sorted(rows) == sorted((lr, p) for lr in (1e-3, 3e-4) for p in (0, 0.05, 2))
