@@ -17,7 +17,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -86,21 +86,18 @@ def create_app(pipe: TextDiffusionPipeline, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        req = parse_body(ChatCompletionRequest, await read_body(request))
-        job = service.chat_job(req, asyncio.get_running_loop())
-        return await answer(request, job, "chat", req.stream, req.stream_options is not None
-                            and req.stream_options.include_usage)
+        return await answer(request, ChatCompletionRequest, service.chat_job, "chat")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        authorize(request)
-        req = parse_body(CompletionRequest, await read_body(request))
-        job = service.completion_job(req, asyncio.get_running_loop())
-        return await answer(request, job, "text", req.stream, req.stream_options is not None
-                            and req.stream_options.include_usage)
+        return await answer(request, CompletionRequest, service.completion_job, "text")
 
-    async def answer(request: Request, job: DecodeJob, kind: str, streamed: bool, usage_chunk: bool) -> Response:
+    async def answer(request: Request, model: type, make_job: Callable, kind: str) -> Response:
+        """Authorize, parse the body as `model`, decode its job; the whole answer or its event stream."""
+        authorize(request)
+        req = parse_body(model, await read_body(request))
+        job = make_job(req, asyncio.get_running_loop())
+        streamed, usage_chunk = req.stream, req.stream_options is not None and req.stream_options.include_usage
         decoder.submit(job)
         reply = Reply(service.model_id, kind, len(job.prompt_ids))
         if streamed:
