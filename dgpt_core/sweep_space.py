@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .cli_errors import ConfigError
 from .config import StrictConfig
-from .run_config import parse_override, read_yaml, resolve_preset_path
+from .run_config import RunConfig, parse_override
 
 
 class Dimension(BaseModel):
@@ -105,17 +105,15 @@ def default_sweep_name(preset: str) -> str:
     return f"sweep-{preset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
-def check_keys(preset: str, dimensions: Sequence[Dimension], seed_key: str) -> None:
-    """Every swept key (and the seed key) names a field of the run config, else a ConfigError
-    naming it. Checked against the config schema, so a bad *value* only fails its own trials."""
-    from .run_config import RunConfig
-
-    tree = RunConfig.model_validate(read_yaml(resolve_preset_path(preset))).model_dump()
+def check_keys(base: RunConfig, dimensions: Sequence[Dimension], seed_key: str) -> None:
+    """Every swept key (and the seed key) names a field of the sweep's base run config, else a
+    ConfigError naming it. Only the keys: a bad *value* fails just its own trials."""
+    tree = base.model_dump()
     for key in [d.key for d in dimensions] + [seed_key]:
         node: Any = tree
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"sweep key {key!r} is not a config field (preset {preset})")
+                raise ConfigError(f"sweep key {key!r} is not a config field (preset {base.preset})")
             node = node[part]
     duplicated = {d.key for d in dimensions if [e.key for e in dimensions].count(d.key) > 1}
     if duplicated or seed_key in {d.key for d in dimensions}:

@@ -61,11 +61,12 @@ def sweep(
     output_dir: str | None = None,
     trial_deployment: str | None = None,
     config: SweepConfig | None = None,
+    run_config: RunConfig | None = None,
 ) -> dict[str, Any]:
     """Run the trials of a sweep and write its report; returns the sweep summary (sweep.json).
     `grid` holds the dimensions (`key=v1,v2` or, for `search="optuna"`, `key=low:high[:log]`);
-    `config` is the whole SweepConfig already parsed (`dgpt sweep` passes it, a deployment run
-    passes the fields)."""
+    `config` is the whole SweepConfig already parsed and `run_config` its base run config (`dgpt
+    sweep` passes both, a deployment run passes the fields and the flow loads them)."""
     if config is None:
         fields = {"preset": preset, "overrides": overrides or [], "search": search, "trials": trials,
                   "max_parallel": max_parallel, "output_dir": output_dir, "trial_deployment": trial_deployment,
@@ -73,12 +74,12 @@ def sweep(
                   "name": name or default_sweep_name(preset)}
         config = SweepConfig(**fields, **({"metric": metric} if metric else {}))
     with library_logs_in_prefect():
-        return _run_sweep(config, load_run_config(config.preset, config.overrides))
+        return _run_sweep(config, run_config or load_run_config(config.preset, config.overrides))
 
 
 def _run_sweep(cfg: SweepConfig, base: RunConfig) -> dict[str, Any]:
     logger = get_run_logger()
-    check_keys(cfg.preset, cfg.space, cfg.seed_key)
+    check_keys(base, cfg.space, cfg.seed_key)
     root = Path(cfg.output_dir or base.output_dir).resolve()
     sweep_dir = root / "sweeps" / cfg.name
     sweep_dir.mkdir(parents=True, exist_ok=True)

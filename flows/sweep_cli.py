@@ -60,7 +60,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     if not args.space:
         raise UsageError("give at least one --grid KEY=V1,V2")
-    load_run_config(args.preset, args.overrides)  # an invalid base config fails here, before Prefect loads
+    run = load_run_config(args.preset, args.overrides)  # an invalid base config fails here, before Prefect loads
     given = {"seed_key": args.seed_key, "metric": args.metric, "direction": args.direction, "trials": args.trials}
     try:
         cfg = SweepConfig(name=args.name or default_sweep_name(args.preset), preset=args.preset,
@@ -70,12 +70,12 @@ def run_sweep(args: argparse.Namespace) -> int:
                           **{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:
         raise UsageError(f"invalid sweep: {validation_message(err)}") from None
-    check_keys(cfg.preset, cfg.space, cfg.seed_key)
+    check_keys(run, cfg.space, cfg.seed_key)
     from flows.run_cli import console_without_failure_tracebacks
     from flows.sweep import sweep
 
     with console_without_failure_tracebacks(args.debug):  # a failed trial is a line of the report
-        summary = sweep(config=cfg)
+        summary = sweep(config=cfg, run_config=run)
     print(json.dumps({"name": summary["name"], "counts": summary["counts"],
                       "best": summary["best"] and {k: summary["best"][k] for k in ("values", "mean", "run_name")},
                       "executions_saved": summary["cache"]["executions_saved"],

@@ -81,8 +81,8 @@ def test_the_sweep_deployment_fans_its_trials_out_as_runs_of_the_trial_deploymen
 
     params = _deployments()["tiny-sft"]["parameters"]
     assert params["trial_deployment"] == "pretrain-sft/trial" and params["max_parallel"] > 1
-    load_run_config(params["preset"], params["overrides"])
-    check_keys(params["preset"], [parse_dimension(d) for d in params["grid"]], "sft.seed")
+    base = load_run_config(params["preset"], params["overrides"])
+    check_keys(base, [parse_dimension(d) for d in params["grid"]], "sft.seed")
 
 
 def test_the_full_deployment_is_gpu_production_with_a_guarded_schedule():

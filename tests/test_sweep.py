@@ -43,11 +43,14 @@ def test_a_grid_is_the_product_of_its_dimensions_in_order():
 
 
 def test_keys_are_checked_against_the_config_and_the_direction_follows_the_metric():
-    check_keys("ci", [parse_dimension("sft.diffusion.edit_prob=0,2")], "sft.seed")  # a bad value is a trial's problem
+    from dgpt_core.run_config import load_run_config
+
+    ci = load_run_config("ci", [])
+    check_keys(ci, [parse_dimension("sft.diffusion.edit_prob=0,2")], "sft.seed")  # a bad value is a trial's problem
     with pytest.raises(ConfigError, match="'sft.learnin_rate' is not a config field"):
-        check_keys("ci", [parse_dimension("sft.learnin_rate=1,2")], "sft.seed")
+        check_keys(ci, [parse_dimension("sft.learnin_rate=1,2")], "sft.seed")
     with pytest.raises(ConfigError, match="given twice"):
-        check_keys("ci", [parse_dimension("sft.seed=1,2")], "sft.seed")
+        check_keys(ci, [parse_dimension("sft.seed=1,2")], "sft.seed")
     assert metric_direction("train/sft/val_elbo") == "minimize"
     assert metric_direction("eval/sft/ppl_bound/value") == "minimize"
     assert metric_direction("eval/sft/benchmarks/dgpt_world/confidence/heldout") == "maximize"
