@@ -34,11 +34,11 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
 from dgpt_core.config import ModelConfig
-from dgpt_core.model import count_parameters
-from dgpt_core.sampling import SamplerConfig, TokenIds, cut_at_stop, left_pad
-from dgpt_core.schedules import get_schedule
-from dgpt_core.train import load_stage_datasets
-from dgpt_core.trainer import training_arguments
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, cut_at_stop, left_pad
+from dgpt_core.generation.schedules import get_schedule
+from dgpt_core.models.backbone import count_parameters
+from dgpt_core.training.stage import load_stage_datasets
+from dgpt_core.training.trainer import training_arguments
 from eval.ppl import answer_rows, ppl_bound, text_rows
 
 from .common import BenchSizes, Subject, alternate, median_ratio

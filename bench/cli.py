@@ -33,8 +33,8 @@ import torch
 from transformers import ModernBertForMaskedLM
 
 from dgpt_core.cli_errors import UsageError
-from dgpt_core.sampling import SamplerConfig
-from dgpt_core.tokenizer import load_tokenizer
+from dgpt_core.generation.sampler import SamplerConfig
+from dgpt_core.models.tokenizer import load_tokenizer
 
 from .common import SIZES, load_subject
 from .world import long_answer_canvas

@@ -13,20 +13,20 @@ from typing import Any
 import torch
 from transformers import ModernBertForMaskedLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dgpt_core.config import ModelConfig
-from dgpt_core.data.config import WorldConfig
-from dgpt_core.data.skills import SkillItem, generate_skills, read_skills_jsonl
-from dgpt_core.data.stage_cache import uses_world
-from dgpt_core.model import build_model
-from dgpt_core.run_config import (
+from dgpt_core.config import (
+    ModelConfig,
     RunConfig,
+    WorldConfig,
     load_run_config,
     parse_override,
     read_folder_run_config,
     set_by_path,
 )
-from dgpt_core.sampling import SamplerConfig
-from dgpt_core.tokenizer import (
+from dgpt_core.data.skills import SkillItem, generate_skills, read_skills_jsonl
+from dgpt_core.data.stage_cache import uses_world
+from dgpt_core.generation.sampler import SamplerConfig
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.tokenizer import (
     add_diffusion_tokens,
     load_tokenizer,
     non_special_token_ids,

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-from dgpt_core.collator import DiffusionCollator
-from dgpt_core.loss import diffusion_loss
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.tokenizer import special_token_ids
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.diffusion.loss import diffusion_loss
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
+from dgpt_core.models.tokenizer import special_token_ids
 
 from .common import BenchSizes, Subject, alternate, median_ratio, random_model, random_tokens
 from .sample import skills_workload

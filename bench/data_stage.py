@@ -33,13 +33,12 @@ def main() -> None:
     parser.add_argument("--skip-prepare", action="store_true", help="only the throughput (builds the tokenizer only)")
     args = parser.parse_args()
 
-    from dgpt_core.data.config import DataConfig, SourceSpec
+    from dgpt_core.config import DataConfig, SourceSpec, load_run_config
     from dgpt_core.data.manifest import read_manifest
     from dgpt_core.data.pretrain import tokenize_documents
     from dgpt_core.data.sources import LoadStats, iter_text_routed, resolve
     from dgpt_core.data.stages import prepare_all
-    from dgpt_core.run_config import load_run_config
-    from dgpt_core.tokenizer import load_tokenizer
+    from dgpt_core.models.tokenizer import load_tokenizer
 
     cfg = load_run_config(args.preset, args.overrides)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-data-"))

@@ -73,7 +73,7 @@ def qa_examples(pairs: list, tokenizer: Any, settings: Any) -> list[dict[str, An
 def exact_match(model: Any, tokenizer: Any, pairs: list, canvas: int, batch: int = 128) -> dict[str, Any]:
     from collections import defaultdict
 
-    from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+    from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
     ids = TokenIds.from_tokenizer(tokenizer)
     cfg = SamplerConfig(strategy="confidence", steps=canvas, max_new_tokens=canvas, temperature=0.0, seed=0)
@@ -103,14 +103,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForMaskedLM, TrainerCallback, set_seed
 
-    from dgpt_core.collator import DiffusionCollator
-    from dgpt_core.data.config import WorldConfig
+    from dgpt_core.config import WorldConfig, load_run_config
     from dgpt_core.data.sft import SFTSettings
     from dgpt_core.data.world import generate_people, person_split, qa_pairs
-    from dgpt_core.model import build_model, unwrap
-    from dgpt_core.run_config import load_run_config
-    from dgpt_core.tokenizer import load_tokenizer, special_token_ids
-    from dgpt_core.trainer import DiffusionTrainer, training_arguments
+    from dgpt_core.diffusion.collator import DiffusionCollator
+    from dgpt_core.models.backbone import build_model, unwrap
+    from dgpt_core.models.tokenizer import load_tokenizer, special_token_ids
+    from dgpt_core.training.trainer import DiffusionTrainer, training_arguments
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         world = WorldConfig(**{k: v for k, v in curve["world"].items() if k in world_fields})
         model_dir, tokenizer_dir = source / "model", source / "tokenizer"
     else:  # a pipeline model folder
-        from dgpt_core.run_config import read_folder_run_config
+        from dgpt_core.config import read_folder_run_config
 
         world, model_dir, tokenizer_dir = read_folder_run_config(source).data.world, source, source
     run = load_run_config(args.preset, [f"seed={args.seed}", *args.overrides])
@@ -199,7 +198,7 @@ def biography_scores(model: Any, tokenizer: Any, world: Any, canvas: int) -> dic
     """Mean answer length, stop rate, fact precision and recall of held-out people's biography
     requests, greedy confidence decoding on `canvas`."""
     from dgpt_core.data.world import fact_scores, generate_people, test_pairs
-    from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+    from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
     people = {p.name: p for p in generate_people(world)}
     pairs = test_pairs(world)["bio"]

@@ -91,7 +91,7 @@ def peak_flops(device: torch.device, override: float | None) -> tuple[float | No
 def make_engine(model: torch.nn.Module, batch: int, bf16: bool) -> tuple[Any, bool]:
     """A DeepSpeed ZeRO-2 engine (one process) around model and a torch AdamW, or, without DeepSpeed,
     the bare model and optimizer (what ZeRO-2 amounts to on one GPU); returns (engine, is_deepspeed)."""
-    from dgpt_core.train import single_process_env
+    from dgpt_core.training.stage import single_process_env
 
     os.environ.update(single_process_env())
     fused = torch.cuda.is_available()
@@ -163,10 +163,10 @@ def train_bench(size: dict[str, int], device: torch.device, bf16: bool, peak: fl
     from transformers import DataCollatorForLanguageModeling
 
     from bench.common import random_tokens
-    from dgpt_core.collator import DiffusionCollator
     from dgpt_core.config import DiffusionConfig
-    from dgpt_core.loss import diffusion_loss
-    from dgpt_core.tokenizer import special_token_ids
+    from dgpt_core.diffusion.collator import DiffusionCollator
+    from dgpt_core.diffusion.loss import diffusion_loss
+    from dgpt_core.models.tokenizer import special_token_ids
 
     tokenizer, model = build(size)
     model.to(device).train()
@@ -260,7 +260,7 @@ def sample_bench(size: dict[str, int], device: torch.device, bf16: bool, batch: 
 
     from bench.baseline import matched_config
     from bench.common import random_tokens
-    from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+    from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     length = size["prompt"] + size["canvas"]

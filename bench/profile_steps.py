@@ -16,11 +16,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import random_model, random_tokens, synthetic_tokenizer
 from bench.sample import recorded_draws, replay_forwards
-from dgpt_core.collator import DiffusionCollator
-from dgpt_core.loss import diffusion_loss
-from dgpt_core.run_config import load_run_config
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.tokenizer import special_token_ids
+from dgpt_core.config import load_run_config
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.diffusion.loss import diffusion_loss
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
+from dgpt_core.models.tokenizer import special_token_ids
 
 
 def table(title: str, fn, rows: int) -> dict[str, float]:

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from dgpt_core.run_config import read_folder_run_config
-from dgpt_core.sampling import SamplerConfig
+from dgpt_core.config import read_folder_run_config
+from dgpt_core.generation.sampler import SamplerConfig
 from eval.report import table
 from eval.strategy_comparison import CONFIDENCE_FAMILY, compare_strategies, repetition_safe_method
 from eval.world import fact_scorer, plain_prompts
@@ -38,7 +38,7 @@ from .world import bio_workload
 
 METHODS = ("random", "confidence", "margin", "entropy", "threshold", "eb", "confidence+guard",
            "confidence+remdm_conf", "confidence+remdm_cap", "confidence+guard+remdm_conf", "confidence+guard+remdm_cap")
-"""Decoding methods compared (strategy names with `+modifier`s, see `sampling_types.MODIFIERS`)."""
+"""Decoding methods compared (strategy names with `+modifier`s, see `generation.options.MODIFIERS`)."""
 REFERENCE = "random"
 """Ancestral MDLM decoding: the loop rate, rep-4 and fact precision a safe method must match."""
 SAFE_ORDER = CONFIDENCE_FAMILY

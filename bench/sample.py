@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from dgpt_core import sampling
 from dgpt_core.data.skills import check_answer
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.generation import sampler as sampling
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 from eval.metrics.repetition.repetition import repetition_metrics
 
 from .common import (

@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-import dgpt_core.sampling as sampling
+import dgpt_core.generation.sampler as sampling
 from bench.common import random_model, random_tokens, synthetic_tokenizer
 from dgpt_core.config import ModelConfig
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.sampling_ops import draw
+from dgpt_core.generation.ops import draw
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from typing import Any
 
 from deploy.serve.process import started_server
 from dgpt_core.cli_errors import UsageError
-from dgpt_core.run_config import read_folder_run_config
-from dgpt_core.tokenizer import load_tokenizer
+from dgpt_core.config import read_folder_run_config
+from dgpt_core.models.tokenizer import load_tokenizer
 from eval.benchmarks import flatten, local_task_manager, run_tasks, write_task_data
 from eval.lm_adapter import DiffusionLM
 from eval.world import TASKS, task_rows, world_config

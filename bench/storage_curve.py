@@ -124,7 +124,7 @@ def make_callback(tokenizer: Any, probes: list, args: argparse.Namespace, sizes:
     and records the training loss logged at those steps."""
     from transformers import TrainerCallback
 
-    from dgpt_core.model import unwrap
+    from dgpt_core.models.backbone import unwrap
 
     class StorageCallback(TrainerCallback):
         def __init__(self) -> None:
@@ -228,15 +228,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
-    from dgpt_core.collator import DiffusionCollator
-    from dgpt_core.data.config import WorldConfig
+    from dgpt_core.config import WorldConfig, load_run_config
     from dgpt_core.data.world import WORLD_VERSION, cloze_probes, generate_people, pretraining_text
-    from dgpt_core.export import save_model_folder
-    from dgpt_core.model import build_model, count_parameters
-    from dgpt_core.model_info import info_for_stage
-    from dgpt_core.run_config import load_run_config
-    from dgpt_core.tokenizer import special_token_ids, train_bpe_tokenizer
-    from dgpt_core.trainer import DiffusionTrainer, training_arguments
+    from dgpt_core.diffusion.collator import DiffusionCollator
+    from dgpt_core.models.backbone import build_model, count_parameters
+    from dgpt_core.models.export import save_model_folder
+    from dgpt_core.models.info import info_for_stage
+    from dgpt_core.models.tokenizer import special_token_ids, train_bpe_tokenizer
+    from dgpt_core.training.trainer import DiffusionTrainer, training_arguments
 
     if args.threads:
         torch.set_num_threads(args.threads)

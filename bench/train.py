@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from transformers import DataCollatorForLanguageModeling
 
-from dgpt_core.collator import DiffusionCollator
-from dgpt_core.loss import diffusion_loss
-from dgpt_core.run_config import RunConfig
-from dgpt_core.tokenizer import special_token_ids
+from dgpt_core.config import RunConfig
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.diffusion.loss import diffusion_loss
+from dgpt_core.models.tokenizer import special_token_ids
 
 from .common import BenchSizes, alternate, median_ratio, random_model, random_tokens, synthetic_tokenizer
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from dgpt_core.collator import DiffusionCollator
+from dgpt_core.config import load_run_config
 from dgpt_core.data.stages import prepare_all
-from dgpt_core.loss import diffusion_loss
-from dgpt_core.model import build_model
-from dgpt_core.run_config import load_run_config
-from dgpt_core.tokenizer import load_tokenizer, special_token_ids
-from dgpt_core.train import load_stage_datasets
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.diffusion.loss import diffusion_loss
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.tokenizer import load_tokenizer, special_token_ids
+from dgpt_core.training.stage import load_stage_datasets
 
 
 def main() -> None:

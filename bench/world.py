@@ -15,9 +15,9 @@ trained on, biographies on the eval's long-answer canvas (as the eval suite does
 
 from __future__ import annotations
 
-from dgpt_core.data.config import WorldConfig
+from dgpt_core.config import WorldConfig
 from dgpt_core.data.world import Person, QAPair, fact_scores, generate_people, person_biographies, test_pairs
-from dgpt_core.model_info import model_info_of
+from dgpt_core.models.info import model_info_of
 
 from .common import BenchSizes, Subject, Workload, encode_chat
 
@@ -27,7 +27,7 @@ QA_SETS = ("reversal", "heldout")
 
 def long_answer_canvas(subject: Subject) -> int:
     """The eval's long-answer canvas for the model under test (`EvalConfig.long_canvas`)."""
-    return subject.run.eval.long_canvas(model_info_of(subject.model))
+    return subject.run.eval.long_canvas(info.trained_long_canvas if (info := model_info_of(subject.model)) else None)
 
 
 def short_answer_canvas(subject: Subject) -> int:

@@ -1,2 +1,2 @@
 """Deployment: Hub publishing (model_card.py, publish.py, publish_cli.py; its typed settings are
-dgpt_core/publish_config.py) and the Prefect server, worker and deployment scripts (prefect/)."""
+dgpt_core/config/publish.py) and the Prefect server, worker and deployment scripts (prefect/)."""

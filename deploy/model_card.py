@@ -15,10 +15,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from dgpt_core.data.config import DataConfig, PretrainDataConfig, SFTDataConfig
+from dgpt_core.config import DataConfig, PretrainDataConfig, RunConfig, SFTDataConfig, read_folder_run_config
+from dgpt_core.config.publish import PublishConfig
 from dgpt_core.markdown import markdown_table, significant
-from dgpt_core.publish_config import PublishConfig
-from dgpt_core.run_config import RunConfig, read_folder_run_config
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +280,7 @@ LIMITATIONS = """## Limitations
   its output for decisions or as a source of facts.
 - English only. The context is limited to the model's `max_position_embeddings` tokens.
 - `trust_remote_code=True` runs this repo's `pipeline.py` and the sampler it imports
-  (`sampling.py`, `sampling_types.py`, `sampling_ops.py`, `prefix_cache.py`, `schedules.py`); read them first
+  (`sampler.py`, `options.py`, `ops.py`, `attention.py`, `schedules.py`); read them first
   (they import only torch and transformers).
 """
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dgpt_core.config.publish import PublishConfig
 from dgpt_core.hub import HUB_OFFLINE_VARS, offline_vars
-from dgpt_core.publish_config import PublishConfig
 
 from .hub_client import create_repo, is_retryable, request_timeout
 from .model_card import build_model_card, load_metrics

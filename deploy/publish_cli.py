@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from dgpt_core.cli_errors import ConfigError, DgptError, UsageError, report, validation_message
-from dgpt_core.publish_config import PublishConfig
-from dgpt_core.run_config import parse_override, read_yaml
+from dgpt_core.config import parse_override, read_yaml
+from dgpt_core.config.publish import PublishConfig
 
 
 def add_publish_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

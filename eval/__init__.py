@@ -1,7 +1,7 @@
 """The eval suite: perplexity bounds, lm-eval tasks through our adapter, strategy comparison, editing.
 
-Its settings are `dgpt_core.eval_config.EvalConfig` (in the library, so configs load without torch
-or lm-eval) and the ELBO estimator is `dgpt_core.elbo`. This package exports nothing itself;
+Its settings are `dgpt_core.config.evaluation.EvalConfig` (in the library, so configs load without torch
+or lm-eval) and the ELBO estimator is `dgpt_core.diffusion.elbo`. This package exports nothing itself;
 import its modules:
 
     suite:                run_eval(model_dir, out_dir, cfg) -> metrics dict (the pipeline's eval stage)
@@ -14,6 +14,7 @@ import its modules:
     editing:              editing_metrics, corrupt_example
     storage:              cloze_accuracy (facts a pretrained model stores, on the synthetic world)
     world:                the synthetic world in the suite (storage, dgpt_world rows, long-generation prompts)
+    answers:              per-question results as DataFrames (answers.parquet, answers/<group>.parquet)
     report:               write_outputs, render_markdown
     cli:                  add_eval_parser (`dgpt eval`)
     lm_eval_tasks/:       the local lm-eval tasks (YAML + utils.py)

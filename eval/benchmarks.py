@@ -118,7 +118,8 @@ def run_tasks(
     seed: int = 0,
     apply_chat_template: bool = False,
 ) -> dict[str, Any]:
-    """lm_eval.simple_evaluate with our adapter instance; the raw lm-eval results dict."""
+    """lm_eval.simple_evaluate with our adapter instance; the raw lm-eval results dict, with every
+    document's request, answer and scores under "samples" (`eval.answers.sample_rows`)."""
     import lm_eval
 
     task_log = logging.getLogger("lm_eval.api.task")
@@ -129,7 +130,7 @@ def run_tasks(
         tasks=list(tasks),
         task_manager=task_manager,
         limit=limit,
-        log_samples=False,
+        log_samples=True,
         bootstrap_iters=100,
         apply_chat_template=apply_chat_template,
         random_seed=seed,

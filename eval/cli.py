@@ -58,8 +58,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 def config_from_args(args: argparse.Namespace):
     """The EvalConfig of the command: --config, else the eval settings the model's run used (its
     folder's run_config.yaml), else the defaults; the flags override it."""
-    from dgpt_core.eval_config import EvalConfig
-    from dgpt_core.run_config import read_folder_run_config
+    from dgpt_core.config import read_folder_run_config
+    from dgpt_core.config.evaluation import EvalConfig
 
     if args.config:
         if not Path(args.config).is_file():

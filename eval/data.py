@@ -17,11 +17,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dgpt_core.data.config import DataConfig, SourceSpec
+from dgpt_core.config import FOLDER_CONFIG_NAME, DataConfig, SourceSpec, read_folder_run_config
+from dgpt_core.config.evaluation import EvalConfig
 from dgpt_core.data.skills import SkillItem, generate_skills, read_skills_jsonl
 from dgpt_core.data.sources import LoadStats, iter_chat, iter_text, render_chat_text, resolve
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.run_config import FOLDER_CONFIG_NAME, read_folder_run_config
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from dgpt_core.elbo import stable_seed
-from dgpt_core.model import logits_at
+from dgpt_core.diffusion.elbo import stable_seed
+from dgpt_core.models.backbone import logits_at
 
 CONTEXT, CLEAN, SWAP, INSERT = -1, 0, 1, 2
 """Role of a position in a corrupted row: not scored (prompt), clean canvas, swapped, inserted."""

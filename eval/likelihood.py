@@ -3,7 +3,7 @@
 Two estimators of -log p(target tokens | the other tokens of the row), both upper bounds in
 expectation (REFERENCE.md section 1):
 
-- `dgpt_core.elbo.elbo_nll`: the MDLM ELBO on a fixed stratified t grid with seeded masks (in the
+- `dgpt_core.diffusion.elbo.elbo_nll`: the MDLM ELBO on a fixed stratified t grid with seeded masks (in the
   library: training uses it for its validation curve);
 - `mc_nll`: LLaDA's estimator, `E_l[(L / l) * sum over l masked targets of -log p]` with
   l ~ U{1..L} (stratified over the draws) and l positions drawn uniformly; one draw when L = 1.
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dgpt_core.elbo import Row, Variant, score_variants
-from dgpt_core.model import logits_at
+from dgpt_core.diffusion.elbo import Row, Variant, score_variants
+from dgpt_core.models.backbone import logits_at
 
 
 def _mc_variants(rows: Sequence[Row], seeds: Sequence[int], mc_num: int) -> list[Variant]:

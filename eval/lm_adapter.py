@@ -28,12 +28,12 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from dgpt_core.elbo import elbo_nll, stable_seed
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.model_info import ModelInfo, model_info_of
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.sampling_types import DEFAULTS_KEY, method_options
-from dgpt_core.schedules import get_schedule
+from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.diffusion.elbo import elbo_nll, stable_seed
+from dgpt_core.generation.options import DEFAULTS_KEY, method_options
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
+from dgpt_core.generation.schedules import get_schedule
+from dgpt_core.models.info import ModelInfo, model_info_of
 
 from .likelihood import greedy_matches, mc_nll, split_windows, windows_to_rows
 
@@ -102,7 +102,7 @@ class DiffusionLM(LM):
                 raise ValueError("DiffusionLM needs `pretrained` (a saved model folder) or `model` + `tokenizer`")
             from transformers import ModernBertForMaskedLM
 
-            from dgpt_core.tokenizer import load_tokenizer
+            from dgpt_core.models.tokenizer import load_tokenizer
 
             model = ModernBertForMaskedLM.from_pretrained(pretrained)
             tokenizer = tokenizer or load_tokenizer(pretrained)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from dgpt_core.elbo import Row, elbo_nll, stable_seed
-from dgpt_core.schedules import NoiseSchedule
+from dgpt_core.diffusion.elbo import Row, elbo_nll, stable_seed
+from dgpt_core.generation.schedules import NoiseSchedule
 
 
 def summarize(nll: Sequence[float], n_tokens: Sequence[int]) -> dict[str, float]:

@@ -240,7 +240,27 @@ def _samples_section(samples: dict[str, Any]) -> list[str]:
     return out
 
 
-def render_markdown(metrics: dict[str, Any], samples: dict[str, Any]) -> str:
+def _answers_section(answers: dict[str, Any], per_test_set: int) -> list[str]:
+    """The first `per_test_set` questions of each test set of every wide answer table
+    (`eval.answers`), each method's answer marked right or wrong."""
+    out: list[str] = []
+    for group, wide in answers.items():
+        methods = [c.removeprefix("answer [")[:-1] for c in wide.columns if c.startswith("answer [")]
+        rows = []
+        for _, part in wide.groupby("test_set", sort=False):
+            for _, q in part.head(per_test_set).iterrows():
+                marks = [f"{q[f'answer [{m}]']} {'✓' if q[f'correct [{m}]'] else '✗'}" for m in methods]
+                rows.append([q["test_set"], q["prompt"], q["reference"], *marks])
+        if rows:
+            out += [f"## Answers: {group}", "",
+                    f"The first {per_test_set} questions of each set (all of them: `answers/{group}.parquet`, "
+                    "one row per question and method: `answers.parquet`).", "",
+                    table(["set", "prompt", "reference", *methods],
+                          [[str(v).replace("\n", "\\n").replace("|", "\\|") for v in r] for r in rows]), ""]
+    return out
+
+
+def render_markdown(metrics: dict[str, Any], samples: dict[str, Any], answers: dict[str, Any] | None = None) -> str:
     meta = metrics.get("meta", {})
     strategies = meta.get("settings", {}).get("strategies", [])
     lines = [
@@ -260,14 +280,17 @@ def render_markdown(metrics: dict[str, Any], samples: dict[str, Any]) -> str:
     lines += _world_section(metrics, strategies)
     lines += _comparison_section(metrics, strategies)
     lines += _editing_section(metrics.get("editing", {}))
+    lines += _answers_section(answers or {}, meta.get("settings", {}).get("samples_in_report", 4))
     lines += _samples_section(samples)
     for note in meta.get("notes", []):
         lines.append(f"- note: {note}")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_outputs(out_dir: str | Path, metrics: dict[str, Any], samples: dict[str, Any], plots: bool = True) -> dict[str, Path]:
-    """metrics.json, samples.json, report.md and (plots) quality_vs_steps.png, repetition.png."""
+def write_outputs(out_dir: str | Path, metrics: dict[str, Any], samples: dict[str, Any],
+                  answers: dict[str, Any] | None = None, plots: bool = True) -> dict[str, Path]:
+    """metrics.json, samples.json, report.md (with the first rows of the wide `answers` tables
+    by group, `eval.answers`) and (plots) quality_vs_steps.png, repetition.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"metrics": write_json(out / "metrics.json", metrics), "samples": write_json(out / "samples.json", samples)}
@@ -285,6 +308,6 @@ def write_outputs(out_dir: str | Path, metrics: dict[str, Any], samples: dict[st
         if got:
             files["repetition_plot"] = got
     report = out / "report.md"
-    report.write_text(render_markdown(metrics, samples))
+    report.write_text(render_markdown(metrics, samples, answers))
     files["report"] = report
     return files

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dgpt_core.data.world import ClozeProbe
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
 
 def encode_probe(tokenizer: Any, probe: ClozeProbe) -> tuple[list[int], list[int]]:
@@ -30,6 +30,10 @@ def encode_probe(tokenizer: Any, probe: ClozeProbe) -> tuple[list[int], list[int
     prompt = tokenizer(probe.prompt, add_special_tokens=False)["input_ids"]
     value = tokenizer(probe.value, add_special_tokens=False)["input_ids"]
     return [eos, *prompt], list(value)
+
+
+STORAGE_METHOD = "confidence (gold length)"
+"""How the probe decodes, as its answer rows name it (`probe_sampler`)."""
 
 
 def probe_sampler(length: int, seed: int = 0) -> SamplerConfig:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
 from .metrics.repetition.repetition import repetition_metrics
 

@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from dgpt_core.data.skills import check_answer
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.model_info import ModelInfo, model_info_of
+from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds
+from dgpt_core.generation.schedules import get_schedule
+from dgpt_core.models.info import ModelInfo, model_info_of
 from dgpt_core.provenance import commit_label, library_versions
-from dgpt_core.sampling import SamplerConfig, TokenIds
-from dgpt_core.schedules import get_schedule
 
 from . import benchmarks as bm
 from . import data as evdata
 from . import world as evworld
+from .answers import answers_frame, read_wide_tables, sample_rows, write_answers
 from .editing import editing_metrics
 from .ppl import answer_rows, ppl_bound, text_rows
 from .report import write_outputs
@@ -52,7 +52,7 @@ def load_model(model_dir: str | Path):
     """(model in eval mode, tokenizer) from a saved model folder."""
     from transformers import ModernBertForMaskedLM
 
-    from dgpt_core.tokenizer import load_tokenizer
+    from dgpt_core.models.tokenizer import load_tokenizer
 
     model = ModernBertForMaskedLM.from_pretrained(str(model_dir))
     model.eval()
@@ -82,11 +82,14 @@ class _Suite:
         self.schedule = get_schedule(name, cfg.t_eps)
         self.trained_canvas = self.info.answer_canvas if self.info and self.kind == "sft" else None
         """The SFT answer canvas the model was trained on: the skills canvas unless cfg sets one."""
-        self.long_canvas = cfg.long_canvas(self.info)
+        self.long_canvas = cfg.long_canvas(self.info.trained_long_canvas if self.info else None)
         """Canvas of long answers (biography requests)."""
         self.long_blocks = functools.partial(min, cfg.long_answer_blocks)
         """steps -> canvas_blocks of long answers (cfg.long_answer_blocks, at most one per step)."""
         self.samples: dict[str, Any] = {}
+        """Generations of the repetition study kept for the report."""
+        self.answer_rows: list[dict[str, Any]] = []
+        """Per question and decoding setting of every generative task (`eval.answers`)."""
         self.world = evworld.world_config(self.data_cfg)
         """The run's world settings when its data has the world source, else None."""
         self.runs_world = cfg.wants("dgpt_world") and self.world is not None and self.kind == "sft"
@@ -142,7 +145,6 @@ class _Suite:
             items, source = evdata.skills_items(cfg, self.data_cfg)
             self.skills_present = sorted({i.skill for i in items})
             kwargs["skills"] = evdata.skills_task_rows(items, self.tok, self.kind)
-            self.skill_refs = {r["context"]: r for r in kwargs["skills"]}
             self.notes.append(f"skills: {len(items)} items from {source}")
         if cfg.wants("dgpt_chitchat_mc"):
             kwargs["chitchat"] = evdata.chitchat_task_rows(
@@ -153,7 +155,7 @@ class _Suite:
             kwargs["texts"] = list(evdata._interleave(docs))[:n]
         if self.runs_world:
             kwargs["world"] = evworld.task_rows(self.world, self.tok, self.kind, cfg.seed)
-            self.world_refs = {r["context"]: r for r in kwargs["world"]}
+            self.world_tasks = evworld.tasks_of(kwargs["world"])
             self.notes.append(f"dgpt_world: {len(kwargs['world'])} items of {self.world.people} people")
         return bm.write_task_data(folder, **kwargs)
 
@@ -173,85 +175,64 @@ class _Suite:
         return {"steps": [float(s) for s, _ in ordered], "nfe": [p["nfe"] for _, p in ordered],
                 "exact_match": [p[key] for _, p in ordered]}
 
-    def skills(self, tm, strategy: str, steps: int) -> tuple[dict[str, float], Any]:
-        lm = self.adapter(strategy, steps)
-        res = bm.run_tasks(lm, bm.skills_tasks(self.skills_present), tm, limit=self.cfg.limit, seed=self.cfg.seed)
-        row = bm.skills_summary(bm.flatten(res))
-        row.update(self.generation_stats([lm], steps))
-        return row, lm
+    def run_tasks(self, group: str, lm, tasks: list[str], tm, strategy: str, steps: int) -> dict[str, Any]:
+        """lm-eval's flattened results of `tasks`; their per-question rows join `answer_rows`."""
+        results = bm.run_tasks(lm, tasks, tm, limit=self.cfg.limit, seed=self.cfg.seed)
+        self.answer_rows += sample_rows(group, results.get("samples", {}), strategy, steps)
+        return bm.flatten(results)
 
-    def world_row(self, tm, tasks: list[str], strategy: str, steps: int) -> tuple[dict[str, float], list]:
+    def skills(self, tm, strategy: str, steps: int) -> dict[str, float]:
+        lm = self.adapter(strategy, steps)
+        row = bm.skills_summary(self.run_tasks("dgpt_skills", lm, bm.skills_tasks(self.skills_present), tm,
+                                               strategy, steps))
+        row.update(self.generation_stats([lm], steps))
+        return row
+
+    def world_row(self, tm, tasks: list[str], strategy: str, steps: int) -> dict[str, float]:
         """The dgpt_world row of one strategy: questions on the trained canvas, biography requests
-        on the long-answer canvas (a biography does not fit a short-answer canvas); the adapters."""
+        on the long-answer canvas (a biography does not fit a short-answer canvas)."""
         flat: dict[str, dict[str, float]] = {}
         lms = []
         for group, canvas, blocks in ((evworld.short_answer_tasks(tasks), None, None),
                                       (evworld.long_answer_tasks(tasks), self.long_canvas, self.long_blocks(steps))):
             if group:
                 lm = self.adapter(strategy, steps, skills_canvas=False, canvas=canvas, canvas_blocks=blocks)
-                flat.update(bm.flatten(bm.run_tasks(lm, group, tm, limit=self.cfg.limit, seed=self.cfg.seed)))
+                flat.update(self.run_tasks("dgpt_world", lm, group, tm, strategy, steps))
                 lms.append(lm)
         row = evworld.summary(flat)
         row.update(self.generation_stats(lms, steps))
-        return row, lms
+        return row
 
     def world_benchmarks(self, tm) -> dict[str, Any]:
-        """dgpt_world per strategy at cfg.steps, the steps sweep on held-out questions, samples."""
-        cfg, per_strategy, sweep, samples = self.cfg, {}, {}, {}
-        tasks = evworld.tasks_of(list(self.world_refs.values()))
-        if not tasks:
+        """dgpt_world per strategy at cfg.steps, and the steps sweep on held-out questions."""
+        cfg, per_strategy, sweep = self.cfg, {}, {}
+        if not self.world_tasks:
             self.notes.append("dgpt_world: the world has no test items, skipped")
             return {}
         for strategy in cfg.strategies:
-            row, lms = self.world_row(tm, tasks, strategy, cfg.steps)
-            per_strategy[strategy] = row
-            samples[strategy] = self.world_samples([g for lm in lms for g in lm.generations])
+            row = per_strategy[strategy] = self.world_row(tm, self.world_tasks, strategy, cfg.steps)
             if cfg.steps_grid and "heldout" in row:
                 sweep[strategy] = self.sweep(row, "heldout", lambda s, st=strategy: self.world_row(
-                    tm, [evworld.TASKS["heldout"]], st, s)[0])
-        self.samples["world"] = samples
+                    tm, [evworld.TASKS["heldout"]], st, s))
         return {"dgpt_world": per_strategy, **({"dgpt_world_steps": sweep} if sweep else {})}
 
-    def world_samples(self, generations: list[dict[str, Any]]) -> list[dict[str, str]]:
-        """The first generation of each world test set, up to samples_in_report."""
-        firsts: dict[str, dict[str, str]] = {}
-        for g in generations:
-            ref = self.world_refs.get(g["context"])
-            if ref is not None and ref["task"] not in firsts:
-                firsts[ref["task"]] = {"test set": ref["task"], "prompt": ref["prompt"], "answer": ref["answer"],
-                                       "output": g["output"], "correct": str(g["output"].strip() in ref["answers"])}
-        return list(firsts.values())[: self.cfg.samples_in_report]
-
     def storage(self) -> dict[str, Any]:
-        out = evworld.storage(self.model, self.tok, self.world, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
-        self.samples["storage probes"] = {"greedy": out.get("samples", [])}
+        out, rows = evworld.storage(self.model, self.tok, self.world, batch_size=self.cfg.batch_size,
+                                    seed=self.cfg.seed)
+        self.answer_rows += rows
         return out
-
-    def skill_samples(self, generations: list[dict[str, Any]]) -> list[dict[str, str]]:
-        """The first generation of each skill (round-robin), up to samples_in_report."""
-        firsts: dict[str, dict[str, Any]] = {}
-        for g in generations:
-            ref = self.skill_refs.get(g["context"])
-            if ref is not None and ref["skill"] not in firsts:
-                firsts[ref["skill"]] = {"skill": ref["skill"], "prompt": ref["prompt"], "answer": ref["answer"],
-                                        "output": g["output"], "correct": str(check_answer(ref, g["output"]))}
-        return list(firsts.values())[: self.cfg.samples_in_report]
 
     def benchmarks(self, tm) -> dict[str, Any]:
         cfg, out = self.cfg, {}
         if cfg.wants("dgpt_skills"):
-            per_strategy, sweep, samples = {}, {}, {}
+            per_strategy, sweep = {}, {}
             for strategy in cfg.strategies:
-                row, lm = self.skills(tm, strategy, cfg.steps)
-                per_strategy[strategy] = row
-                samples[strategy] = self.skill_samples(lm.generations)
+                row = per_strategy[strategy] = self.skills(tm, strategy, cfg.steps)
                 if cfg.steps_grid:
-                    sweep[strategy] = self.sweep(row, "exact_match",
-                                                 lambda s, st=strategy: self.skills(tm, st, s)[0])
+                    sweep[strategy] = self.sweep(row, "exact_match", lambda s, st=strategy: self.skills(tm, st, s))
             out["dgpt_skills"] = per_strategy
             if sweep:
                 out["dgpt_skills_steps"] = sweep
-            self.samples["skills"] = samples
         if self.runs_world:
             out.update(self.world_benchmarks(tm))
         likelihood_tasks = [t for t in (bm.CHITCHAT_TASK, bm.TEXT_TASK) if cfg.wants(t)]
@@ -316,7 +297,7 @@ class _Suite:
 
     def editing(self) -> dict[str, Any] | None:
         """The editing metric on held-out SFT answers; None (with a note) for other models or no data."""
-        from dgpt_core.tokenizer import non_special_token_ids, special_token_ids
+        from dgpt_core.models.tokenizer import non_special_token_ids, special_token_ids
 
         cfg = self.cfg
         if self.kind != "sft":
@@ -392,5 +373,7 @@ def run_eval(
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
-    write_outputs(out_dir, metrics, suite.samples, plots=cfg.plots)
+    answers = answers_frame(suite.answer_rows)
+    write_answers(out_dir, answers, cfg.steps)
+    write_outputs(out_dir, metrics, suite.samples, read_wide_tables(out_dir), plots=cfg.plots)
     return metrics

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from dgpt_core.data.config import DataConfig, WorldConfig
+from dgpt_core.config import DataConfig, WorldConfig
 from dgpt_core.data.stage_cache import uses_world
 from dgpt_core.data.world import (
     TEST_SETS,
@@ -30,13 +30,12 @@ from dgpt_core.data.world import (
     validation_biographies,
 )
 
+from .answers import probe_rows
 from .data import render_prompt
-from .storage import cloze_accuracy
+from .storage import STORAGE_METHOD, predict_values, score_predictions
 
 TASKS = {s: f"dgpt_world_{s}" for s in TEST_SETS}
 """lm-eval task of each test set (the group `dgpt_world` runs all four, e.g. from lm-eval's own CLI)."""
-STORAGE_SAMPLES = 3
-"""Probe predictions kept in metrics["storage"]["samples"]."""
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 
 
@@ -46,11 +45,15 @@ def world_config(data_cfg: DataConfig) -> WorldConfig | None:
     return data_cfg.world if used else None
 
 
-def storage(model: Any, tokenizer: Any, cfg: WorldConfig, *, batch_size: int, seed: int) -> dict[str, Any]:
-    """`cloze_accuracy` on the cloze probes of every person (train and held-out), with samples."""
+def storage(model: Any, tokenizer: Any, cfg: WorldConfig, *, batch_size: int,
+            seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The storage probe (`eval.storage`) on the cloze probes of every person (train and held-out):
+    its scores, and one answer row per probe (`eval.answers.probe_rows`, group `storage`)."""
     probes = [p for person in generate_people(cfg) for p in cloze_probes(person, cfg)]
-    out = cloze_accuracy(model, tokenizer, probes, batch_size=batch_size, seed=seed, samples=STORAGE_SAMPLES)
-    return {**out, "people": cfg.people}
+    predicted, gold = predict_values(model, tokenizer, probes, batch_size=batch_size, seed=seed)
+    out = {**score_predictions(probes, predicted, gold), "people": cfg.people}
+    texts = [[tokenizer.decode(ids, skip_special_tokens=False) for ids in side] for side in (predicted, gold)]
+    return out, probe_rows("storage", probes, *texts, method=STORAGE_METHOD, steps=0)
 
 
 def task_rows(cfg: WorldConfig, tokenizer: Any, kind: str, seed: int) -> list[dict]:

@@ -18,7 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # project paths whose source each stage runs (folders are hashed recursively)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "data": ("dgpt_core/data", "dgpt_core/tokenizer.py", "dgpt_core/hub.py", "dgpt_core/config.py"),
+    "data": ("dgpt_core/data", "dgpt_core/models/tokenizer.py", "dgpt_core/hub.py", "dgpt_core/config"),
     "untrained": ("dgpt_core",),
     "pretrain": ("dgpt_core", "tasks/launch.py"),
     "sft": ("dgpt_core", "tasks/launch.py"),

@@ -19,11 +19,11 @@ from dgpt_core.cli_errors import OneLineArgumentParser, add_debug_flag, run_comm
 
 # sub-command name -> (module, function adding its parser)
 SUBCOMMANDS = {
-    "train": ("dgpt_core.train_cli", "add_train_parser"),
-    "train-node": ("dgpt_core.train_node_cli", "add_train_node_parser"),
-    "generate": ("dgpt_core.generate_cli", "add_generate_parser"),
-    "chat": ("dgpt_core.generate_cli", "add_chat_parser"),
-    "prepare": ("dgpt_core.data.cli", "add_prepare_parser"),
+    "train": ("dgpt_core._cli.train", "add_train_parser"),
+    "train-node": ("dgpt_core._cli.train_node", "add_train_node_parser"),
+    "generate": ("dgpt_core._cli.generate", "add_generate_parser"),
+    "chat": ("dgpt_core._cli.generate", "add_chat_parser"),
+    "prepare": ("dgpt_core._cli.prepare", "add_prepare_parser"),
     "eval": ("eval.cli", "add_eval_parser"),
     "publish": ("deploy.publish_cli", "add_publish_parser"),
     "bench": ("bench.cli", "add_bench_parser"),

@@ -23,11 +23,12 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.context import get_run_context
 from prefect.logging.handlers import APILogHandler
 
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.model_info import choose_sampler_defaults, read_model_info, write_sampler_defaults
+from dgpt_core.config import RunConfig, load_run_config
+from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.generation.options import method_options
+from dgpt_core.models.info import choose_sampler_defaults, read_model_info, write_sampler_defaults
 from dgpt_core.provenance import git_state
-from dgpt_core.run_config import RunConfig, load_run_config
-from dgpt_core.sampling_types import method_options
+from eval.answers import read_wide_tables
 from eval.strategy_comparison import repetition_safe_method
 from tasks.stages import data_task, eval_task, publish_task, train_task, untrained_model_task
 
@@ -204,6 +205,7 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                 tracker.log_metrics(child, {"eval": {name: _eval_headline(result["metrics"])}})
                 tracker.log_metrics(tracker.parent_id, {"eval": {name: _eval_headline(result["metrics"])}})
                 tracker.log_artifact(child, Path(result["out_dir"]), "eval")
+                tracker.log_tables(child, read_wide_tables(result["out_dir"]))
         step_done()
 
     final_model = out["models"].get("sft") or out["models"].get("pretrain")

@@ -8,9 +8,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from dgpt_core.config import RunConfig
 from dgpt_core.markdown import markdown_table, significant
 from dgpt_core.provenance import git_state, library_versions
-from dgpt_core.run_config import RunConfig
+from eval.answers import CHAT_GROUPS, read_wide_tables
 from eval.strategy_comparison import repetition_safe_method
 
 WORLD_KEYS = ("heldout", "train", "reversal", "bio_fact_precision")
@@ -117,6 +118,26 @@ def _versions() -> str:
     return ", ".join(f"{name} {version}" for name, version in library_versions().items())
 
 
+SAMPLE_CHATS = 2
+"""Questions per test set (or skill) in the report card's sample chats."""
+
+
+def sample_chats(eval_dir: Path) -> list[str]:
+    """The first questions of each test set of an eval's chat answers (its wide answer tables,
+    `eval.answers`), answered by its first two decoding methods."""
+    lines = []
+    for group, wide in read_wide_tables(eval_dir).items():
+        if group not in CHAT_GROUPS:
+            continue
+        methods = [c.removeprefix("answer [")[:-1] for c in wide.columns if c.startswith("answer [")][:2]
+        for _, part in wide.groupby("test_set", sort=False):
+            for _, q in part.head(SAMPLE_CHATS).iterrows():
+                said = "; ".join(f"({m}) `{q[f'answer [{m}]'].strip()}` {'✓' if q[f'correct [{m}]'] else '✗'}"
+                                 for m in methods)
+                lines.append(f"- {q['test_set']}: **{q['prompt']}** -> {said} (expected `{q['reference'].strip()}`)")
+    return ["## Sample chats", "", *lines, ""] if lines else []
+
+
 def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) -> Path:
     """Write run_dir/report_card.md from the summary of a finished (or failed) run."""
     git = git_state()
@@ -157,14 +178,7 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
             plots = " ".join(f"[{p.stem}]({p})" for p in sorted(out.glob("*.png")))
             lines.append(f"- {name}: [report]({paths['report_path']}), [metrics]({paths['metrics_path']}) {plots}")
         lines.append("")
-        samples_path = Path(evals.get("sft", next(iter(evals.values())))["out_dir"]) / "samples.json"
-        if samples_path.exists():
-            lines += ["## Sample chats", ""]
-            samples = json.loads(samples_path.read_text())
-            for strategy, items in list(samples.get("skills", {}).items())[:2]:
-                for item in items[:3]:
-                    lines.append(f"- ({strategy}) **{item['prompt']}** -> `{item['output']}` (expected `{item['answer']}`)")
-            lines.append("")
+        lines += sample_chats(Path(evals.get("sft", next(iter(evals.values())))["out_dir"]))
     if summary.get("publish"):
         lines += ["## Publish", "", f"- folder: {summary['publish'].get('folder')}", ""]
     path = run_dir / "report_card.md"

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Iterator
 
-from dgpt_core.run_config import add_config_arguments
+from dgpt_core.config import add_config_arguments
 from flows.plan import FLOW_STAGES
 
 
@@ -57,7 +57,7 @@ def console_without_failure_tracebacks(debug: bool) -> Iterator[None]:
 
 
 def run_flow(args: argparse.Namespace) -> int:
-    from dgpt_core.run_config import load_run_config
+    from dgpt_core.config import load_run_config
 
     run = load_run_config(args.preset, args.overrides)  # an invalid config fails here, before Prefect loads
     from flows.pretrain_sft import pretrain_sft

@@ -25,10 +25,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from dgpt_core.cli_errors import DgptError
-from dgpt_core.provenance import git_state
-from dgpt_core.pruning import pruning_env, sweep_pruner
-from dgpt_core.run_config import RunConfig, load_run_config
-from dgpt_core.sweep_space import (
+from dgpt_core.config import RunConfig, load_run_config
+from dgpt_core.config.sweep import (
     Dimension,
     SweepConfig,
     better,
@@ -37,6 +35,8 @@ from dgpt_core.sweep_space import (
     grid_settings,
     parse_dimension,
 )
+from dgpt_core.provenance import git_state
+from dgpt_core.training.pruning import pruning_env, sweep_pruner
 
 from .plan import SweepTrial
 from .pretrain_sft import library_logs_in_prefect, pretrain_sft

@@ -16,7 +16,7 @@ import argparse
 import json
 
 from dgpt_core.cli_errors import UsageError
-from dgpt_core.run_config import add_config_arguments
+from dgpt_core.config import add_config_arguments
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,8 +55,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from dgpt_core.cli_errors import validation_message
-    from dgpt_core.run_config import load_run_config
-    from dgpt_core.sweep_space import SweepConfig, check_keys, default_sweep_name, parse_dimension
+    from dgpt_core.config import load_run_config
+    from dgpt_core.config.sweep import SweepConfig, check_keys, default_sweep_name, parse_dimension
 
     if not args.space:
         raise UsageError("give at least one --grid KEY=V1,V2")

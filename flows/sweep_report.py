@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgpt_core.config.sweep import SweepConfig, better, mean_std
 from dgpt_core.markdown import markdown_table, significant
-from dgpt_core.sweep_space import SweepConfig, better, mean_std
 
 ERROR_CHARS = 300
 """Longest error message a report cell shows (sweep.json keeps it whole)."""

@@ -18,7 +18,7 @@ import psutil
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
-from dgpt_core.run_config import TrackingConfig
+from dgpt_core.config import TrackingConfig
 
 OWNER_HOST, OWNER_PID = "dgpt.host", "dgpt.pid"
 """Tags naming the flow process that owns a run, so a later run can close what a killed one left RUNNING."""
@@ -114,6 +114,13 @@ class Tracker:
             self.client.log_artifacts(run_id, str(path), artifact_path)
         elif path.exists():
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_tables(self, run_id: str, tables: dict[str, Any], artifact_dir: str = "answers") -> None:
+        """Each DataFrame of `tables` as an MLflow table `<artifact_dir>/<name>.json` of `run_id`: the
+        UI shows it in the run's artifacts and sets the same table of several runs side by side in
+        the experiment's evaluation view."""
+        for name, frame in tables.items():
+            self.client.log_table(run_id, frame, f"{artifact_dir}/{name}.json")
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         """Terminate `run_id` as FINISHED, FAILED or KILLED."""

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from dgpt_core.cli_errors import ConfigError
-from dgpt_core.launch import TORCHRUN_ENV, launch_error, launcher_command, write_deepspeed_env
-from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
-from dgpt_core.train import train_stage
+from dgpt_core.config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
+from dgpt_core.training.launch import TORCHRUN_ENV, launch_error, launcher_command, write_deepspeed_env
+from dgpt_core.training.stage import train_stage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run_training_stage(
     and, under torchrun, the first failing rank and its error.
 
     `trial_env` is the environment of a sweep trial's stage (Optuna pruning, see
-    dgpt_core.pruning); `in_subprocess` trains even one process through the launcher, so that
+    dgpt_core.training.pruning); `in_subprocess` trains even one process through the launcher, so that
     concurrent trials of one sweep process never share a process's seeds and environment."""
     cfg: StageConfig = getattr(run, stage)
     report_to = "mlflow" if tracking_env else "none"

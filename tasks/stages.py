@@ -12,10 +12,9 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from dgpt_core.data.config import DataConfig, TokenizerConfig
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.publish_config import PublishConfig
-from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig
+from dgpt_core.config import FOLDER_CONFIG_NAME, DataConfig, RunConfig, TokenizerConfig
+from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.config.publish import PublishConfig
 
 from .stage_folders import building
 
@@ -49,10 +48,10 @@ def untrained_model_task(key: str, run: RunConfig, tokenizer_dir: str, out_dir: 
     """The freshly initialised model saved as a model folder: the floor every eval is compared to."""
     from transformers import set_seed
 
-    from dgpt_core.export import save_model_folder
-    from dgpt_core.model import build_model
-    from dgpt_core.model_info import info_for_stage
-    from dgpt_core.tokenizer import load_tokenizer
+    from dgpt_core.models.backbone import build_model
+    from dgpt_core.models.export import save_model_folder
+    from dgpt_core.models.info import info_for_stage
+    from dgpt_core.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     set_seed(run.pretrain.seed)

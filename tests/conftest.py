@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dgpt_core.config import ModelConfig  # noqa: E402
-from dgpt_core.model import build_model  # noqa: E402
-from dgpt_core.tokenizer import train_bpe_tokenizer  # noqa: E402
+from dgpt_core.models.backbone import build_model  # noqa: E402
+from dgpt_core.models.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 COLORS = ["red", "blue", "green", "black", "white", "brown"]
 ANIMALS = ["cat", "dog", "fox", "owl", "cow", "pig"]

@@ -21,7 +21,7 @@ from bench.cli import run_bench
 from bench.common import SIZES
 from bench.report import TARGETS
 from bench.sample import EB_GAMMAS, STEP_METHODS
-from dgpt_core.run_config import load_run_config
+from dgpt_core.config import load_run_config
 from eval.report import _fmt
 
 SMALL = {"reps": 1, "train_vocabs": (1024,), "overhead_vocabs": (1024,), "lengths": (32,), "length_block": 16,

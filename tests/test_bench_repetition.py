@@ -23,8 +23,8 @@ from bench.repetition import (
     render_repetition,
     repetition_suite,
 )
-from dgpt_core.run_config import FOLDER_CONFIG_NAME, load_run_config
-from dgpt_core.sampling_types import method_options
+from dgpt_core.config import FOLDER_CONFIG_NAME, load_run_config
+from dgpt_core.generation.options import method_options
 
 WORLD = ["data.sft.sources=[{name: world}]", "data.pretrain.sources=[{name: world}]", "data.world.people=12",
          "eval.plain_canvas=16", "eval.long_answer_canvas=20"]

@@ -16,8 +16,8 @@ import torch
 from bench.cli import add_bench_parser, run_bench
 from bench.common import SIZES, load_subject
 from bench.world import bio_workload, qa_workload
+from dgpt_core.config import load_run_config
 from dgpt_core.data.world import CITIES, biographies, generate_people, test_pairs
-from dgpt_core.run_config import load_run_config
 from eval.report import _fmt
 
 WORLD = ["data.sft.sources=[{name: world}]", "data.pretrain.sources=[{name: world}]", "data.world.people=12",

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
+from dgpt_core._cli.generate import chat_context
 from dgpt_core.config import ModelConfig
-from dgpt_core.export import save_model_folder
-from dgpt_core.generate_cli import chat_context
-from dgpt_core.model import build_model
-from dgpt_core.model_info import ModelInfo
-from dgpt_core.pipeline import TextDiffusionPipeline
+from dgpt_core.generation.pipeline import TextDiffusionPipeline
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.export import save_model_folder
+from dgpt_core.models.info import ModelInfo
 from flows.cli import build_parser
 
 SYSTEM = {"role": "system", "content": "be brief"}

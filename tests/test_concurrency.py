@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dgpt_core.run_config import TrackingConfig
+from dgpt_core.config import TrackingConfig
 from flows.stage_lock import StageBusyError, claim
 from flows.tracking import Tracker
 from tasks.stage_folders import STAGE_MARKER, building, is_complete
@@ -114,7 +114,7 @@ def test_artifacts_live_beside_the_database_of_each_output_root(tmp_path, monkey
 
 def test_runs_left_running_by_a_killed_process_are_closed_as_killed(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    code = ("import sys, os; from pathlib import Path; from dgpt_core.run_config import TrackingConfig\n"
+    code = ("import sys, os; from pathlib import Path; from dgpt_core.config import TrackingConfig\n"
             "from flows.tracking import Tracker\n"
             "t = Tracker(TrackingConfig(), Path(sys.argv[1])); p = t.start_parent('killed', {}, {})\n"
             "t.start_child('pretrain'); print(p, flush=True); os._exit(0)\n")
@@ -161,7 +161,7 @@ def test_two_concurrent_runs_into_one_fresh_folder_both_finish_and_train_each_st
 def test_a_run_asked_not_to_wait_fails_in_one_line_naming_the_run_building_its_stage(tmp_path):
     """The data stage's folder is claimed (as a concurrent run would hold it): `--no-wait` exits 1
     at once with one line naming the holder, and the stage's MLflow child is not marked FAILED."""
-    from dgpt_core.run_config import load_run_config
+    from dgpt_core.config import load_run_config
     from flows.caching import stage_key
 
     run = load_run_config("ci", [])

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from dgpt_core.data.config import DataConfig, SourceSpec
+from dgpt_core.config import DataConfig, SourceSpec
 from dgpt_core.data.sources import (
     DataValidationError,
     LoadStats,

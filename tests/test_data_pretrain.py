@@ -13,7 +13,7 @@ from dgpt_core.data.pretrain import (
     take_streaming,
     tokenize_documents,
 )
-from dgpt_core.tokenizer import EOS, train_bpe_tokenizer
+from dgpt_core.models.tokenizer import EOS, train_bpe_tokenizer
 
 DOCS = [f"document {i} says " + "word " * (i % 17) for i in range(300)]
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from dgpt_core.data.config import SFTDataConfig, SkillsConfig
+from dgpt_core.config import SFTDataConfig, SkillsConfig
 from dgpt_core.data.sft import (
     SFTSettings,
     count_statuses,
@@ -18,7 +18,7 @@ from dgpt_core.data.sft import (
 )
 from dgpt_core.data.skills import generate_skills
 from dgpt_core.data.sources import render_chat_text
-from dgpt_core.tokenizer import EOS, IM_END, PAD, train_bpe_tokenizer
+from dgpt_core.models.tokenizer import EOS, IM_END, PAD, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dgpt_core.data.config import SkillsConfig
+from dgpt_core.config import SkillsConfig
 from dgpt_core.data.skills import (
     SKILLS,
     check_answer,

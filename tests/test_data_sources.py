@@ -11,8 +11,8 @@ import time
 import pytest
 
 from dgpt_core import hub
+from dgpt_core.config import DataConfig, SourceSpec
 from dgpt_core.data import chitchat
-from dgpt_core.data.config import DataConfig, SourceSpec
 from dgpt_core.data.sources import (
     DataValidationError,
     LoadStats,

@@ -10,19 +10,19 @@ from pathlib import Path
 import datasets
 import pytest
 
-from dgpt_core.data.config import (
+from dgpt_core.config import (
     DataConfig,
     PretrainDataConfig,
     SFTDataConfig,
     SkillsConfig,
     SourceSpec,
     TokenizerConfig,
+    load_run_config,
 )
 from dgpt_core.data.manifest import MANIFEST, is_complete, read_manifest, staging, write_manifest
 from dgpt_core.data.sources import DataValidationError
 from dgpt_core.data.stages import prepare_all, prepare_sft_stage
-from dgpt_core.run_config import load_run_config
-from dgpt_core.tokenizer import EOS, IM_END, PAD, load_tokenizer
+from dgpt_core.models.tokenizer import EOS, IM_END, PAD, load_tokenizer
 
 SEQ = 96
 

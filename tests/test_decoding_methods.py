@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from dgpt_core.sampling import SamplerConfig, generate, stream
-from dgpt_core.sampling_ops import entropy_bound_commit, penalise, repeated_ngram_completions
-from dgpt_core.sampling_types import MODIFIERS, method_options
-from dgpt_core.schedules import NoiseSchedule
+from dgpt_core.generation.ops import entropy_bound_commit, penalise, repeated_ngram_completions
+from dgpt_core.generation.options import MODIFIERS, method_options
+from dgpt_core.generation.sampler import SamplerConfig, generate, stream
+from dgpt_core.generation.schedules import NoiseSchedule
 
 from .tiny_models import IDS, PROMPTS, tiny_modernbert
 

@@ -1,4 +1,4 @@
-"""Every DeepSpeed config shipped in dgpt_core/deepspeed: it parses, its ZeRO section validates, its
+"""Every DeepSpeed config shipped in dgpt_core/training/deepspeed: it parses, its ZeRO section validates, its
 name says its stage, and one training step through our trainer (`train_stage`, CPU accelerator)
 runs under it with that stage actually in force, and gives the same loss and the same updated
 weights as the same step without DeepSpeed. New JSON files in the folder are covered automatically.
@@ -20,11 +20,11 @@ import pytest
 import torch
 from transformers import ModernBertForMaskedLM, TrainerCallback
 
-from dgpt_core.model import build_model
-from dgpt_core.run_config import load_run_config
-from dgpt_core.tokenizer import load_tokenizer, special_token_ids
-from dgpt_core.train import single_process_env, train_stage
-from dgpt_core.trainer import DEEPSPEED_CONFIG_DIR, resolve_deepspeed
+from dgpt_core.config import load_run_config
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.tokenizer import load_tokenizer, special_token_ids
+from dgpt_core.training.stage import single_process_env, train_stage
+from dgpt_core.training.trainer import DEEPSPEED_CONFIG_DIR, resolve_deepspeed
 
 from .conftest import structured_corpus
 

@@ -3,11 +3,11 @@ spurious tokens (which are ordinary tokens in its input) with <|delete|>, far ab
 
 import torch
 
-from dgpt_core.collator import DiffusionCollator
 from dgpt_core.config import DiffusionConfig, ModelConfig
-from dgpt_core.loss import diffusion_loss
-from dgpt_core.model import build_model, logits_at
-from dgpt_core.tokenizer import non_special_token_ids, special_token_ids
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.diffusion.loss import diffusion_loss
+from dgpt_core.models.backbone import build_model, logits_at
+from dgpt_core.models.tokenizer import non_special_token_ids, special_token_ids
 
 from .conftest import structured_corpus
 

@@ -76,8 +76,8 @@ def test_prefect_yaml_names_the_deployments_of_the_real_flows():
 
 
 def test_the_sweep_deployment_fans_its_trials_out_as_runs_of_the_trial_deployment():
-    from dgpt_core.run_config import load_run_config
-    from dgpt_core.sweep_space import check_keys, parse_dimension
+    from dgpt_core.config import load_run_config
+    from dgpt_core.config.sweep import check_keys, parse_dimension
 
     params = _deployments()["tiny-sft"]["parameters"]
     assert params["trial_deployment"] == "pretrain-sft/trial" and params["max_parallel"] > 1
@@ -88,7 +88,7 @@ def test_the_sweep_deployment_fans_its_trials_out_as_runs_of_the_trial_deploymen
 def test_the_full_deployment_is_gpu_production_with_a_guarded_schedule():
     from prefect.client.schemas.schedules import CronSchedule
 
-    from dgpt_core.run_config import load_run_config
+    from dgpt_core.config import load_run_config
 
     full = _deployments()["full"]
     assert full["parameters"]["preset"] == "fineweb"
@@ -103,7 +103,7 @@ def test_the_full_deployment_is_gpu_production_with_a_guarded_schedule():
 
 
 def test_the_smoke_deployment_is_the_ci_preset_offline_on_cpu():
-    from dgpt_core.run_config import load_run_config
+    from dgpt_core.config import load_run_config
 
     smoke = _deployments()["smoke"]
     assert smoke["parameters"]["preset"] == "ci"

@@ -11,12 +11,12 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
-from dgpt_core.data.config import SkillsConfig
+from dgpt_core.config import SkillsConfig
+from dgpt_core.config.evaluation import EvalConfig
 from dgpt_core.data.skills import generate_skills
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.export import save_model_folder
-from dgpt_core.sampling import SamplerConfig
-from dgpt_core.tokenizer import special_token_ids
+from dgpt_core.generation.sampler import SamplerConfig
+from dgpt_core.models.export import save_model_folder
+from dgpt_core.models.tokenizer import special_token_ids
 from eval import benchmarks as bm
 from eval.data import chitchat_task_rows, skills_task_rows
 from eval.lm_adapter import DiffusionLM

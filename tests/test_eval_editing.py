@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dgpt_core.eval_config import EvalConfig
+from dgpt_core.config.evaluation import EvalConfig
 from eval.editing import CLEAN, CONTEXT, INSERT, corrupt_example, editing_metrics
 from eval.suite import run_eval
 from tests.test_eval_suite import sft_folder  # noqa: F401 - fixture

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dgpt_core.config import ModelConfig
-from dgpt_core.elbo import Row, t_grid
-from dgpt_core.loss import token_nll
-from dgpt_core.model import build_model, logits_at
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.schedules import get_schedule
-from dgpt_core.tokenizer import non_special_token_ids, special_token_ids
+from dgpt_core.diffusion.elbo import Row, t_grid
+from dgpt_core.diffusion.loss import token_nll
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
+from dgpt_core.generation.schedules import get_schedule
+from dgpt_core.models.backbone import build_model, logits_at
+from dgpt_core.models.tokenizer import non_special_token_ids, special_token_ids
 from eval.likelihood import greedy_matches, mc_nll, split_windows
 from eval.ppl import answer_rows, ppl_bound, summarize, text_rows
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import eval as eval_pkg
-from dgpt_core.sampling import SamplerConfig
+from dgpt_core.generation.sampler import SamplerConfig
 from eval.metrics.repetition.repetition import (
     distinct_n,
     loop_detected,

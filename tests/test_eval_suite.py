@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.export import save_model_folder
-from dgpt_core.model_info import ModelInfo, read_model_info
+from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.models.export import save_model_folder
+from dgpt_core.models.info import ModelInfo, read_model_info
 from eval.cli import add_eval_parser, config_from_args, main
 from eval.suite import model_kind, run_eval
 

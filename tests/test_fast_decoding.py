@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import ModernBertForMaskedLM
 
-from dgpt_core.pipeline import TextDiffusionPipeline
-from dgpt_core.sampling import SamplerConfig, generate, left_pad, stream
+from dgpt_core.generation.pipeline import TextDiffusionPipeline
+from dgpt_core.generation.sampler import SamplerConfig, generate, left_pad, stream
 
 from .tiny_models import IDS, PROMPTS, tiny_modernbert
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dgpt_core.model_info import read_model_info, read_sampler_defaults
-from dgpt_core.sampling_types import method_options
+from dgpt_core.generation.options import method_options
+from dgpt_core.models.info import read_model_info, read_sampler_defaults
 from eval.strategy_comparison import repetition_safe_method
 
 EXPECTED_STAGES = ["data", "pretrain", "sft", "untrained-model", "eval-untrained", "eval-pretrain", "eval-sft", "publish"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dgpt_core.run_config import load_run_config
+from dgpt_core.config import load_run_config
 from tasks.launch import launcher_command
 
 
@@ -11,7 +11,7 @@ def test_launcher_commands():
     cmd = launcher_command(run.sft, ["--stage", "sft"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--rdzv_endpoint") + 1] == "node0:29500"
-    assert cmd[-4:] == ["-m", "dgpt_core.train", "--stage", "sft"]
+    assert cmd[-4:] == ["-m", "dgpt_core.training.stage", "--stage", "sft"]
     ds = load_run_config("ci", ["sft.num_processes=4", "sft.launcher=deepspeed"])
     assert launcher_command(ds.sft, [])[:3] == ["deepspeed", "--num_gpus", "4"]
     with pytest.raises(ValueError, match="hostfile"):

@@ -5,12 +5,12 @@ import re
 import datasets
 import torch
 
-from dgpt_core.collator import DiffusionCollator
 from dgpt_core.config import DiffusionConfig, ModelConfig, TrainingConfig
-from dgpt_core.model import build_model
-from dgpt_core.sampling import SamplerConfig, TokenIds, generate
-from dgpt_core.tokenizer import special_token_ids
-from dgpt_core.trainer import DiffusionTrainer, training_arguments
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.tokenizer import special_token_ids
+from dgpt_core.training.trainer import DiffusionTrainer, training_arguments
 
 from .conftest import ANIMALS, COLORS, structured_corpus
 

@@ -31,10 +31,10 @@ import psutil
 import pytest
 
 from dgpt_core.cli_errors import ConfigError, DgptError
+from dgpt_core.config import load_run_config
 from dgpt_core.data.stages import prepare_all
-from dgpt_core.run_config import load_run_config
-from dgpt_core.train import free_port
-from dgpt_core.trainer import COMPLETE_MARKER
+from dgpt_core.training.stage import free_port
+from dgpt_core.training.trainer import COMPLETE_MARKER
 from tasks.launch import run_training_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def test_a_failing_rank_stops_every_rank_and_the_stage_names_it(two_train_nodes,
     message = str(failure.value)
     assert message.startswith("pretrain: rank 1 failed: RuntimeError: "), message
     assert "\n" not in message
-    assert not [p for p in psutil.Process().children(recursive=True) if "dgpt_core.train" in " ".join(p.cmdline())]
+    assert not [p for p in psutil.Process().children(recursive=True) if "dgpt_core.training.stage" in " ".join(p.cmdline())]
 
 
 @pytest.mark.slow  # ~45 s: the 10 s timeout, then torchrun's 30 s between SIGTERM and SIGKILL of the hung rank

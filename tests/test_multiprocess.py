@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from dgpt_core.cli_errors import NotFoundError
+from dgpt_core.config import FOLDER_CONFIG_NAME, load_run_config
 from dgpt_core.data.stages import prepare_all
-from dgpt_core.run_config import FOLDER_CONFIG_NAME, load_run_config
-from dgpt_core.train import single_process_env
-from dgpt_core.trainer import COMPLETE_MARKER, DEEPSPEED_CONFIG_DIR, resolve_deepspeed
+from dgpt_core.training.stage import single_process_env
+from dgpt_core.training.trainer import COMPLETE_MARKER, DEEPSPEED_CONFIG_DIR, resolve_deepspeed
 from tasks.launch import run_training_stage
 
 

@@ -18,14 +18,14 @@ import pytest
 import torch
 import transformers
 
-from dgpt_core import pipeline as pipeline_module
+from dgpt_core._cli.generate import NOT_ON_COMMAND_LINE, sampler_options
 from dgpt_core.config import ModelConfig
-from dgpt_core.export import PIPELINE_FILES, save_model_folder
-from dgpt_core.generate_cli import NOT_ON_COMMAND_LINE, sampler_options
-from dgpt_core.model import build_model
-from dgpt_core.pipeline import TextDiffusionPipeline, render
-from dgpt_core.sampling import SamplerConfig
-from dgpt_core.tokenizer import train_bpe_tokenizer
+from dgpt_core.generation import pipeline as pipeline_module
+from dgpt_core.generation.pipeline import TextDiffusionPipeline, render
+from dgpt_core.generation.sampler import SamplerConfig
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.export import PIPELINE_FILES, save_model_folder
+from dgpt_core.models.tokenizer import train_bpe_tokenizer
 from flows.cli import build_parser
 
 WORDS = "the cat dog sat on a mat hello world how are you fine thanks red blue one two three".split()
@@ -160,8 +160,9 @@ def test_prompt_over_the_window_warns_and_still_generates(pipe, tokenizer):
 
 
 def test_pipeline_files_import_only_torch_transformers_and_each_other():
-    source = Path(__file__).parents[1] / "dgpt_core"
+    source = Path(__file__).parents[1] / "dgpt_core" / "generation"
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    assert {p.name for p in source.glob("*.py")} - {"__init__.py"} == set(PIPELINE_FILES)
     for name in PIPELINE_FILES:
         tree = ast.parse((source / name).read_text())
         for node in ast.walk(tree):
@@ -183,8 +184,8 @@ def test_folder_contents(folder):
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"]["text-diffusion"]["impl"] == "pipeline.TextDiffusionPipeline"
     assert config["sampler_defaults"] == DEFAULTS
-    source = Path(__file__).parents[1] / "dgpt_core"
-    assert (folder / "sampling.py").read_text() == (source / "sampling.py").read_text()
+    source = Path(__file__).parents[1] / "dgpt_core" / "generation"
+    assert (folder / "sampler.py").read_text() == (source / "sampler.py").read_text()
 
 
 def test_fresh_process_pipeline_from_folder(folder, tmp_path):

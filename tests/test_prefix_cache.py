@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import ModernBertForMaskedLM
 
-from dgpt_core.prefix_cache import encode
-from dgpt_core.sampling import SamplerConfig, generate
+from dgpt_core.generation.attention import encode
+from dgpt_core.generation.sampler import SamplerConfig, generate
 
 from .tiny_models import IDS, PROMPTS, tiny_modernbert
 

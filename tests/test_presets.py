@@ -12,8 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from dgpt_core.data.sources import resolve
-from dgpt_core.run_config import (
+from dgpt_core.config import (
     PRESET_DIR,
     RunConfig,
     add_config_arguments,
@@ -21,6 +20,7 @@ from dgpt_core.run_config import (
     load_run_config,
     read_folder_run_config,
 )
+from dgpt_core.data.sources import resolve
 
 PRESETS = available_presets()
 

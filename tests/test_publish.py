@@ -18,12 +18,11 @@ from huggingface_hub import ModelCard
 from deploy.model_card import eval_records
 from deploy.publish import PublishError, list_upload_files, publish, stage_publish_folder
 from deploy.publish_cli import add_publish_parser
-from dgpt_core.config import ModelConfig
-from dgpt_core.export import save_model_folder
+from dgpt_core.config import ModelConfig, load_run_config
+from dgpt_core.config.publish import PublishConfig
 from dgpt_core.hub import offline_vars
-from dgpt_core.model import build_model
-from dgpt_core.publish_config import PublishConfig
-from dgpt_core.run_config import load_run_config
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.export import PIPELINE_FILES, save_model_folder
 
 from .fake_hub import FakeHub
 
@@ -35,12 +34,7 @@ MODEL_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
-    "pipeline.py",
-    "sampling.py",
-    "sampling_types.py",
-    "sampling_ops.py",
-    "prefix_cache.py",
-    "schedules.py",
+    *PIPELINE_FILES,
     "run_config.yaml",
     "train_metrics.json",
 }

@@ -7,11 +7,11 @@ import datasets
 import pytest
 import torch
 
-from dgpt_core.collator import DiffusionCollator
 from dgpt_core.config import DiffusionConfig, ModelConfig, TrainingConfig
-from dgpt_core.model import build_model
-from dgpt_core.tokenizer import special_token_ids
-from dgpt_core.trainer import (
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.tokenizer import special_token_ids
+from dgpt_core.training.trainer import (
     COMPLETE_MARKER,
     DiffusionTrainer,
     latest_complete_checkpoint,

@@ -7,9 +7,9 @@ import math
 import pytest
 from transformers import ModernBertForMaskedLM
 
-from dgpt_core.model_info import ModelInfo
-from dgpt_core.sampling import SamplerConfig, generate, stream
-from dgpt_core.schedules import NoiseSchedule
+from dgpt_core.generation.sampler import SamplerConfig, generate, stream
+from dgpt_core.generation.schedules import NoiseSchedule
+from dgpt_core.models.info import ModelInfo
 
 from .tiny_models import IDS, PROMPTS, tiny_modernbert
 

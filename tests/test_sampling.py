@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import ModernBertForMaskedLM
 
-from dgpt_core.sampling import (
+from dgpt_core.generation.sampler import (
     STRATEGIES,
     SamplerConfig,
     Strategy,
@@ -314,7 +314,7 @@ def test_semi_autoregressive_ends_when_every_row_stopped(model):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from dgpt_core.sampling_ops import draw
+    from dgpt_core.generation.ops import draw
 
     lg = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64).log().expand(2000, 4)
     gen = torch.Generator().manual_seed(0)
@@ -328,7 +328,7 @@ def test_top_p_keeps_only_the_nucleus():
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
 def test_draw_returns_the_softmax_of_the_scaled_logits(temperature):
-    from dgpt_core.sampling_ops import draw
+    from dgpt_core.generation.ops import draw
 
     lg = torch.randn(5, 300)
     dist = draw(lg.clone(), temperature, 1.0, torch.Generator().manual_seed(0))
@@ -342,7 +342,7 @@ def test_draw_returns_the_softmax_of_the_scaled_logits(temperature):
 
 
 def test_draw_from_hidden_greedy_matches_the_full_projection():
-    from dgpt_core.sampling_ops import draw_from_hidden
+    from dgpt_core.generation.ops import draw_from_hidden
 
     torch.manual_seed(0)
     weight, bias, hidden = torch.randn(3000, 16), torch.randn(3000), torch.randn(7, 16)
@@ -362,7 +362,7 @@ def test_draw_from_hidden_greedy_matches_the_full_projection():
 def test_draw_from_hidden_samples_the_softmax(temperature):
     """Three chunks of 1,024 columns, the last one partial; 100k draws of one row against its
     softmax: the total-variation distance stays at the sampling noise of `draw` itself."""
-    from dgpt_core.sampling_ops import draw, draw_from_hidden
+    from dgpt_core.generation.ops import draw, draw_from_hidden
 
     torch.manual_seed(0)
     vocab, rows = 3000, 100_000
@@ -383,7 +383,7 @@ def test_draw_from_hidden_samples_the_softmax(temperature):
 
 
 def test_draw_from_hidden_skips_a_fully_banned_chunk():
-    from dgpt_core.sampling_ops import draw_from_hidden
+    from dgpt_core.generation.ops import draw_from_hidden
 
     torch.manual_seed(0)
     weight, hidden = torch.randn(2048, 8), torch.randn(4, 8)
@@ -400,7 +400,7 @@ def test_sampler_drawing_from_hidden_states_matches_drawing_from_logits(model, m
     """With the chunk threshold at 0 every step of a strategy that needs only p(drawn token) draws
     through `draw_from_hidden` (the others never do); an identity logits hook forces the logits
     path. Greedy runs agree token for token; sampled runs both finish."""
-    from dgpt_core import sampling
+    from dgpt_core.generation import sampler as sampling
 
     cfg = no_stop(strategy=strategy, steps=4, max_new_tokens=8, temperature=temperature, seed=0, threshold=0.5)
     calls = []
@@ -444,7 +444,7 @@ def test_token_ids_from_a_duck_typed_tokenizer():
 
 @pytest.mark.parametrize("vocab", [5, 64, 300, 1024])
 def test_max_and_argmax_matches_torch_max_with_first_index_on_ties(vocab):
-    from dgpt_core.sampling_ops import max_and_argmax
+    from dgpt_core.generation.ops import max_and_argmax
 
     lg = torch.randn(7, vocab)
     lg[0] = 1.0  # every entry tied: the first index wins

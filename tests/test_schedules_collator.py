@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from dgpt_core.collator import IGNORE_INDEX, DiffusionCollator, edit_state
 from dgpt_core.config import DiffusionConfig
-from dgpt_core.schedules import get_schedule, sample_t
+from dgpt_core.diffusion.collator import IGNORE_INDEX, DiffusionCollator, edit_state
+from dgpt_core.generation.schedules import get_schedule, sample_t
 
 MASK, PAD, DELETE = 2, 1, 5
 SPECIALS = {0, 1, 2, 3, 4, 5}

@@ -21,14 +21,14 @@ import uvicorn
 from deploy.serve.app import create_app
 from deploy.serve.jobs import fit_canvas
 from deploy.serve.settings import ServeSettings
+from dgpt_core._cli.generate import load_pipeline
 from dgpt_core.cli_errors import run_command
 from dgpt_core.config import ModelConfig
-from dgpt_core.export import save_model_folder
-from dgpt_core.generate_cli import load_pipeline
-from dgpt_core.model import build_model
-from dgpt_core.model_info import ModelInfo
-from dgpt_core.pipeline import MASK_SYMBOL
-from dgpt_core.sampling_types import SamplerConfig
+from dgpt_core.generation.options import SamplerConfig
+from dgpt_core.generation.pipeline import MASK_SYMBOL
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.export import save_model_folder
+from dgpt_core.models.info import ModelInfo
 from flows.cli import build_parser
 
 KEY = "test-key-not-secret"

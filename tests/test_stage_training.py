@@ -10,12 +10,12 @@ import datasets
 import pytest
 from transformers import ModernBertForMaskedLM, TrainerCallback
 
-from dgpt_core.elbo import Row, dataset_rows, elbo_per_token
-from dgpt_core.run_config import RunConfig, load_run_config
-from dgpt_core.schedules import get_schedule
-from dgpt_core.tokenizer import load_tokenizer, special_token_ids
-from dgpt_core.train import single_process_env, train_stage
-from dgpt_core.trainer import COMPLETE_MARKER
+from dgpt_core.config import RunConfig, load_run_config
+from dgpt_core.diffusion.elbo import Row, dataset_rows, elbo_per_token
+from dgpt_core.generation.schedules import get_schedule
+from dgpt_core.models.tokenizer import load_tokenizer, special_token_ids
+from dgpt_core.training.stage import single_process_env, train_stage
+from dgpt_core.training.trainer import COMPLETE_MARKER
 from tasks.launch import run_training_stage
 
 from .conftest import structured_corpus

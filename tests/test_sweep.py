@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dgpt_core.cli_errors import ConfigError
-from dgpt_core.pruning import OptunaPruningCallback, TrialPrunedError, sweep_pruner
-from dgpt_core.sweep_space import SweepConfig, check_keys, grid_settings, metric_direction, parse_dimension
+from dgpt_core.config.sweep import SweepConfig, check_keys, grid_settings, metric_direction, parse_dimension
+from dgpt_core.training.pruning import OptunaPruningCallback, TrialPrunedError, sweep_pruner
 from flows.sweep_report import TrialRecord, best_trial, cache_accounting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_a_grid_is_the_product_of_its_dimensions_in_order():
 
 
 def test_keys_are_checked_against_the_config_and_the_direction_follows_the_metric():
-    from dgpt_core.run_config import load_run_config
+    from dgpt_core.config import load_run_config
 
     ci = load_run_config("ci", [])
     check_keys(ci, [parse_dimension("sft.diffusion.edit_prob=0,2")], "sft.seed")  # a bad value is a trial's problem
@@ -194,7 +194,7 @@ def test_mlflow_holds_one_sweep_run_with_the_trials_nested_and_a_champion(grid_s
 
 
 def test_a_sweep_that_does_not_beat_the_champion_keeps_it(grid_sweep, monkeypatch):
-    from dgpt_core.run_config import load_run_config
+    from dgpt_core.config import load_run_config
     from flows.sweep import _promote_champion
     from flows.tracking import Tracker
 

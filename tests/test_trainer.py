@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgpt_core.collator import DiffusionCollator
 from dgpt_core.config import DiffusionConfig, TrainingConfig
-from dgpt_core.loss import diffusion_loss, token_nll
-from dgpt_core.tokenizer import special_token_ids
-from dgpt_core.train import single_process_env
-from dgpt_core.trainer import DiffusionTrainer, NonFiniteLossError, training_arguments
+from dgpt_core.diffusion.collator import DiffusionCollator
+from dgpt_core.diffusion.loss import diffusion_loss, token_nll
+from dgpt_core.models.tokenizer import special_token_ids
+from dgpt_core.training.stage import single_process_env
+from dgpt_core.training.trainer import DiffusionTrainer, NonFiniteLossError, training_arguments
 
 from .conftest import structured_corpus
 
@@ -49,7 +49,7 @@ def test_token_and_sequence_normalisation(tiny_model, tiny_tokenizer):
     assert token.edit > 0 and token.masked > 0
     # hand computation from per-position NLLs
     scored = batch["masked_positions"] | batch["edit_positions"]
-    from dgpt_core.model import logits_at
+    from dgpt_core.models.backbone import logits_at
 
     nll = token_nll(logits_at(tiny_model, batch["input_ids"], batch["attention_mask"], scored), batch["labels"][scored], mask_id)
     rows = scored.nonzero()[:, 0]
@@ -87,7 +87,7 @@ def one_step_weights(model, tokenizer, batch, batch_size, accumulation, normaliz
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
 def test_gradient_accumulation_two_by_four_equals_one_by_eight(tiny_tokenizer, tmp_path, normalization):
     from dgpt_core.config import ModelConfig
-    from dgpt_core.model import build_model
+    from dgpt_core.models.backbone import build_model
 
     batch = corrupted_batch(tiny_tokenizer, n=8, edit_start=0.0)
 
@@ -164,9 +164,9 @@ def test_zero2_training_through_the_deepspeed_engine(tiny_tokenizer, tmp_path, s
     from pathlib import Path
 
     from dgpt_core.config import ModelConfig
-    from dgpt_core.model import build_model
+    from dgpt_core.models.backbone import build_model
 
-    zero2 = str(Path(__file__).parents[1] / "dgpt_core" / "deepspeed" / "zero2.json")
+    zero2 = str(Path(__file__).parents[1] / "dgpt_core" / "training" / "deepspeed" / "zero2.json")
     cfg = DiffusionConfig(edit_start=0.0, insert_prob=0.05)
     args = training_arguments(
         TrainingConfig(max_steps=6, per_device_batch_size=8, logging_steps=3, deepspeed=zero2, use_cpu=True),

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from dgpt_core.data.config import WorldConfig
+from dgpt_core.config import WorldConfig
 from dgpt_core.data.world import (
     ATTRIBUTES,
     QUESTIONS,
@@ -29,7 +29,7 @@ from dgpt_core.data.world import (
     test_pairs,
     validation_biographies,
 )
-from dgpt_core.tokenizer import train_bpe_tokenizer
+from dgpt_core.models.tokenizer import train_bpe_tokenizer
 from eval.storage import cloze_accuracy, encode_probe, score_predictions
 
 CFG = WorldConfig(people=60)
@@ -214,7 +214,7 @@ def test_score_predictions_by_hand():
 
 def test_cloze_accuracy_on_a_random_model(world_tokenizer):
     from dgpt_core.config import ModelConfig
-    from dgpt_core.model import build_model
+    from dgpt_core.models.backbone import build_model
 
     cfg = WorldConfig(people=4)
     probes = [p for person in generate_people(cfg) for p in cloze_probes(person, cfg)]
@@ -288,7 +288,7 @@ def test_fact_scores():
 
 
 def test_world_source_routes_biographies_to_pretraining_and_train_people_to_sft():
-    from dgpt_core.data.config import DataConfig, SourceSpec
+    from dgpt_core.config import DataConfig, SourceSpec
     from dgpt_core.data.sources import LoadStats, iter_chat_routed, iter_text_routed, resolve
 
     data = DataConfig(world=WorldConfig(people=20))
@@ -305,8 +305,8 @@ def test_world_source_routes_biographies_to_pretraining_and_train_people_to_sft(
 
 
 def test_dgpt_train_samples_ask_about_held_out_people(tmp_path):
-    from dgpt_core.run_config import load_run_config
-    from dgpt_core.train_cli import held_out_questions
+    from dgpt_core._cli.train import held_out_questions
+    from dgpt_core.config import load_run_config
 
     run = load_run_config("tiny")
     questions = held_out_questions(run, tmp_path)

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
-from dgpt_core.config import ModelConfig
+from dgpt_core.config import FOLDER_CONFIG_NAME, ModelConfig, RunConfig, WorldConfig
+from dgpt_core.config.evaluation import EvalConfig
 from dgpt_core.data import world
-from dgpt_core.data.config import WorldConfig
-from dgpt_core.eval_config import EvalConfig
-from dgpt_core.export import save_model_folder
-from dgpt_core.model import build_model
-from dgpt_core.model_info import ModelInfo
-from dgpt_core.run_config import FOLDER_CONFIG_NAME, RunConfig
-from dgpt_core.tokenizer import train_bpe_tokenizer
+from dgpt_core.models.backbone import build_model
+from dgpt_core.models.export import save_model_folder
+from dgpt_core.models.info import ModelInfo
+from dgpt_core.models.tokenizer import train_bpe_tokenizer
 from eval import benchmarks as bm
 from eval import world as evworld
+from eval.answers import accuracy, read_wide_tables
 from eval.cli import summary
 from eval.strategy_comparison import compare_strategies
 from eval.suite import run_eval
@@ -103,7 +103,7 @@ def test_summary_and_prompts(world_tokenizer):
 def test_compare_strategies_averages_the_scorer(world_folder, world_tokenizer):
     from transformers import ModernBertForMaskedLM
 
-    from dgpt_core.sampling import SamplerConfig
+    from dgpt_core.generation.sampler import SamplerConfig
 
     model = ModernBertForMaskedLM.from_pretrained(str(world_folder)).eval()
     prompts, _ = evworld.plain_prompts(WORLD, world_tokenizer, 2)
@@ -124,7 +124,7 @@ def test_run_eval_with_the_world(tmp_path, world_folder):
     metrics = run_eval(world_folder, tmp_path / "sft", EvalConfig(**SMALL, model_kind="sft"))
     storage = metrics["storage"]
     assert storage["n"] == 12 * len(WORLD.attributes) and 0 <= storage["cloze_accuracy"] <= 1
-    assert set(storage["per_attribute"]) == set(WORLD.attributes) and len(storage["samples"]) == 3
+    assert set(storage["per_attribute"]) == set(WORLD.attributes)
     per_strategy = metrics["benchmarks"]["dgpt_world"]
     assert set(per_strategy) == {"random", "confidence"}
     row = per_strategy["confidence"]
@@ -146,13 +146,39 @@ def test_run_eval_with_the_world(tmp_path, world_folder):
     lines = summary(metrics)
     assert "storage cloze" in lines and "world held-out exact match [random]" in lines
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["storage"]["n"] == storage["n"]
+    check_answer_tables(tmp_path / "sft", metrics)
 
     pre = run_eval(world_folder, tmp_path / "pre", EvalConfig(**{**SMALL, "plots": False}))  # the folder's kind
     assert pre["meta"]["model"]["kind"] == "pretrain"
+    assert set(read_wide_tables(tmp_path / "pre")) == {"storage"}
     assert "storage" in pre and pre["benchmarks"] == {} and set(pre["repetition_by_mode"]) == {"plain"}
     assert "fact_precision" in pre["repetition"]["random"]
     assert any("dgpt_world: SFT models only" in n for n in pre["meta"]["notes"])
 
+
+
+def check_answer_tables(out_dir, metrics):
+    """The per-question frames hold every scored question, agree with the metrics lm-eval and the
+    storage probe reported, and the report's answer tables are their first rows."""
+    answers = pd.read_parquet(out_dir / "answers.parquet")
+    storage = answers[answers["group"] == "storage"]
+    assert len(storage) == metrics["storage"]["n"]
+    assert storage["correct"].mean() == pytest.approx(metrics["storage"]["cloze_accuracy"])
+    world_rows = answers[answers["group"] == "dgpt_world"]
+    acc = accuracy(world_rows).set_index(["task", "method", "steps"])["correct"]
+    for strategy, row in metrics["benchmarks"]["dgpt_world"].items():
+        for test_set in ("heldout", "train", "reversal"):
+            assert acc[(evworld.TASKS[test_set], strategy, SMALL["steps"])] == pytest.approx(row[test_set])
+        bio = world_rows[(world_rows["task"] == evworld.TASKS["bio"]) & (world_rows["method"] == strategy)]
+        assert bio["fact_recall"].mean() == pytest.approx(row["bio_fact_recall"])
+    for strategy, curve in metrics["benchmarks"]["dgpt_world_steps"].items():
+        for steps, exact in zip(curve["steps"], curve["exact_match"]):
+            assert acc[(evworld.TASKS["heldout"], strategy, int(steps))] == pytest.approx(exact)
+    wide = read_wide_tables(out_dir)["dgpt_world"]
+    assert len(wide) == 4 * SMALL["limit"]
+    assert {"answer [random]", "correct [random]", "answer [confidence]", "fact_recall [confidence]"} <= set(wide)
+    report = (out_dir / "report.md").read_text()
+    assert "## Answers: dgpt_world" in report and wide.iloc[0]["prompt"] in report
 
 def test_no_world_source_skips_with_notes(tmp_path, tiny_model, tiny_tokenizer):
     folder = save_model_folder(tiny_model, tiny_tokenizer, tmp_path / "model", info=ModelInfo("sft"))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-from dgpt_core.sampling import TokenIds
+from dgpt_core.generation.sampler import TokenIds
 
 IDS = TokenIds(mask=2, pad=1, eos=0, im_end=4, delete=5, im_start=3)
 PROMPTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26]]

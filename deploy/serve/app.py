@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from dgpt_core.pipeline import TextDiffusionPipeline
+from dgpt_core.generation.pipeline import TextDiffusionPipeline
 
 from .batching import BatchDecoder, Canvas, DecodeJob, Event, Failed, Finished
 from .jobs import ModelService

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dgpt_core.pipeline import TextDiffusionPipeline, render
-from dgpt_core.sampling import SamplerConfig, cut_at_stop, stream
+from dgpt_core.generation.pipeline import TextDiffusionPipeline, render
+from dgpt_core.generation.sampler import SamplerConfig, cut_at_stop, stream
 
 from .metrics import ServerMetrics
 from .settings import ServeSettings

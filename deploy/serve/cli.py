@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from dgpt_core.generate_cli import load_pipeline
+from dgpt_core._cli.generate import load_pipeline
 
 from .settings import ServeSettings
 

@@ -8,10 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dgpt_core.generate_cli import chat_context
-from dgpt_core.model_info import model_info_of, read_sampler_defaults
-from dgpt_core.pipeline import Message, TextDiffusionPipeline, is_empty_prompt
-from dgpt_core.sampling_types import STRATEGIES, SamplerConfig, method_options
+from dgpt_core._cli.generate import chat_context
+from dgpt_core.generation.options import STRATEGIES, SamplerConfig, method_options
+from dgpt_core.generation.pipeline import Message, TextDiffusionPipeline, is_empty_prompt
+from dgpt_core.models.info import model_info_of, read_sampler_defaults
 
 from .batching import DecodeJob
 from .protocol import ApiError, ChatCompletionRequest, CommonRequest, CompletionRequest

@@ -1,12 +1,6 @@
-"""Data stages: sources, tokenizer, pretraining packing, SFT examples with assistant-only masks.
-
-Public API (see each module):
-    config:   DataConfig, TokenizerConfig, SourceSpec, SkillsConfig, PretrainDataConfig, SFTDataConfig
-    stages:   prepare_tokenizer_stage, prepare_pretrain_stage, prepare_sft_stage, prepare_all
-    manifest: is_complete, read_manifest
-    skills:   SkillItem, generate_skills, check_answer, read_skills_jsonl
-    sft:      render_example, eligible_text
-"""
+"""Data stages: sources (local files, Hub datasets, the synthetic world and skills, chitchat),
+tokenizer training, pretraining packing, and SFT examples with assistant-only masks. Their typed
+settings are `dgpt_core.config.DataConfig` and `TokenizerConfig`."""
 
 from __future__ import annotations
 
@@ -14,35 +8,14 @@ import os
 
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # before datasets is imported anywhere below
 
-from .config import (  # noqa: E402
-    DataConfig,
-    PretrainDataConfig,
-    SFTDataConfig,
-    SkillsConfig,
-    SourceSpec,
-    TokenizerConfig,
-)
-from .manifest import is_complete, read_manifest  # noqa: E402
+from .. import lazy_exports  # noqa: E402
 
-__all__ = [
-    "DataConfig",
-    "PretrainDataConfig",
-    "SFTDataConfig",
-    "SkillsConfig",
-    "SourceSpec",
-    "TokenizerConfig",
-    "is_complete",
-    "read_manifest",
-    "prepare_all",
-    "prepare_tokenizer_stage",
-    "prepare_pretrain_stage",
-    "prepare_sft_stage",
-]
-
-
-def __getattr__(name: str):  # lazy: importing the configs must not import datasets/transformers
-    if name in {"prepare_all", "prepare_tokenizer_stage", "prepare_pretrain_stage", "prepare_sft_stage"}:
-        from . import stages
-
-        return getattr(stages, name)
-    raise AttributeError(name)
+_EXPORTS = {
+    "prepare_all": "stages", "prepare_pretrain_stage": "stages", "prepare_sft_stage": "stages",
+    "prepare_tokenizer_stage": "stages",
+    "is_complete": "manifest", "read_manifest": "manifest",
+    "SkillItem": "skills", "check_answer": "skills", "generate_skills": "skills", "read_skills_jsonl": "skills",
+    "eligible_text": "sft", "render_example": "sft",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -26,9 +26,9 @@ FORMAT_VERSION = 1
 
 @cache
 def code_version() -> str:
-    """Package version plus a hash of the data-stage and tokenizer source files."""
+    """Package version plus a hash of the data-stage, tokenizer and data-config source files."""
     here = Path(__file__).parent
-    files = sorted(here.glob("*.py")) + [here.parent / "tokenizer.py"]
+    files = sorted(here.glob("*.py")) + [here.parent / "models" / "tokenizer.py", here.parent / "config" / "data.py"]
     digest = hashlib.sha256()
     for f in files:
         if f.exists():

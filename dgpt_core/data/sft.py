@@ -20,8 +20,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ..tokenizer import special_token_ids
-from .config import SFTDataConfig
+from ..config import SFTDataConfig
+from ..models.tokenizer import special_token_ids
 
 STATUSES = ("ok", "zero_answer_tokens", "dropped_long_answer", "dropped_prompt_too_long")
 MIN_PROMPT_TOKENS = 8

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import SkillsConfig
+from ..config import SkillsConfig
 
 SPLITS = ("train", "validation", "test")
 

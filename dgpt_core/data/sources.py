@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..config import DataConfig, SourceSpec
 from ..hub import hub_error_message, require_hub
 from . import chitchat, skills, world
-from .config import DataConfig, SourceSpec
 from .local_files import BadRow, is_local, local_paths, local_rows
 
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # local loads would otherwise ping the Hub

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, SourceSpec
+from ..config import DataConfig, SourceSpec
 from .manifest import is_complete
 from .sources import resolve
 from .world import WORLD_VERSION

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from ..tokenizer import load_tokenizer, tokenizer_fingerprint
+from ..config import DataConfig, TokenizerConfig
+from ..models.tokenizer import load_tokenizer, tokenizer_fingerprint
 from . import skills as skills_mod
-from .config import DataConfig, TokenizerConfig
 from .manifest import read_manifest, stage_key, staging, write_manifest
 from .pretrain import (
     documents_dataset,

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..tokenizer import load_tokenizer, special_token_ids, tokenizer_fingerprint, train_bpe_tokenizer
+from ..config import DataConfig, TokenizerConfig
+from ..models.tokenizer import load_tokenizer, special_token_ids, tokenizer_fingerprint, train_bpe_tokenizer
 from . import skills as skills_mod
-from .config import DataConfig, TokenizerConfig
 from .manifest import stage_key, staging, write_manifest
 from .pretrain import select_by_weight
 from .report import write_report

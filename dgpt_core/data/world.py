@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config import WorldConfig
+from ..config import WorldConfig
 
 WORLD_VERSION = 1
 """Bumped whenever a value list, template or drawing rule changes (the world changes with it)."""

@@ -1,0 +1,44 @@
+"""The diffusion objective of a training stage: MDLM masking and Seed Diffusion edit corruption."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import StrictConfig
+
+
+class DiffusionConfig(StrictConfig):
+    """The MDLM masking objective and Seed Diffusion edit corruption."""
+
+    schedule: Literal["linear", "loglinear", "cosine"] = "linear"
+    """Noise schedule alpha(t); linear is the original project's, loglinear MDLM's default."""
+    t_eps: float = Field(1e-3, gt=0.0, lt=0.5)
+    """t is clamped to [t_eps, 1] so the ELBO weight w(t) stays bounded."""
+    t_sampling: Literal["uniform", "stratified"] = "stratified"
+    """uniform: i.i.d. t per sequence; stratified: low-discrepancy t over the batch (lower variance)."""
+    loss_normalization: Literal["token", "sequence"] = "token"
+    """token: divide summed loss by the number of eligible tokens (MDLM); sequence: by each
+    sequence's eligible count, then average over sequences (LLaDA SFT)."""
+    edit_start: float = Field(0.8, ge=0.0, le=1.0)
+    """Fraction of training after which the edit stage starts (0.0 = edits from the first step,
+    1.0 = never)."""
+    edit_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability that a visible eligible token is swapped for a random token in the edit stage."""
+    edit_prob_final: float | None = Field(None, ge=0.0, le=1.0)
+    """When set, edit_prob is linearly annealed to this value from the edit start to the end."""
+    edit_loss_targets: Literal["visible", "corrupted"] = "visible"
+    """Which visible tokens get the unweighted reconstruction loss in the edit stage: every
+    visible eligible token (the original project) or only the swapped and inserted ones."""
+    edit_loss_weight: float = Field(1.0, ge=0.0)
+    """Multiplier of the edit loss in the total loss."""
+    insert_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """Per visible eligible token, probability of inserting a spurious token before it (edit stage
+    only), labelled <|delete|>: the model learns to flag tokens that should not be there, and the
+    sampler's editing steps delete them."""
+    insert_copy_prob: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of inserted tokens that copy the token they precede (a duplicated word); the rest
+    are random non-special tokens."""
+    seed: int = 0
+    """Seed of the collator's generator; each batch derives its own stream from it."""
