@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
+from dgpt_core.diffusion.blocks import block_ids, masked_logits
 from dgpt_core.diffusion.elbo import Row, Variant, score_variants
-from dgpt_core.models.backbone import logits_at
+from dgpt_core.generation.options import trained_block_size
 
 
 def _mc_variants(rows: Sequence[Row], seeds: Sequence[int], mc_num: int) -> list[Variant]:
@@ -52,10 +53,12 @@ def mc_nll(
     pad_id: int,
     mc_num: int,
     batch_size: int,
+    block_size: int | None = None,
 ) -> list[float]:
     """Per row, LLaDA's Monte-Carlo estimate of -log p(targets | rest) in nats (`mc_num` draws per
-    row; the caller passes EvalConfig's mc_num and batch_size)."""
-    return score_variants(model, rows, _mc_variants(rows, seeds, mc_num), mask_id, pad_id, batch_size)
+    row; the caller passes EvalConfig's mc_num and batch_size); block by block for a block-causal
+    model (`block_size`)."""
+    return score_variants(model, rows, _mc_variants(rows, seeds, mc_num), mask_id, pad_id, batch_size, block_size)
 
 
 def split_windows(ctx: Sequence[int], cont: Sequence[int], max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -97,8 +100,10 @@ def greedy_matches(
     step reveals the masked position whose argmax token is most probable. A row stops at its
     first step whose revealed token differs from the continuation (it cannot come back), so a
     wrong continuation costs one forward. `never_ids` (mask, pad, <|im_start|>, <|delete|>) are
-    never predicted, as in the sampler.
+    never predicted, as in the sampler. A block-causal model decodes the continuation block by
+    block, each block seeing the earlier ones (decoded, so equal to the continuation) clean.
     """
+    block_size = trained_block_size(model)
     flags = [False] * len(pairs)
     todo = [p for p, (_, cont) in enumerate(pairs) if 0 < len(cont) < max_len]
     device = next(model.parameters()).device
@@ -123,12 +128,17 @@ def greedy_matches(
                 target[i, len(c) : len(c) + len(k)] = torch.as_tensor(k, dtype=torch.long)
                 attn[i, : len(c) + len(k)] = 1
             ids, attn, target = ids.to(device), attn.to(device), target.to(device)
+            eligible, clean = target >= 0, torch.where(target >= 0, target, ids)
+            blocks = block_ids(eligible, block_size) if block_size else None
             alive = torch.ones(len(batch), dtype=torch.bool, device=device)
             while True:
                 masked = (ids == mask_id) & alive[:, None]
                 if not bool(masked.any()):
                     break
-                logits = logits_at(model, ids, attn, masked).float()
+                if blocks is not None:  # the first block that has masks
+                    first = torch.where(masked, blocks, blocks.max() + 1).min(1, keepdim=True).values
+                    masked &= blocks == first
+                logits = masked_logits(model, ids, clean, attn, eligible, masked, block_size, pad_id).float()
                 logits.index_fill_(1, never, float("-inf"))
                 conf, tok = logits.softmax(-1).max(-1)
                 score = torch.full(ids.shape, -1.0, device=device)

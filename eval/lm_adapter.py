@@ -28,9 +28,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.config.evaluation import DEFAULTS_METHOD, EvalConfig
 from dgpt_core.diffusion.elbo import elbo_nll, stable_seed
-from dgpt_core.generation.options import DEFAULTS_KEY, method_options
+from dgpt_core.generation.options import DEFAULTS_KEY, method_options, trained_block_size
 from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 from dgpt_core.generation.schedules import get_schedule
 from dgpt_core.models.info import ModelInfo, model_info_of
@@ -56,15 +56,18 @@ class FolderDefaults:
     t_eps: float
     canvas: int | None
     """The SFT answer canvas the model was trained on (None: the task's max_gen_toks)."""
+    max_new_tokens: int | None
+    """The folder's own `max_new_tokens` (the canvas of the `defaults` method)."""
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> FolderDefaults:
         config = getattr(model, "config", None)
         sampler = dict(getattr(config, DEFAULTS_KEY, None) or {})
-        sampler.pop("max_new_tokens", None)
+        max_new_tokens = sampler.pop("max_new_tokens", None)
         info = model_info_of(model) or ModelInfo("untrained")
         canvas = info.answer_canvas if info.kind == "sft" else None
-        return cls(sampler, sampler.get("schedule", info.schedule), float(sampler.get("t_eps", info.t_eps)), canvas)
+        return cls(sampler, sampler.get("schedule", info.schedule), float(sampler.get("t_eps", info.t_eps)), canvas,
+                   max_new_tokens)
 
 
 @register_model("dgpt", "diffusiongpt")
@@ -115,6 +118,9 @@ class DiffusionLM(LM):
         self.name = str(pretrained or type(model).__name__)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 512))
         folder = FolderDefaults.of(model)
+        if strategy == DEFAULTS_METHOD:  # the folder's own decoding, whole: nothing else may change it
+            strategy = steps = threshold = block_size = temperature = canvas_blocks = None
+            canvas = folder.max_new_tokens
         self.sampler = SamplerConfig(**{
             **folder.sampler,
             **(method_options(strategy) if strategy is not None else {}),
@@ -243,7 +249,8 @@ class DiffusionLM(LM):
                 rows.append(row)
                 owner.append(p)
                 seeds.append(stable_seed(kind, self.seed, w, *row.ids, "|", *row.targets))
-        common = {"mask_id": self.ids.mask, "pad_id": self.ids.pad, "batch_size": self.batch_size}
+        common = {"mask_id": self.ids.mask, "pad_id": self.ids.pad, "batch_size": self.batch_size,
+                  "block_size": trained_block_size(self.model)}
         if kind == "mc":
             nll = mc_nll(self.model, rows, seeds, mc_num=self.mc_num, **common)
         else:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dgpt_core.diffusion.elbo import Row, elbo_nll, stable_seed
+from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.schedules import NoiseSchedule
 
 
@@ -68,7 +69,7 @@ def ppl_bound(
     seeds = [stable_seed("ppl", seed, *r.ids) for r in rows]
     nll = elbo_nll(
         model, rows, seeds, mask_id=mask_id, pad_id=pad_id, schedule=schedule,
-        t_points=t_points, mask_draws=mask_draws, batch_size=batch_size,
+        t_points=t_points, mask_draws=mask_draws, batch_size=batch_size, block_size=trained_block_size(model),
     )
     stats = summarize(nll, counts)
     scored = sum(len(r.targets) for r in rows)

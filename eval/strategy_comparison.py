@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dgpt_core.config.evaluation import DEFAULTS_METHOD
 from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 
 from .metrics.repetition.repetition import repetition_metrics
@@ -29,7 +30,8 @@ def compare_strategies(
     keep_samples: int = 3,
     score: Callable[[int, str], dict[str, float]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, str]]]]:
-    """Per strategy: metrics {distinct_1/2/3, rep_4, unigram_entropy, loop_rate, mean_length
+    """`defaults` among the strategies decodes with the model folder's sampler defaults (seed and
+    token temperature of `config`). Per strategy: metrics {distinct_1/2/3, rep_4, unigram_entropy, loop_rate, mean_length
     (answer tokens), stop_rate, nfe (forward passes per sampler call), nfe_total, seconds,
     ms_per_sample, n_samples}; and the first `keep_samples` (prompt, output) pairs. `batch_size`:
     prompts per sampler call (the caller's EvalConfig.batch_size). `score(prompt index, output
@@ -38,7 +40,8 @@ def compare_strategies(
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     for strategy in strategies:
-        cfg = config.for_method(strategy)
+        cfg = (SamplerConfig.of_model(model).replace(seed=config.seed, temperature=config.temperature)
+               if strategy == DEFAULTS_METHOD else config.for_method(strategy))
         answers: list[list[int]] = []
         stopped: list[bool] = []
         nfes: list[int] = []

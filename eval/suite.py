@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from dgpt_core.config.evaluation import EvalConfig
+from dgpt_core.config.evaluation import DEFAULTS_METHOD, EvalConfig
+from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.sampler import SamplerConfig, TokenIds
 from dgpt_core.generation.schedules import get_schedule
 from dgpt_core.models.info import ModelInfo, model_info_of
@@ -84,8 +85,11 @@ class _Suite:
         """The SFT answer canvas the model was trained on: the skills canvas unless cfg sets one."""
         self.long_canvas = cfg.long_canvas(self.info.trained_long_canvas if self.info else None)
         """Canvas of long answers (biography requests)."""
-        self.long_blocks = functools.partial(min, cfg.long_answer_blocks)
-        """steps -> canvas_blocks of long answers (cfg.long_answer_blocks, at most one per step)."""
+        self.block_size = trained_block_size(self.model)
+        """The block size of a block-causal model (None: a full-canvas model)."""
+        self.long_blocks = (lambda steps: 1) if self.block_size else functools.partial(min, cfg.long_answer_blocks)
+        """steps -> canvas_blocks of long answers (cfg.long_answer_blocks, at most one per step; a
+        block-causal model decodes left to right by itself)."""
         self.samples: dict[str, Any] = {}
         """Generations of the repetition study kept for the report."""
         self.answer_rows: list[dict[str, Any]] = []
@@ -127,6 +131,8 @@ class _Suite:
 
         cfg = self.cfg
         canvas = canvas or (cfg.skills_canvas if skills_canvas else None) or self.trained_canvas
+        if strategy == DEFAULTS_METHOD:
+            canvas = canvas_blocks = None  # the adapter takes the folder's own
         return DiffusionLM(
             model=self.model, tokenizer=self.tok, strategy=strategy, steps=steps, threshold=cfg.threshold,
             block_size=cfg.block_size, canvas_blocks=canvas_blocks,

@@ -306,8 +306,8 @@ def _adopt_eval_sampler_defaults(model_dir: str, cfg: EvalConfig, metrics: dict[
     benchmarks = metrics.get("benchmarks", {})
     info = read_model_info(model_dir)
     task = next((t for t in SAMPLER_CHOICE_TASKS if t in benchmarks), None)
-    if task is None or info is None:
-        return
+    if task is None or info is None or info.block_size:
+        return  # a block-causal model keeps the defaults it was saved with, which the eval measured as `defaults`
     canvas = cfg.skills_canvas or info.answer_canvas
     base = {"schedule": info.schedule, "t_eps": info.t_eps, "temperature": cfg.temperature,
             "threshold": cfg.threshold, "block_size": cfg.block_size, "seed": cfg.seed}

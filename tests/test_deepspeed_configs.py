@@ -1,7 +1,8 @@
 """Every DeepSpeed config shipped in dgpt_core/training/deepspeed: it parses, its ZeRO section validates, its
 name says its stage, and one training step through our trainer (`train_stage`, CPU accelerator)
 runs under it with that stage actually in force, and gives the same loss and the same updated
-weights as the same step without DeepSpeed. New JSON files in the folder are covered automatically.
+weights as the same step without DeepSpeed; the same again with block-causal training
+(`diffusion.block_size`). New JSON files in the folder are covered automatically.
 
 Configs that offload the optimizer to the CPU use DeepSpeedCPUAdam, whose C++ op is JIT-compiled on
 first use (measured: 220 s on 2 CPU cores, then ~5-10 s per run from the torch extensions cache), so
@@ -115,8 +116,12 @@ class OptimizerProbe(TrainerCallback):
         self.optimizer = optimizer
 
 
-def one_step(inputs: dict[str, Path], out: Path, deepspeed: str | None, probe: OptimizerProbe | None = None):
-    run = load_run_config("ci", [*TINY, f"pretrain.deepspeed={deepspeed or 'null'}"])
+BLOCKS = ["pretrain.diffusion.block_size=8"]  # block-causal pretraining: BD3-LM's vectorised batch
+
+
+def one_step(inputs: dict[str, Path], out: Path, deepspeed: str | None, probe: OptimizerProbe | None = None,
+             overrides: tuple[str, ...] = ()):
+    run = load_run_config("ci", [*TINY, *overrides, f"pretrain.deepspeed={deepspeed or 'null'}"])
     return train_stage(run, "pretrain", inputs["data"], inputs["tokenizer"], out, init_model_dir=inputs["init"],
                        callbacks=[probe] if probe else None, show_progress=False)
 
@@ -125,17 +130,26 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in ModernBertForMaskedLM.from_pretrained(model_dir).state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def reference(inputs, tmp_path_factory):
+def plain_step(inputs: dict[str, Path], out: Path, overrides: tuple[str, ...] = ()):
     """The same step without DeepSpeed: (train_loss, updated weights)."""
     from accelerate.state import AcceleratorState
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACCELERATE_USE_DEEPSPEED", "false")
         AcceleratorState._reset_state(reset_partial_state=True)
-        result = one_step(inputs, tmp_path_factory.mktemp("plain"), None)
+        result = one_step(inputs, out, None, overrides=overrides)
         AcceleratorState._reset_state(reset_partial_state=True)
     return result.metrics["train_loss"], weights(result.model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    return plain_step(inputs, tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def block_reference(inputs, tmp_path_factory):
+    return plain_step(inputs, tmp_path_factory.mktemp("plain_blocks"), tuple(BLOCKS))
 
 
 def zero_in_force(optimizer) -> tuple[int, bool]:
@@ -191,3 +205,24 @@ def test_one_training_step_on_cpu(path, inputs, reference, tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", [_case(p) for p in CONFIGS])
+def test_one_block_diffusion_step_on_cpu(path, inputs, block_reference, tmp_path):
+    """Block-causal training (noisy and clean copies side by side under the block mask) under every
+    ZeRO config: same loss and weights as the plain step, and the folder records its block size."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from dgpt_core.generation.options import trained_block_size
+
+    ref_loss, ref_weights = block_reference
+    probe = OptimizerProbe()
+    result = one_step(inputs, tmp_path / path.stem, path.stem, probe, tuple(BLOCKS))
+    unset_hf_deepspeed_config()
+    assert zero_in_force(probe.optimizer) == (_zero(path)["stage"], _offloads(path))
+    assert result.metrics["steps"] == 1 and math.isfinite(result.metrics["val_elbo"])
+    assert result.metrics["train_loss"] == pytest.approx(ref_loss, rel=1e-5)
+    got = weights(result.model_dir)
+    for key in got:
+        torch.testing.assert_close(got[key], ref_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert trained_block_size(ModernBertForMaskedLM.from_pretrained(result.model_dir)) == 8

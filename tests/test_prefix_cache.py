@@ -1,4 +1,5 @@
-"""The approximate prefix cache: its forward against transformers' ModernBERT, and in the sampler."""
+"""The forward with a key/value cache against transformers' ModernBERT, and the approximate prefix
+cache of full-canvas models in the sampler."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from transformers import ModernBertForMaskedLM
 
-from dgpt_core.generation.attention import encode
+from dgpt_core.generation.attention import PrefixCache, encode, layer_masks, padding_mask
 from dgpt_core.generation.sampler import SamplerConfig, generate
 
 from .tiny_models import IDS, PROMPTS, tiny_modernbert
@@ -31,26 +32,31 @@ def left_padded(rows: int = 3, length: int = 30) -> tuple[torch.Tensor, torch.Te
 def test_encode_without_cache_is_the_models_forward(model):
     ids, attn = left_padded()
     reference = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
-    block, cache = encode(model.model, ids, attn, width=20)
-    assert torch.allclose(block, reference[:, 20:], atol=1e-5)
-    assert len(cache.keys) == model.config.num_hidden_layers
-    assert cache.keys[0].shape == (3, 2, 20, 16)
+    positions = torch.arange(ids.shape[1])
+    hidden, keys, values = encode(model.model, ids, positions,
+                                  layer_masks(model.config, padding_mask(attn, ids.shape[1]), positions, positions))
+    assert torch.allclose(hidden[attn.bool()], reference[attn.bool()], atol=1e-5)
+    assert len(keys) == len(values) == model.config.num_hidden_layers
+    assert keys[0].shape == (3, 2, 30, 16)
 
 
 @torch.inference_mode()
-def test_encode_from_the_cache(model):
+def test_the_prefix_cache(model):
     """The block alone against the cache: exact while the block is what the cache saw, an
     approximation once it changed (the context's keys still reflect the old block)."""
     ids, attn = left_padded()
-    _, cache = encode(model.model, ids, attn, width=20)
-    same, _ = encode(model.model, ids[:, 20:], attn, 20, cache)
-    assert torch.allclose(same, model.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, 20:], atol=1e-5)
+    rows = torch.arange(3)
+    prefix = PrefixCache(model.model, 20)
+    first = prefix(ids, attn, rows)
+    reference = model.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, 20:]
+    assert torch.allclose(first, reference, atol=1e-5) and prefix.cache.length == 20
+    assert torch.allclose(prefix(ids, attn, rows), reference, atol=1e-5)
     changed = ids.clone()
     changed[:, 20:] = IDS.mask
-    approx, _ = encode(model.model, changed[:, 20:], attn, 20, cache)
+    approx = prefix(changed, attn, rows)
     exact = model.model(input_ids=changed, attention_mask=attn).last_hidden_state[:, 20:]
     assert not torch.allclose(approx, exact, atol=1e-5)
-    subset, _ = encode(model.model, changed[1:, 20:], attn[1:], 20, cache.rows(torch.tensor([1, 2])))
+    subset = prefix(changed[1:], attn[1:], torch.tensor([1, 2]))
     assert torch.allclose(subset, approx[1:], atol=1e-5)
 
 

@@ -53,7 +53,8 @@ def test_token_and_sequence_normalisation(tiny_model, tiny_tokenizer):
 
     nll = token_nll(logits_at(tiny_model, batch["input_ids"], batch["attention_mask"], scored), batch["labels"][scored], mask_id)
     rows = scored.nonzero()[:, 0]
-    weight = torch.where(batch["masked_positions"][scored], batch["loss_weight"][rows], 1.0)
+    assert torch.equal(batch["loss_weight"], (1.0 / batch["t"])[:, None].expand_as(batch["loss_weight"]))  # linear: w = 1/t
+    weight = torch.where(batch["masked_positions"][scored], batch["loss_weight"][scored], 1.0)
     assert torch.isclose(token.total, (nll * weight).sum() / eligible.sum(), rtol=1e-5)
     per_row = torch.zeros(len(eligible)).index_add(0, rows, nll * weight) / eligible
     assert torch.isclose(seq.total, per_row.mean(), rtol=1e-5)

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 
 from dgpt_core.generation.pipeline import TextDiffusionPipeline
 
-from .batching import BatchDecoder, Canvas, DecodeJob, Event, Failed, Finished
+from .batching import BatchDecoder, Canvas, DecodeJob, Delta, Event, Failed, Finished
 from .jobs import ModelService
 from .metrics import ServerMetrics
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_body
@@ -99,7 +99,7 @@ def create_app(pipe: TextDiffusionPipeline, settings: ServeSettings) -> FastAPI:
         job = make_job(req, asyncio.get_running_loop())
         streamed, usage_chunk = req.stream, req.stream_options is not None and req.stream_options.include_usage
         decoder.submit(job)
-        reply = Reply(service.model_id, kind, len(job.prompt_ids))
+        reply = Reply(service.model_id, kind, job.prompt_tokens)
         if streamed:
             metrics.count_request(request.url.path, 200)
             return StreamingResponse(reply.events(job, usage_chunk), media_type="text/event-stream",
@@ -183,10 +183,12 @@ class Reply:
     async def events(self, job: DecodeJob, usage_chunk: bool) -> AsyncIterator[str]:
         """The server-sent events of a streamed answer: a role chunk per choice (chat), a chunk
         without choices carrying the canvas after every denoising step (when `denoise` was asked),
-        then per choice its text and its finish reason, the extras on the last chunk."""
+        a text chunk per choice and finished block (semi-autoregressive and block-causal decoding),
+        then per choice the rest of its text and its finish reason, the extras on the last chunk."""
         try:
+            sent = [""] * job.rows
             if self.kind == "chat":
-                for i in range(job.n):
+                for i in range(job.rows):
                     yield sse(self._chunk(i, None, None, first=True))
             while True:
                 event: Event = await job.events.get()
@@ -195,11 +197,19 @@ class Reply:
                                "seconds": round(time.perf_counter() - self.start, 4)}
                     yield sse({**self._envelope(True), "choices": [], "denoise": denoise})
                     continue
+                if isinstance(event, Delta):
+                    for i, text in enumerate(event.texts):
+                        if text:
+                            sent[i] += text
+                            yield sse(self._chunk(i, text, None))
+                    continue
                 if isinstance(event, Failed):
                     yield sse(ApiError(500, event.message, type="server_error").body())
                     break
                 for i, a in enumerate(event.answers):
-                    yield sse(self._chunk(i, a.text, None))
+                    rest = a.text[len(sent[i]):] if a.text.startswith(sent[i]) else a.text
+                    if rest or not sent[i]:
+                        yield sse(self._chunk(i, rest, None))
                 for i, a in enumerate(event.answers):
                     last = i == len(event.answers) - 1
                     yield sse({**self._chunk(i, None, a.finish_reason), **(self._extras(event) if last else {})})

@@ -9,6 +9,9 @@ it would make the text depend on the other requests (and differ between streamed
 
 The worker never waits on a client: every update goes into the request's own asyncio queue
 (unbounded; at most one canvas per denoising step), read by the HTTP handler at the client's pace.
+When a block of a semi-autoregressive or block-causal decode is finished, each choice's new text
+(what that block added, cut at stop tokens and strings) is sent as a `Delta`, so a streamed answer
+arrives block by block.
 """
 
 from __future__ import annotations
@@ -67,14 +70,22 @@ class Failed:
     message: str
 
 
-Event = Canvas | Finished | Failed
+@dataclass
+class Delta:
+    """The text each choice of the request gained with the block just finished ("" where none)."""
+
+    texts: list[str]
+
+
+Event = Canvas | Delta | Finished | Failed
 
 
 @dataclass(eq=False)
 class DecodeJob:
     """One API request as the worker sees it."""
 
-    prompt_ids: list[int]
+    prompts: list[list[int]]
+    """Token ids of each prompt; every prompt is answered `n` times (choice p * n + i)."""
     config: SamplerConfig
     n: int
     answer_limit: int
@@ -87,6 +98,15 @@ class DecodeJob:
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     """Set by the handler when the client went away: the job is dropped if not yet decoding."""
+
+    @property
+    def rows(self) -> int:
+        """Sequences this job decodes (its choices)."""
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
     @property
     def batch_key(self) -> Hashable:
@@ -150,7 +170,7 @@ class BatchDecoder:
         # a seeded job decodes alone: nothing can join it, so it does not wait out the window
         window = self.settings.batch_window_ms / 1000 if self._pending[0].config.seed is None else 0
         key = self._pending[0].batch_key
-        while window and sum(j.n for j in self._pending if j.batch_key == key) < self.settings.max_batch_size:
+        while window and sum(j.rows for j in self._pending if j.batch_key == key) < self.settings.max_batch_size:
             left = self._pending[0].arrived + window - time.monotonic()
             if left <= 0:
                 break
@@ -163,21 +183,25 @@ class BatchDecoder:
             self._pending.append(job)
         group, rows = [], 0
         for job in list(self._pending):
-            if job.batch_key == key and (not group or rows + job.n <= self.settings.max_batch_size):
+            if job.batch_key == key and (not group or rows + job.rows <= self.settings.max_batch_size):
                 group.append(job)
-                rows += job.n
+                rows += job.rows
                 self._pending.remove(job)
         return group
 
     def _decode(self, group: list[DecodeJob]) -> None:
-        prompts = [job.prompt_ids for job in group for _ in range(job.n)]
+        prompts = [prompt for job in group for prompt in job.prompts for _ in range(job.n)]
         config = group[0].config
         start = time.perf_counter()
         try:
-            state = None
+            state = previous = None
+            sent = [[""] * job.rows for job in group]
             for state in stream(self.pipe.model, prompts, self.pipe.token_ids, config):
+                if previous is not None and state.block != previous.block:  # the previous block is final
+                    self._send_deltas(group, previous.canvas, config, sent)
                 if not state.done:
                     self._send_canvases(group, state.canvas, state.step, state.nfe, config)
+                previous = state
             assert state is not None
             answers = self._answers(group, state.canvas, config)
         except Exception as err:  # one failed batch must not stop the server
@@ -192,6 +216,23 @@ class BatchDecoder:
         for job, job_answers in zip(group, answers):
             job.send(Finished(job_answers, state.nfe, len(prompts)))
 
+    def _send_deltas(self, group: list[DecodeJob], finished: torch.Tensor, config: SamplerConfig,
+                     sent: list[list[str]]) -> None:
+        """A Delta to every job of the group: per choice, the text of its finished blocks beyond what
+        it was sent (`sent`, brought up to date); nothing where that text does not extend it."""
+        ids_per_row, _ = cut_at_stop(finished, config.stop_ids(self.pipe.token_ids))
+        row = 0
+        for job, job_sent in zip(group, sent):
+            texts = []
+            for i, ids in enumerate(ids_per_row[row : row + job.rows]):
+                text = self._answer(ids, False, job).text
+                grown = text.startswith(job_sent[i]) and len(text) > len(job_sent[i])
+                texts.append(text[len(job_sent[i]):] if grown else "")
+                job_sent[i] = text if grown else job_sent[i]
+            if any(texts):
+                job.send(Delta(texts))
+            row += job.rows
+
     def _send_canvases(self, group: list[DecodeJob], canvas: torch.Tensor, step: int, nfe: int,
                        config: SamplerConfig) -> None:
         """A Canvas event to every live job of the group: its rows of `canvas`, rendered."""
@@ -201,9 +242,9 @@ class BatchDecoder:
         stops, rows, row = config.stop_ids(ids), canvas.tolist(), 0
         for job in group:
             if job.live:
-                texts = [render(tok, r[: job.answer_limit], ids.mask, stops) for r in rows[row : row + job.n]]
+                texts = [render(tok, r[: job.answer_limit], ids.mask, stops) for r in rows[row : row + job.rows]]
                 job.send(Canvas(step, nfe, texts))
-            row += job.n
+            row += job.rows
 
     def _answers(self, group: list[DecodeJob], canvas: torch.Tensor, config: SamplerConfig) -> list[list[Answer]]:
         """Per job, its answers: cut at the first stop token, at `answer_limit` tokens, then before
@@ -212,10 +253,10 @@ class BatchDecoder:
         out, row = [], 0
         for job in group:
             answers = []
-            for ids, hit_stop in zip(ids_per_row[row : row + job.n], stopped[row : row + job.n]):
+            for ids, hit_stop in zip(ids_per_row[row : row + job.rows], stopped[row : row + job.rows]):
                 answers.append(self._answer(ids, hit_stop, job))
             out.append(answers)
-            row += job.n
+            row += job.rows
         return out
 
     def _answer(self, ids: list[int], hit_stop: bool, job: DecodeJob) -> Answer:

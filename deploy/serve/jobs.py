@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dgpt_core._cli.generate import chat_context
-from dgpt_core.generation.options import STRATEGIES, SamplerConfig, method_options
+from dgpt_core.generation.options import STRATEGIES, SamplerConfig, method_options, trained_block_size
 from dgpt_core.generation.pipeline import Message, TextDiffusionPipeline, is_empty_prompt
 from dgpt_core.models.info import model_info_of, read_sampler_defaults
 
@@ -33,6 +33,8 @@ class ModelService:
         info = model_info_of(pipe.model)
         self.context_messages = None if info is None else info.context_messages
         self.max_len: int | None = getattr(pipe.model.config, "max_position_embeddings", None)
+        self.block_size = trained_block_size(pipe.model)
+        """A block-causal model's block size: its answers have any length up to max_tokens, block by block."""
 
     def describe(self) -> dict[str, Any]:
         """The model object of GET /v1/models, with the sampler facts the chat page needs."""
@@ -54,21 +56,24 @@ class ModelService:
         chat = chat_context(messages[lead:], system, self.context_messages)
         if not messages[lead:] or is_empty_prompt(chat):
             raise ApiError(400, "no user message with content to answer", param="messages", code="empty_prompt")
-        prompt_ids = self.pipe.preprocess([chat])["prompt_ids"][0]
+        prompt_ids = self.pipe.preprocess([chat])["prompt_ids"]
         return self._job(req, prompt_ids, "messages", loop)
 
     def completion_job(self, req: CompletionRequest, loop: asyncio.AbstractEventLoop) -> DecodeJob:
-        if is_empty_prompt(req.prompt):
-            raise ApiError(400, "empty prompt: give some text to continue", param="prompt", code="empty_prompt")
-        prompt_ids = self.pipe.preprocess([req.prompt])["prompt_ids"][0]
-        return self._job(req, prompt_ids, "prompt", loop)
+        prompts = req.prompts()
+        for i, prompt in enumerate(prompts):
+            if is_empty_prompt(prompt):
+                where = "" if isinstance(req.prompt, str) else f" (prompt {i})"
+                raise ApiError(400, f"empty prompt{where}: give some text to continue", param="prompt",
+                               code="empty_prompt")
+        return self._job(req, self.pipe.preprocess(prompts)["prompt_ids"], "prompt", loop)
 
-    def _job(self, req: CommonRequest, prompt_ids: list[int], prompt_param: str,
+    def _job(self, req: CommonRequest, prompts: list[list[int]], prompt_param: str,
              loop: asyncio.AbstractEventLoop) -> DecodeJob:
         limits = self.settings
-        if req.n > limits.max_n:
-            raise ApiError(400, f"n={req.n} is over this server's limit of {limits.max_n}", param="n",
-                           code="n_too_large")
+        if len(prompts) * req.n > limits.max_n:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={req.n} answers is over this server's limit of "
+                           f"{limits.max_n} per request", param="n", code="n_too_large")
         stop = req.stop_strings()
         if len(stop) > limits.max_stop_sequences:
             raise ApiError(400, f"{len(stop)} stop sequences: at most {limits.max_stop_sequences}", param="stop")
@@ -80,13 +85,14 @@ class ModelService:
         if base.steps > limits.max_steps:
             raise ApiError(400, f"steps={base.steps} is over this server's limit of {limits.max_steps}",
                            param="sampler.steps")
-        config, answer_limit = fit_canvas(base, answer_limit)
-        width = min(config.block_size or config.max_new_tokens, config.max_new_tokens)
-        if self.max_len is not None and len(prompt_ids) + width > self.max_len:
-            raise ApiError(400, f"the prompt of {len(prompt_ids)} tokens and a canvas of {width} exceed the "
+        config, answer_limit = fit_canvas(base, answer_limit, self.block_size)
+        width = min(self.block_size or config.block_size or config.max_new_tokens, config.max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        if self.max_len is not None and longest + width > self.max_len:
+            raise ApiError(400, f"the prompt of {longest} tokens and a canvas of {width} exceed the "
                            f"model's context of {self.max_len} tokens", param=prompt_param,
                            code="context_length_exceeded")
-        return DecodeJob(prompt_ids, config, req.n, answer_limit, stop, req.stream and req.denoise, loop)
+        return DecodeJob(prompts, config, req.n, answer_limit, stop, req.stream and req.denoise, loop)
 
     def _sampler_config(self, req: CommonRequest) -> SamplerConfig:
         """The request's sampler settings over the folder's defaults; a 400 when invalid."""
@@ -108,12 +114,17 @@ class ModelService:
             raise ApiError(400, str(err), param="sampler") from None
 
 
-def fit_canvas(config: SamplerConfig, max_tokens: int | None) -> tuple[SamplerConfig, int]:
-    """The sampler settings and the tokens kept per answer for `max_tokens`: up to the model's
-    canvas (`max_new_tokens` of its defaults) the canvas is decoded whole and the answer cut to
-    max_tokens, since the model was trained on that canvas; beyond it, the canvas grows by whole
-    blocks of the canvas size (or the `block_size` asked for), decoded semi-autoregressively."""
+def fit_canvas(config: SamplerConfig, max_tokens: int | None,
+               trained_block: int | None = None) -> tuple[SamplerConfig, int]:
+    """The sampler settings and the tokens kept per answer for `max_tokens`. A block-causal model
+    (`trained_block`) decodes block by block until a stop token, so max_tokens is its limit as it
+    is. A full-canvas model: up to its canvas (`max_new_tokens` of its defaults) the canvas is
+    decoded whole and the answer cut to max_tokens, since the model was trained on that canvas;
+    beyond it, the canvas grows by whole blocks of the canvas size (or the `block_size` asked for),
+    decoded semi-autoregressively."""
     canvas = config.max_new_tokens
+    if trained_block is not None and max_tokens is not None:
+        return config.replace(max_new_tokens=max_tokens), max_tokens
     if max_tokens is None or max_tokens <= canvas:
         return config, max_tokens or canvas
     block = config.block_size or canvas

@@ -52,7 +52,8 @@ class SamplerOptions(BaseModel):
     edit: bool | None = None
     """Seed-Diffusion editing of visible tokens."""
     prefix_cache: bool | None = None
-    """Approximate prefix cache (fast decoding)."""
+    """Key/value cache of the context: exact for a block-causal model (on by default), Fast-dLLM's
+    approximate prefix cache for a full-canvas one (off by default)."""
 
     def given(self) -> dict[str, Any]:
         """The options set in the request."""
@@ -126,8 +127,12 @@ class ChatCompletionRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: str
-    """Plain text to continue (one prompt per request)."""
+    prompt: str | list[str] = Field(min_length=1)
+    """Plain text to continue, or a list of texts (decoded in one batch; choice p * n + i answers
+    prompt p), as OpenAI's API takes it."""
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:

@@ -40,5 +40,11 @@ class DiffusionConfig(StrictConfig):
     insert_copy_prob: float = Field(0.5, ge=0.0, le=1.0)
     """Share of inserted tokens that copy the token they precede (a duplicated word); the rest
     are random non-special tokens."""
+    block_size: int | None = Field(None, gt=0)
+    """Block diffusion (BD3-LM): the eligible tokens (the SFT answer, or the whole text in
+    pretraining) are cut into blocks of this many tokens, each noised at its own t and predicted
+    from the context, the clean earlier blocks and its own noisy tokens (attention bidirectional
+    inside a block, causal across blocks; one forward scores every block, on the noisy copy and a
+    clean copy side by side). None: the full-canvas model, all eligible tokens one block."""
     seed: int = 0
     """Seed of the collator's generator; each batch derives its own stream from it."""

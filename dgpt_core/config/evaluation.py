@@ -17,6 +17,8 @@ LOCAL_TASKS = ("ppl", "dgpt_skills", "dgpt_chitchat_mc", "dgpt_heldout_text", "r
                "dgpt_world", "storage")
 """Tasks that run offline: the perplexity bounds, the local lm-eval tasks, the repetition study,
 the editing metric, the synthetic world's QA tasks and storage probe."""
+DEFAULTS_METHOD = "defaults"
+"""The decoding method of `EvalConfig.strategies` that is the model folder's sampler defaults."""
 DEFAULT_LONG_ANSWER_CANVAS = 64
 """Canvas of long answers for a model that records none (a biography is 30-60 tokens)."""
 
@@ -36,7 +38,8 @@ class EvalConfig(StrictConfig):
     strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES))
     """Decoding methods compared in every generative task, at the same steps and seed: a strategy
     of the sampler's table, optionally with `+modifier`s (`confidence+guard`: the n-gram repetition
-    guard; `random+remdm_cap`: ReMDM remasking; see generation.options.MODIFIERS)."""
+    guard; `random+remdm_cap`: ReMDM remasking; see generation.options.MODIFIERS); and `defaults`:
+    the model folder's own sampler defaults, whole (what a user gets with no flags)."""
     steps: int = Field(16, ge=1)
     """Denoising steps (per block when block_size is set) of every generation; for the
     `threshold` strategy a cap (it stops once nothing is left to decode)."""
@@ -146,7 +149,8 @@ class EvalConfig(StrictConfig):
         if not value:
             raise ValueError(f"no strategies; choose from {list(STRATEGIES)}")
         for name in value:
-            method_options(name)  # raises on an unknown strategy or modifier
+            if name != DEFAULTS_METHOD:
+                method_options(name)  # raises on an unknown strategy or modifier
         return value
 
     @field_validator("steps_grid")

@@ -15,6 +15,7 @@ import torch
 
 from ..config import DiffusionConfig
 from ..generation.schedules import get_schedule, sample_t
+from .blocks import block_ids, block_times, vectorise
 
 IGNORE_INDEX = -100
 _HASH_MOD = (1 << 61) - 1
@@ -55,8 +56,12 @@ class DiffusionCollator:
                                  spurious tokens), else -100;
       masked_positions           positions replaced by <|mask|> (weighted MDLM loss);
       edit_positions             visible positions scored by the unweighted edit loss;
-      t, loss_weight             per-sequence diffusion time and ELBO weight w(t);
+      loss_weight                per position, the ELBO weight w(t) of its diffusion time;
+      t                          the diffusion times: one per sequence, or one per block;
       edit_active, edit_prob     curriculum state of this batch (0-dim tensors, for logging).
+    With `block_size` (block diffusion) the rows are in the vectorised form of
+    `dgpt_core.diffusion.blocks` and carry `position_ids`, `block_ids` and `block_noisy` too: every
+    block has its own t, and the clean copy that follows the corrupted row is never scored.
     """
 
     def __init__(
@@ -171,38 +176,57 @@ class DiffusionCollator:
     ) -> dict[str, torch.Tensor]:
         """Mask, swap and insert on a padded batch; see the class docstring for the outputs."""
         batch, length = input_ids.shape
-        t = sample_t(batch, generator, self.cfg.t_eps, self.cfg.t_sampling)
-        mask_prob = self.schedule.mask_prob(t)
+        block_size = self.cfg.block_size
+        blocks = block_ids(eligible, block_size) if block_size else None
+        count = batch if blocks is None else int(blocks.max(1).values.sum())
+        t = sample_t(count, generator, self.cfg.t_eps, self.cfg.t_sampling)
+        t_at = t[:, None].expand(batch, length) if blocks is None else block_times(blocks, t)
         draws = torch.rand((batch, length), generator=generator)
-        masked = eligible & (draws < mask_prob[:, None])
+        masked = eligible & (draws < self.schedule.mask_prob(t_at))
         labels = torch.where(eligible, input_ids, IGNORE_INDEX)
         noisy = torch.where(masked, self.mask_id, input_ids)
         edit_scored = torch.zeros_like(masked)
+        # per position: (value, fill where rows grow, value at an inserted token)
+        columns = {"input_ids": noisy, "attention_mask": attention_mask.bool(), "labels": labels,
+                   "masked_positions": masked, "edit_positions": edit_scored, "loss_weight": self.schedule.weight(t_at)}
+        if blocks is not None:
+            columns["block_ids"] = blocks
 
         if state.active:
             visible = eligible & ~masked
             swapped = visible & (torch.rand((batch, length), generator=generator) < state.edit_prob)
-            noisy = torch.where(swapped, self._random_other_tokens(input_ids, generator), noisy)
-            edit_scored = visible if self.cfg.edit_loss_targets == "visible" else swapped
+            columns["input_ids"] = torch.where(swapped, self._random_other_tokens(input_ids, generator), noisy)
+            columns["edit_positions"] = visible if self.cfg.edit_loss_targets == "visible" else swapped
             if state.insert_prob > 0:
                 inserts = visible & (torch.rand((batch, length), generator=generator) < state.insert_prob)
                 if inserts.any():
-                    spurious = self._spurious_tokens(noisy, generator)
-                    noisy, attention_mask, labels, masked, edit_scored = self._insert_spurious(
-                        inserts, spurious, noisy, attention_mask, labels, masked, edit_scored
-                    )
+                    spurious = self._spurious_tokens(columns["input_ids"], generator)
+                    columns = self._insert_spurious(inserts, spurious, columns)
 
+        columns["attention_mask"] = columns["attention_mask"].long()
+        if blocks is not None:
+            columns = self._vectorise(columns, input_ids, eligible, blocks)
         return {
-            "input_ids": noisy,
-            "attention_mask": attention_mask.long(),
-            "labels": labels,
-            "masked_positions": masked,
-            "edit_positions": edit_scored,
+            **columns,
             "t": t,
-            "loss_weight": self.schedule.weight(t),
             "edit_active": torch.tensor(float(state.active)),
             "edit_prob": torch.tensor(state.edit_prob),
         }
+
+    def _vectorise(self, columns: dict[str, torch.Tensor], clean_ids: torch.Tensor, eligible: torch.Tensor,
+                   blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The corrupted rows followed by the clean copy of their eligible tokens but the last block
+        (`dgpt_core.diffusion.blocks.vectorise`)."""
+        noisy = dict(columns)
+        real = noisy.pop("attention_mask").bool()
+        noisy.update(keep=real, position_ids=torch.arange(real.shape[1]).expand_as(real),
+                     block_noisy=noisy["labels"] != IGNORE_INDEX)
+        last = blocks.max(1, keepdim=True).values
+        clean = {"input_ids": clean_ids, "keep": eligible & (blocks < last), "block_ids": blocks,
+                 "position_ids": torch.arange(clean_ids.shape[1]).expand_as(clean_ids),
+                 "block_noisy": torch.zeros_like(eligible)}
+        fills = {"labels": IGNORE_INDEX, "masked_positions": False, "edit_positions": False, "loss_weight": 0.0}
+        return vectorise(noisy, clean, fills, self.pad_id)
 
     def _random_other_tokens(self, original: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random non-special token per position, never equal to the original token."""
@@ -221,21 +245,14 @@ class DiffusionCollator:
         return torch.where(copy, visible_ids, self._random_other_tokens(visible_ids, generator))
 
     def _insert_spurious(
-        self,
-        inserts: torch.Tensor,
-        spurious: torch.Tensor,
-        noisy: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        masked: torch.Tensor,
-        edit_scored: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
+        self, inserts: torch.Tensor, spurious: torch.Tensor, columns: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Insert `spurious[r, p]` before each position (r, p) of `inserts`, labelled <|delete|> and
         scored by the edit loss: the model sees an ordinary token and learns to flag it (the
         <|delete|> token itself never enters the input). Rows shift right; the batch grows by the
         largest insertion count up to max_length, and a row that then overflows loses tokens from
         its end, never its start, and never an inserted token without its label."""
-        batch, length = noisy.shape
+        batch, length = inserts.shape
         shift = inserts.long().cumsum(dim=1)
         new_pos = torch.arange(length)[None, :] + shift
         out_len = min(self.max_length, length + int(shift[:, -1].max()))
@@ -249,10 +266,11 @@ class DiffusionCollator:
             out[rows[ins], new_pos[ins] - 1] = at_insert[ins] if isinstance(at_insert, torch.Tensor) else at_insert
             return out
 
-        return (
-            scatter(noisy, self.pad_id, spurious),
-            scatter(attention_mask.bool(), False, True),
-            scatter(labels, IGNORE_INDEX, self.delete_id),
-            scatter(masked, False, False),
-            scatter(edit_scored, False, True),
-        )
+        # per column: the value where a row grows, and at an inserted token (its block and weight
+        # are those of the token it precedes)
+        rules = {"input_ids": (self.pad_id, spurious), "attention_mask": (False, True),
+                 "labels": (IGNORE_INDEX, self.delete_id), "masked_positions": (False, False),
+                 "edit_positions": (False, True), "loss_weight": (0.0, columns["loss_weight"])}
+        if "block_ids" in columns:
+            rules["block_ids"] = (0, columns["block_ids"])
+        return {name: scatter(columns[name], *rules[name]) for name in columns}

@@ -17,7 +17,7 @@ import datasets
 import torch
 
 from ..generation.schedules import NoiseSchedule
-from ..models.backbone import logits_at
+from .blocks import masked_logits
 from .loss import token_nll
 
 
@@ -84,8 +84,11 @@ def score_variants(
     mask_id: int,
     pad_id: int,
     batch_size: int,
+    block_size: int | None = None,
 ) -> list[float]:
-    """Per row, the sum over its variants of coeff * (sum of -log p at the masked positions). The
+    """Per row, the sum over its variants of coeff * (sum of -log p at the masked positions). A
+    block-causal model (`block_size`) scores each block of a row's targets given the clean earlier
+    ones (`blocks.masked_logits`), so the sum bounds -log p(targets | context) block by block. The
     model runs in eval mode; its train/eval mode is restored afterwards."""
     totals = torch.zeros(len(rows), dtype=torch.float64)
     device = next(model.parameters()).device
@@ -98,14 +101,18 @@ def score_variants(
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attn = torch.zeros((len(chunk), width), dtype=torch.long)
             positions = torch.zeros((len(chunk), width), dtype=torch.bool)
+            eligible = torch.zeros_like(positions)
             for i, v in enumerate(chunk):
-                row = rows[v.row].ids
-                ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-                attn[i, : len(row)] = 1
+                row = rows[v.row]
+                ids[i, : len(row.ids)] = torch.as_tensor(row.ids, dtype=torch.long)
+                attn[i, : len(row.ids)] = 1
                 positions[i, v.masked] = True
+                eligible[i, row.targets] = True
             targets = ids[positions]
+            clean = ids.clone()
             ids[positions] = mask_id
-            logits = logits_at(model, ids.to(device), attn.to(device), positions.to(device))
+            logits = masked_logits(model, ids.to(device), clean.to(device), attn.to(device), eligible.to(device),
+                                   positions.to(device), block_size, pad_id)
             nll = token_nll(logits, targets.to(device), mask_id).double().cpu()
             which = positions.nonzero(as_tuple=True)[0]
             per_variant = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, nll)
@@ -128,12 +135,13 @@ def elbo_nll(
     t_points: int,
     mask_draws: int,
     batch_size: int,
+    block_size: int | None = None,
 ) -> list[float]:
     """Per row, the ELBO bound on -log p(targets | rest) in nats (summed over the targets). The
     estimator settings have no defaults here: the eval's come from EvalConfig (ppl_t_points,
     ppl_mask_draws, batch_size), training's validation from its stage config."""
     variants = elbo_variants(rows, seeds, schedule, t_points, mask_draws)
-    return score_variants(model, rows, variants, mask_id, pad_id, batch_size)
+    return score_variants(model, rows, variants, mask_id, pad_id, batch_size, block_size)
 
 
 def dataset_rows(dataset: datasets.Dataset, max_sequences: int) -> list[Row]:
@@ -157,10 +165,11 @@ def elbo_per_token(
     schedule: NoiseSchedule,
     t_points: int,
     batch_size: int,
+    block_size: int | None = None,
 ) -> float:
     """The ELBO in nats per target token, pooled over `rows`: one mask per t of the grid, seeded
     by each row's ids, so the same model and rows always give the same number."""
     seeds = [stable_seed("val_elbo", *row.ids) for row in rows]
     nll = elbo_nll(model, rows, seeds, mask_id=mask_id, pad_id=pad_id, schedule=schedule,
-                   t_points=t_points, mask_draws=1, batch_size=batch_size)
+                   t_points=t_points, mask_draws=1, batch_size=batch_size, block_size=block_size)
     return sum(nll) / max(sum(len(row.targets) for row in rows), 1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.backbone import logits_at
+from ..models.backbone import block_inputs, logits_at
 from .collator import IGNORE_INDEX
 
 
@@ -70,12 +70,12 @@ def diffusion_loss(
     masked, edits = batch["masked_positions"], batch["edit_positions"]
     scored = masked | edits
     labels = batch["labels"]
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], scored)
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], scored, **block_inputs(batch))
     nll = token_nll(logits, labels[scored], mask_id, overwrite=True)
 
     rows = scored.nonzero(as_tuple=True)[0]
     is_masked = masked[scored]
-    weight = torch.where(is_masked, batch["loss_weight"].to(nll.dtype)[rows], edit_loss_weight)
+    weight = torch.where(is_masked, batch["loss_weight"].to(nll.dtype)[scored], edit_loss_weight)
     weighted = nll * weight
     masked_term = torch.where(is_masked, weighted, 0.0)
     edit_term = weighted - masked_term

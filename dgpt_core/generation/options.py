@@ -70,6 +70,15 @@ TokensHook = Callable[[int, torch.Tensor], torch.Tensor]
 Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
 DEFAULTS_KEY = "sampler_defaults"
 """Key of a model folder's config.json holding its default sampler options."""
+INFO_KEY = "diffusion_gpt"
+"""Key of a model folder's config.json holding what the model is (`dgpt_core.models.info.ModelInfo`)."""
+
+
+def trained_block_size(model: Any) -> int | None:
+    """The block size of a block-causal model (its config's model info records it), None for a
+    full-canvas model or one without model info."""
+    info = getattr(getattr(model, "config", None), INFO_KEY, None) or {}
+    return int(info["block_size"]) if info.get("block_size") else None
 
 
 @dataclass(frozen=True)
@@ -216,12 +225,16 @@ class SamplerConfig:
     length it was trained on). Keeps confidence-ordered decoding from filling a long canvas with
     end-of-text from the right."""
     block_size: int | None = None
-    """None: denoise the whole canvas at once; n: semi-autoregressive blocks of n tokens."""
-    prefix_cache: bool = False
-    """Approximate prefix cache (Fast-dLLM): the context's keys and values are computed on a
-    block's first forward and reused for the block's later steps, which run the layers on the
-    block alone (ModernBERT without a logits hook; otherwise ignored). `nfe` still counts every
-    forward, cheap ones included."""
+    """A full-canvas model: None denoises the whole canvas at once, n appends semi-autoregressive
+    blocks of n tokens. A block-causal model (`trained_block_size`) always decodes block by block
+    in the blocks it was trained on: None or that size."""
+    prefix_cache: bool | None = None
+    """Key/value cache of the context (ModernBERT without a logits hook; otherwise ignored). A
+    block-causal model: an exact cache of the prompt and every finished block, each computed once
+    (None = on; False decodes without it, recomputing the context at every step). A full-canvas
+    model: Fast-dLLM's approximate prefix cache, the context's keys and values computed on a block's
+    first forward and reused for its later steps (None = off). `nfe` counts every forward, cheap
+    ones included."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -253,6 +266,12 @@ class SamplerConfig:
     def replace(self, **overrides: Any) -> SamplerConfig:
         """A copy with some fields changed; unknown names raise TypeError."""
         return dataclasses.replace(self, **overrides) if overrides else self
+
+    @classmethod
+    def of_model(cls, model: Any) -> SamplerConfig:
+        """The options a model's config records (its folder's `sampler_defaults`), these defaults
+        for the rest."""
+        return cls(**(getattr(getattr(model, "config", None), DEFAULTS_KEY, None) or {}))
 
     def for_method(self, name: str) -> SamplerConfig:
         """A copy decoding by the named method (see `method_options`)."""

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .attention import PrefixCache
-from .attention import encode as encode_block
+from .attention import ContextCache, PrefixCache, block_mask, forward_masks
 from .ops import (
     PROJECTION_CHUNK,
     Drawn,
@@ -53,6 +52,7 @@ from .options import (
     StrategyRule,
     TokenIds,
     TokensHook,
+    trained_block_size,
 )
 from .schedules import NoiseSchedule
 
@@ -126,16 +126,20 @@ def stream(
     """Yield the initial canvas, then the state after every denoising step; the last has done=True.
 
     Full canvas: at most steps + 1 states (a block ends early when nothing is left to decode,
-    see `SamplerConfig.steps`). Semi-autoregressive: at most steps states per block run; a row
-    stops after the first block that contains a stop token, and the run ends when every row
-    stopped or the canvas length is reached.
+    see `SamplerConfig.steps`). Semi-autoregressive, and always for a block-causal model (blocks of
+    its trained size): at most steps states per block run; a row stops after the first block that
+    contains a stop token, and the run ends when every row stopped or `max_new_tokens` is reached.
     """
     cfg = (config or SamplerConfig()).replace(**overrides)
     device = next(model.parameters()).device
     ctx, ctx_mask = left_pad(prompts, token_ids.pad, device)
     batch = ctx.shape[0]
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    block = cfg.block_size or cfg.max_new_tokens
+    trained = trained_block_size(model)
+    if trained is not None and cfg.block_size not in (None, trained):
+        raise ValueError(f"the model is block-causal with blocks of {trained} tokens: block_size must be None or "
+                         f"{trained}, not {cfg.block_size}")
+    block = trained or cfg.block_size or cfg.max_new_tokens
     if max_len is not None and min(block, cfg.max_new_tokens) > max_len:
         raise ValueError(
             f"a block of {min(block, cfg.max_new_tokens)} tokens exceeds the model's maximum length {max_len}; "
@@ -147,23 +151,30 @@ def stream(
     stop_ids = torch.tensor(cfg.stop_ids(token_ids), dtype=torch.long, device=device)
     banned_at_masks = never + ([token_ids.delete] if token_ids.delete is not None else [])
     special = {i for i in dataclasses.astuple(token_ids) if i is not None} | set(cfg.stop_ids(token_ids))
+    cached = trained is not None and cfg.prefix_cache is not False and _splits(model, logits_hook)
     run = _Run(model, cfg, token_ids, gen, torch.tensor(never, device=device), banned_at_masks, stop_ids,
                torch.tensor(sorted(special), device=device), NoiseSchedule(cfg.schedule, cfg.t_eps), logits_hook,
-               tokens_hook)
+               tokens_hook, trained is not None, ContextCache(model.model, max_len) if cached else None)
 
     was_training = model.training
     model.eval()
     try:
         out = torch.empty((batch, 0), dtype=torch.long, device=device)
         active = torch.ones(batch, dtype=torch.bool, device=device)
+        ctx_blocks = torch.zeros_like(ctx)  # the block of each context column: 0 for the prompt
         step = nfe = 0
+        rows = active.nonzero().squeeze(1)
         for b, start in enumerate(range(0, cfg.max_new_tokens, block)):
             size = min(block, cfg.max_new_tokens - start)
-            rows = active.nonzero().squeeze(1)
-            window = _window(ctx[rows], ctx_mask[rows], None if max_len is None else max_len - size)
+            previous, rows = rows, active.nonzero().squeeze(1)
+            window = _window(ctx[rows], ctx_mask[rows], ctx_blocks[rows], None if max_len is None else max_len - size)
+            if run.context is not None:  # the columns it has not encoded: the prompt, then the last block
+                kept = torch.isin(previous, rows).nonzero().squeeze(1)
+                columns = (window[0], window[1]) if b == 0 else (out[rows, -block:], ctx_mask[rows, -block:])
+                run.context.start_block(kept, *columns)
             if b == 0:
                 yield SamplerState(0, 0, ctx.new_full((batch, size), token_ids.mask), 0, False)
-            for blk, block_nfe, last in _denoise_block(run, *window, size, step):
+            for blk, block_nfe, last in _denoise_block(run, *window, size, step, b + 1):
                 step += 1
                 finished = torch.isin(blk, stop_ids).any(1)
                 done = last and (start + size >= cfg.max_new_tokens or bool(finished.all()))
@@ -173,6 +184,7 @@ def stream(
             out = canvas
             ctx = torch.cat([ctx, canvas[:, -size:]], 1)
             ctx_mask = torch.cat([ctx_mask, active.long()[:, None].expand(batch, size)], 1)
+            ctx_blocks = torch.cat([ctx_blocks, ctx_blocks.new_full((batch, size), b + 1)], 1)
             active[rows[finished]] = False
             if not active.any():
                 break
@@ -200,13 +212,25 @@ class _Run:
     """The noise schedule of ancestral steps."""
     logits_hook: LogitsHook | None
     tokens_hook: TokensHook | None
+    block_causal: bool
+    """The model attends block-causally (`trained_block_size`): a block sees itself and the clean
+    earlier blocks and prompt, never what follows."""
+    context: ContextCache | None
+    """The exact cache of a block-causal model's prompt and finished blocks (None: uncached)."""
+
+
+def _splits(model: torch.nn.Module, logits_hook: LogitsHook | None) -> bool:
+    """Whether the sampler may run ModernBERT's backbone and head apart (no hook needs all logits)."""
+    return logits_hook is None and getattr(getattr(model, "config", None), "model_type", None) == "modernbert"
 
 
 def _denoise_block(
-    run: _Run, context: torch.Tensor, context_mask: torch.Tensor, size: int, first_step: int
+    run: _Run, context: torch.Tensor, context_mask: torch.Tensor, context_blocks: torch.Tensor, size: int,
+    first_step: int, block_number: int,
 ) -> Iterator[tuple[torch.Tensor, int, bool]]:
     """Denoise `size` masks after the context in at most cfg.steps steps; after each step yield
-    the block (rows, size), the forward passes so far and whether the block is finished.
+    the block (rows, size), the forward passes so far and whether the block is finished. The block
+    is block `block_number` after the context's (`context_blocks`: the block of each column).
     With cfg.canvas_blocks > 1 the masks are revealed window by window, left to right, each window
     with its share of the steps (a window whose masks are all revealed hands over at once).
     When the strategy's rule compacts (and without editing) a row leaves the forward batch once it
@@ -215,7 +239,8 @@ def _denoise_block(
     rows, width = context.shape
     blk = context.new_full((rows, size), mask_id)
     attn = torch.cat([context_mask, context_mask.new_ones((rows, size))], 1)
-    forward = _Forward(run, width)
+    blocks = torch.cat([context_blocks, context_blocks.new_full((rows, size), block_number)], 1)
+    forward = _Forward(run, width, blocks if run.block_causal else None)
     compact = rule.compacts and not cfg.edit
     live = torch.arange(rows, device=context.device)
     # p(token) when each position was revealed: what remask="conf" remasks by
@@ -272,30 +297,37 @@ class _Forward:
     vocab) logits, on CPU when those would exceed PROJECTION_CHUNK (on a GPU the many small chunk
     kernels would cost more than the memory traffic they save)."""
 
-    def __init__(self, run: _Run, width: int) -> None:
+    def __init__(self, run: _Run, width: int, blocks: torch.Tensor | None) -> None:
         self.run, self.width = run, width
-        config = getattr(run.model, "config", None)
-        self.split = run.logits_hook is None and getattr(config, "model_type", None) == "modernbert"
+        self.split = _splits(run.model, run.logits_hook)
         self.may_draw_from_hidden = (self.split and run.cfg.top_p == 1 and not run.cfg.rule.needs_distribution
                                      and not run.cfg.no_repeat_ngram_size)
         self.nfe = 0
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, block hidden or logits)
-        self.prefix: PrefixCache | None = None  # of all rows: the block's first forward has them all
+        self.blocks = blocks
+        """Block of every input column of a block-causal model (rows of the block's batch, columns)."""
+        self.prefix = PrefixCache(run.model.model, width) if self.split and run.cfg.prefix_cache and blocks is None \
+            else None
 
     def _block_output(self, x: torch.Tensor, attn: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         if self.cached is None or not torch.equal(self.cached[0], x):
-            model = self.run.model
-            if self.split and self.run.cfg.prefix_cache:
-                if self.prefix is None:
-                    out, self.prefix = encode_block(model.model, x, attn, self.width)
-                else:
-                    every_row = live.shape[0] == self.prefix.keys[0].shape[0]
-                    prefix = self.prefix if every_row else self.prefix.rows(live)
-                    out, _ = encode_block(model.model, x[:, self.width :], attn, self.width, prefix)
+            model, width = self.run.model, self.width
+            if self.run.context is not None:
+                out, forwards = self.run.context(live, x[:, width:])
+                self.nfe += forwards - 1
+            elif self.prefix is not None:
+                out = self.prefix(x, attn, live)
+            elif self.blocks is not None:
+                noisy = (torch.arange(x.shape[1], device=x.device) >= width).expand_as(x)
+                allowed = block_mask(self.blocks[live], noisy, attn.bool())
+                masks = forward_masks(model.config, allowed, torch.arange(x.shape[1], device=x.device),
+                                      next(model.parameters()).dtype)
+                out = (model.model(input_ids=x, attention_mask=masks).last_hidden_state if self.split
+                       else model(input_ids=x, attention_mask=masks).logits)[:, width:]
             elif self.split:
-                out = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, self.width :]
+                out = model.model(input_ids=x, attention_mask=attn).last_hidden_state[:, width:]
             else:
-                out = model(input_ids=x, attention_mask=attn).logits[:, self.width :]
+                out = model(input_ids=x, attention_mask=attn).logits[:, width:]
             self.cached = (x.clone(), out)
             self.nfe += 1
         return self.cached[1]
@@ -347,15 +379,14 @@ def _expand_rows(current: torch.Tensor, rows: torch.Tensor, batch: int, pad_id: 
     return full
 
 
-def _window(ids: torch.Tensor, mask: torch.Tensor, max_ctx: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop columns that are padding in every row, then keep at most the last `max_ctx` columns."""
-    if ids.shape[1]:
-        lead = int((mask.cumsum(1) == 0).sum(1).min())
-        ids, mask = ids[:, lead:], mask[:, lead:]
-    if max_ctx is not None and ids.shape[1] > max_ctx:
-        cut = ids.shape[1] - max_ctx
-        ids, mask = ids[:, cut:], mask[:, cut:]
-    return ids, mask
+def _window(ids: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor,
+            max_ctx: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop columns that are padding in every row, then keep at most the last `max_ctx` columns
+    (of the ids, their attention mask and their blocks)."""
+    lead = int((mask.cumsum(1) == 0).sum(1).min()) if ids.shape[1] else 0
+    if max_ctx is not None:
+        lead = max(lead, ids.shape[1] - max_ctx)
+    return ids[:, lead:], mask[:, lead:], blocks[:, lead:]
 
 
 def _denoise_step(

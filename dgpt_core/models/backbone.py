@@ -6,6 +6,7 @@ import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerBase
 
 from ..config import ModelConfig
+from ..generation.attention import block_mask, forward_masks
 from ..hub import hub_error_message, is_offline
 from .tokenizer import special_token_ids
 
@@ -74,19 +75,41 @@ def unwrap(model: torch.nn.Module) -> ModernBertForMaskedLM:
     return getattr(model, "_orig_mod", model)
 
 
+BLOCK_INPUTS = ("position_ids", "block_ids", "block_noisy")
+"""Batch fields of block diffusion's vectorised input (`dgpt_core.diffusion.blocks`)."""
+
+
+def block_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The BLOCK_INPUTS a batch carries (none for a full-canvas batch)."""
+    return {name: batch[name] for name in BLOCK_INPUTS if name in batch}
+
+
 def logits_at(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
+    block_noisy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits only at `positions` (a bool mask of input_ids' shape), shape (positions.sum(), vocab).
 
-    The vocabulary projection is the costliest layer at a large vocab; running it on the scored
+    Without block inputs attention is bidirectional over the real tokens (`attention_mask`); with
+    them (block diffusion's vectorised rows) it follows `generation.attention.block_mask`, through
+    transformers' own forward (so gradient checkpointing and every wrapper keep working). The
+    vocabulary projection is the costliest layer at a large vocab; running it on the scored
     positions alone saves its time and the (batch, length, vocab) activation.
     """
     lm = unwrap(model)
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if block_ids is not None:
+        allowed = block_mask(block_ids, block_noisy, attention_mask.bool())
+        attention_mask = forward_masks(lm.config, allowed, position_ids, lm.dtype)
+    # a full-canvas forward passes no position ids: any encoder with ModernBERT's `model(input_ids,
+    # attention_mask)` call scores with it
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
     return lm.decoder(lm.head(hidden[positions]))
 
 

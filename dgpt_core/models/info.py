@@ -20,10 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..generation.options import DEFAULTS_KEY, SamplerConfig, method_options
+from ..generation.options import DEFAULTS_KEY, INFO_KEY, SamplerConfig, method_options
 
-INFO_KEY = "diffusion_gpt"
-"""Key of config.json holding the ModelInfo."""
 ModelKind = Literal["untrained", "pretrain", "sft"]
 MODEL_KINDS: tuple[str, ...] = ("untrained", "pretrain", "sft")
 
@@ -47,6 +45,9 @@ class ModelInfo:
     context_messages: int | None = None
     """Most chat messages that preceded an answer in SFT (1 = single-turn: one user message);
     chat front ends send at most this much history. None = unknown / not a chat model."""
+    block_size: int | None = None
+    """Block diffusion: the model attends block-causally in blocks of this many tokens (the sampler
+    decodes it block by block with an exact cache); None = a full-canvas model."""
 
     @property
     def trained_long_canvas(self) -> int | None:
@@ -63,11 +64,21 @@ class ModelInfo:
             raise ValueError(f"model info has kind {known.get('kind')!r}; expected one of {MODEL_KINDS}")
         return cls(**known)
 
+    @property
+    def longest_answer(self) -> int | None:
+        """The most new tokens an SFT model answers with: its long-answer canvas, else its answer canvas."""
+        return self.long_answer_canvas or self.answer_canvas
+
     def initial_sampler_defaults(self) -> dict[str, Any]:
         """Sampler options before any eval: the trained schedule, and for SFT models the trained
-        answer canvas decoded one argmax token per step by confidence."""
+        answer canvas decoded one argmax token per step by confidence; a block-causal SFT model
+        decodes its blocks by confidence threshold (Fast-dLLM), up to its longest trained answer
+        (a block holding end-of-text ends the answer)."""
         defaults: dict[str, Any] = {"schedule": self.schedule, "t_eps": self.t_eps}
-        if self.kind == "sft" and self.answer_canvas:
+        if self.kind == "sft" and self.block_size and self.longest_answer:
+            defaults.update(strategy="threshold", steps=self.block_size, max_new_tokens=self.longest_answer,
+                            temperature=0.0)
+        elif self.kind == "sft" and self.answer_canvas:
             defaults.update(strategy="confidence", steps=self.answer_canvas, max_new_tokens=self.answer_canvas,
                             temperature=0.0)
         return defaults
@@ -150,10 +161,10 @@ def info_for_stage(run: Any, kind: ModelKind, context_messages: int | None = Non
         raise ValueError(f"unknown model kind {kind!r}: expected one of {MODEL_KINDS}")
     diffusion = (run.sft if kind == "sft" else run.pretrain).diffusion
     if kind != "sft":
-        return ModelInfo(kind, diffusion.schedule, diffusion.t_eps)
+        return ModelInfo(kind, diffusion.schedule, diffusion.t_eps, block_size=diffusion.block_size)
     sft = run.data.sft
     return ModelInfo(kind, diffusion.schedule, diffusion.t_eps, sft.answer_canvas, sft.long_answer_canvas,
-                     sft.answer_padding, context_messages)
+                     sft.answer_padding, context_messages, diffusion.block_size)
 
 
 def context_messages_of(input_ids: Any, im_start_id: int) -> int:

@@ -78,7 +78,7 @@ class ValidationElboCallback(TrainerCallback):
             return
         self.last = elbo_per_token(
             model, self.rows, mask_id=self.trainer.mask_token_id, pad_id=self.pad_id, schedule=self.schedule,
-            t_points=self.t_points, batch_size=self.batch_size,
+            t_points=self.t_points, batch_size=self.batch_size, block_size=self.trainer.diffusion_config.block_size,
         )
         loss_log_due = control.should_log  # trainer.log clears it, which would drop this step's loss log
         self.trainer.log({"val_elbo": self.last})
