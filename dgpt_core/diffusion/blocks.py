@@ -36,6 +36,18 @@ def block_times(blocks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     return table.gather(1, (blocks - 1).clamp(min=0))
 
 
+def column_positions(rows: torch.Tensor) -> torch.Tensor:
+    """The position of every column of (rows, length): 0..length-1 in each row."""
+    return torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+
+
+def clean_copy(clean_ids: torch.Tensor, eligible: torch.Tensor, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The clean side of `vectorise`: the uncorrupted `clean_ids` at their own positions, keeping the
+    eligible tokens of every block but the row's last (no noisy block sees that one)."""
+    return {"input_ids": clean_ids, "keep": eligible & (blocks < blocks.max(1, keepdim=True).values),
+            "block_ids": blocks, "position_ids": column_positions(clean_ids), "block_noisy": torch.zeros_like(eligible)}
+
+
 def vectorise(noisy: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], fills: dict[str, Any],
               pad_id: int) -> dict[str, torch.Tensor]:
     """One row per batch row: the `noisy` columns it keeps, then the `clean` columns it keeps, in
@@ -68,10 +80,7 @@ def masked_logits(model: torch.nn.Module, ids: torch.Tensor, clean_ids: torch.Te
         return logits_at(model, ids, attention_mask, scored)
     blocks = block_ids(eligible, block_size)
     real = attention_mask.bool()
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    noisy = {"input_ids": ids, "keep": real, "block_ids": blocks, "position_ids": positions, "block_noisy": eligible,
-             "scored": scored}
-    clean = {"input_ids": clean_ids, "keep": eligible & (blocks < blocks.max(1, keepdim=True).values),
-             "block_ids": blocks, "position_ids": positions, "block_noisy": torch.zeros_like(eligible)}
-    batch = vectorise(noisy, clean, {"scored": False}, pad_id)
+    noisy = {"input_ids": ids, "keep": real, "block_ids": blocks, "position_ids": column_positions(ids),
+             "block_noisy": eligible, "scored": scored}
+    batch = vectorise(noisy, clean_copy(clean_ids, eligible, blocks), {"scored": False}, pad_id)
     return logits_at(model, batch["input_ids"], batch["attention_mask"], batch.pop("scored"), **block_inputs(batch))

@@ -15,7 +15,7 @@ import torch
 
 from ..config import DiffusionConfig
 from ..generation.schedules import get_schedule, sample_t
-from .blocks import block_ids, block_times, vectorise
+from .blocks import block_ids, block_times, clean_copy, column_positions, vectorise
 
 IGNORE_INDEX = -100
 _HASH_MOD = (1 << 61) - 1
@@ -219,14 +219,9 @@ class DiffusionCollator:
         (`dgpt_core.diffusion.blocks.vectorise`)."""
         noisy = dict(columns)
         real = noisy.pop("attention_mask").bool()
-        noisy.update(keep=real, position_ids=torch.arange(real.shape[1]).expand_as(real),
-                     block_noisy=noisy["labels"] != IGNORE_INDEX)
-        last = blocks.max(1, keepdim=True).values
-        clean = {"input_ids": clean_ids, "keep": eligible & (blocks < last), "block_ids": blocks,
-                 "position_ids": torch.arange(clean_ids.shape[1]).expand_as(clean_ids),
-                 "block_noisy": torch.zeros_like(eligible)}
+        noisy.update(keep=real, position_ids=column_positions(real), block_noisy=noisy["labels"] != IGNORE_INDEX)
         fills = {"labels": IGNORE_INDEX, "masked_positions": False, "edit_positions": False, "loss_weight": 0.0}
-        return vectorise(noisy, clean, fills, self.pad_id)
+        return vectorise(noisy, clean_copy(clean_ids, eligible, blocks), fills, self.pad_id)
 
     def _random_other_tokens(self, original: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random non-special token per position, never equal to the original token."""

@@ -94,6 +94,12 @@ def forward_masks(config, allowed: torch.Tensor, positions: torch.Tensor, dtype:
     return masks
 
 
+def block_forward_masks(config, block: torch.Tensor, noisy: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`forward_masks` of `block_mask`: a block-causal forward through transformers' ModernBertModel."""
+    return forward_masks(config, block_mask(block, noisy, real), positions, dtype)
+
+
 def encode(
     backbone: torch.nn.Module,
     input_ids: torch.Tensor,

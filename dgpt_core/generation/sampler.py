@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .attention import ContextCache, PrefixCache, block_mask, forward_masks
+from .attention import ContextCache, PrefixCache, block_forward_masks
 from .ops import (
     PROJECTION_CHUNK,
     Drawn,
@@ -318,10 +318,9 @@ class _Forward:
             elif self.prefix is not None:
                 out = self.prefix(x, attn, live)
             elif self.blocks is not None:
-                noisy = (torch.arange(x.shape[1], device=x.device) >= width).expand_as(x)
-                allowed = block_mask(self.blocks[live], noisy, attn.bool())
-                masks = forward_masks(model.config, allowed, torch.arange(x.shape[1], device=x.device),
-                                      next(model.parameters()).dtype)
+                positions = torch.arange(x.shape[1], device=x.device)
+                masks = block_forward_masks(model.config, self.blocks[live], (positions >= width).expand_as(x),
+                                            attn.bool(), positions, next(model.parameters()).dtype)
                 out = (model.model(input_ids=x, attention_mask=masks).last_hidden_state if self.split
                        else model(input_ids=x, attention_mask=masks).logits)[:, width:]
             elif self.split:

@@ -6,7 +6,7 @@ import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerBase
 
 from ..config import ModelConfig
-from ..generation.attention import block_mask, forward_masks
+from ..generation.attention import block_forward_masks
 from ..hub import hub_error_message, is_offline
 from .tokenizer import special_token_ids
 
@@ -104,8 +104,8 @@ def logits_at(
     """
     lm = unwrap(model)
     if block_ids is not None:
-        allowed = block_mask(block_ids, block_noisy, attention_mask.bool())
-        attention_mask = forward_masks(lm.config, allowed, position_ids, lm.dtype)
+        attention_mask = block_forward_masks(lm.config, block_ids, block_noisy, attention_mask.bool(), position_ids,
+                                             lm.dtype)
     # a full-canvas forward passes no position ids: any encoder with ModernBERT's `model(input_ids,
     # attention_mask)` call scores with it
     extra = {} if position_ids is None else {"position_ids": position_ids}
