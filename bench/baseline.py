@@ -15,9 +15,12 @@ Then, beside the diffusion model:
   answer canvas (bench.world);
 - long answers (the world's biography requests of held-out people, else the skills items): AR
   greedy generation with the KV cache vs our best fast decoding method (the sample suite's
-  choice) without and with the approximate prefix cache, at batch 1 and 32 (`LONG_BATCHES`),
-  timed alternately: `tokens_per_s` of each (answer tokens up to and including the stop token),
-  our ratios over AR, and each model's quality of those answers (`long_answers`).
+  choice; a block-causal model's own folder defaults) without and with the prefix cache
+  (approximate for a full-canvas model, exact for a block-causal one), at batch 1 and 32
+  (`LONG_BATCHES`), timed alternately: `tokens_per_s` of each (answer tokens up to and including
+  the stop token), our ratios over AR, each model's quality of those answers and, counted in
+  one more untimed pass, its token-forwards per answer and forwards per generated token
+  (`long_answers`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
 from dgpt_core.config import ModelConfig
+from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.sampler import SamplerConfig, TokenIds, cut_at_stop, left_pad
 from dgpt_core.generation.schedules import get_schedule
 from dgpt_core.models.backbone import count_parameters
@@ -41,7 +45,7 @@ from dgpt_core.training.stage import load_stage_datasets
 from dgpt_core.training.trainer import training_arguments
 from eval.ppl import answer_rows, ppl_bound, text_rows
 
-from .common import BenchSizes, Subject, alternate, median_ratio
+from .common import BenchSizes, Subject, alternate, counted_forwards, median_ratio
 from .sample import Decoder, Outcome, decode_items, diffusion_decoder, skills_workload
 from .world import bio_workload, qa_counts, qa_workload
 
@@ -217,7 +221,17 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
 
         return run
 
-    seconds = alternate({f"{k}/{b}": runner(k, b) for b in LONG_BATCHES for k in decoders}, sizes.reps)
+    runs = {f"{k}/{b}": runner(k, b) for b in LONG_BATCHES for k in decoders}
+    seconds = alternate(runs, sizes.reps)
+    models = {"ar": ar, "ours": subject.model, "ours_cache": subject.model}
+    costs: dict[str, dict[str, dict[str, float]]] = {key: {} for key in decoders}
+    for name, run in runs.items():  # counted once more, untimed
+        key, batch = name.split("/")
+        with counted_forwards(models[key]) as counts:
+            run()
+        costs[key][f"batch_{batch}"] = {
+            "token_forwards_per_answer": counts["token_forwards"] / len(items[int(batch)].prompts),
+            "forwards_per_token": counts["forwards"] / max(outcomes[name].tokens, 1)}
     tps = {name: [outcomes[name].tokens / s for s in times] for name, times in seconds.items()}
     largest = max(LONG_BATCHES)
     out: dict[str, Any] = {key: {f"batch_{b}": statistics.median(tps[f"{key}/{b}"]) for b in LONG_BATCHES}
@@ -228,7 +242,8 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
         "workload": workload.name, "canvas": canvas,
         "items": {f"batch_{b}": len(items[b].prompts) for b in LONG_BATCHES},
         "method": describe(plain), "quality_keys": list(workload.quality_keys),
-        **{key: quality(outcomes[f"{key}/{largest}"]) for key in decoders},
+        "block_size": trained_block_size(subject.model),
+        **{key: {**quality(outcomes[f"{key}/{largest}"]), "cost": costs[key]} for key in decoders},
     }
     return out
 

@@ -33,6 +33,7 @@ import torch
 from transformers import ModernBertForMaskedLM
 
 from dgpt_core.cli_errors import UsageError
+from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.sampler import SamplerConfig
 from dgpt_core.models.tokenizer import load_tokenizer
 
@@ -94,7 +95,7 @@ def run_bench(
             result["compile"] = compile_suite(subject, sizes)
         else:
             canvas = long_answer_canvas(subject) if subject.world is not None else subject.run.eval.skills_canvas or 24
-            result["baseline"] = baseline_suite(subject, sizes, out, fast_method(result.get("sample"), canvas))
+            result["baseline"] = baseline_suite(subject, sizes, out, fast_method(result.get("sample"), canvas, subject.model))
         seconds[suite] = round(time.perf_counter() - began, 1)
     result["meta"] = {
         "model": subject.description,
@@ -110,10 +111,13 @@ def run_bench(
     return result
 
 
-def fast_method(sample: dict[str, Any] | None, canvas: int) -> SamplerConfig:
-    """Our best fast decoding method as the sample suite chose it, else threshold decoding (tau
-    0.9, greedy, at most one step per token of the `canvas`): what the baseline comparison times
-    against the AR model."""
+def fast_method(sample: dict[str, Any] | None, canvas: int, model: Any = None) -> SamplerConfig:
+    """What the baseline comparison times against the AR model: a block-causal `model`'s own
+    defaults (its folder's `sampler_defaults`, what a user gets with no flags); else our best
+    fast decoding method as the sample suite chose it, else threshold decoding (tau 0.9, greedy,
+    at most one step per token of the `canvas`)."""
+    if model is not None and trained_block_size(model):
+        return SamplerConfig.of_model(model)
     if sample and "best_fast_config" in sample:
         return SamplerConfig(**sample["best_fast_config"])
     return SamplerConfig(strategy="threshold", threshold=0.9, temperature=0.0, seed=0, steps=canvas,

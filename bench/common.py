@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,24 @@ def alternate(fns: dict[str, Callable[[], Any]], reps: int, warmup: bool = True)
             fn()
             seconds[name].append(time.perf_counter() - start)
     return seconds
+
+
+@contextlib.contextmanager
+def counted_forwards(model: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """While open, the rows (`forwards`: one per row of every forward) and token positions
+    (`token_forwards`, padding included) that pass through the model's input embedding: what
+    each forward of a diffusion model or a KV-cached causal LM costs, counted the same way."""
+    counts = {"forwards": 0, "token_forwards": 0}
+
+    def count(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        counts["forwards"] += args[0].shape[0]
+        counts["token_forwards"] += args[0].numel()
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(count)
+    try:
+        yield counts
+    finally:
+        handle.remove()
 
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:

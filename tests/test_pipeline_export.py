@@ -287,3 +287,37 @@ def test_strategy_option_takes_a_decoding_method_that_other_options_override(fol
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", str(folder), "--prompt", "hi", "--strategy", "confidence+nope"])
     assert "unknown decoding method 'confidence+nope'" in capsys.readouterr().err
+
+
+def test_an_exported_block_model_decodes_block_by_block_without_the_project(model, tokenizer, tmp_path):
+    """A block-causal folder, loaded with trust_remote_code in a process without dgpt_core, decodes
+    with its own defaults (exact cache, blocks of its trained size) as the library does."""
+    from dgpt_core.generation.sampler import TokenIds, generate
+    from dgpt_core.models.info import ModelInfo
+
+    defaults = {"strategy": "threshold", "threshold": 0.9, "steps": 4, "max_new_tokens": 12, "temperature": 0.0,
+                "stop_token_ids": []}
+    folder = save_model_folder(model, tokenizer, tmp_path / "blocks", defaults, ModelInfo("sft", block_size=4))
+    script = textwrap.dedent(
+        f"""
+        import json, sys, transformers
+        pipe = transformers.pipeline("text-diffusion", model={str(folder)!r}, trust_remote_code=True)
+        out = pipe("the cat")
+        states = list(pipe("the cat", stream=True))
+        print(json.dumps({{"dgpt_core": "dgpt_core" in sys.modules, "out": out[0], "states": len(states),
+                           "streamed": states[-1]["token_ids"]}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    prompt = tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    local = generate(loaded, [prompt], TokenIds.from_tokenizer(tokenizer), SamplerConfig.of_model(loaded))
+    assert not result["dgpt_core"]
+    assert result["out"]["generated_text"] == tokenizer.decode(local.answers[0], skip_special_tokens=True)
+    assert result["out"]["nfe"] == local.nfe and result["streamed"] == local.answers[0]
+    assert 3 <= result["states"] <= 1 + 12  # 12 tokens in 3 blocks of 4, at most 4 steps each

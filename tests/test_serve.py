@@ -54,6 +54,10 @@ def model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(model_dir) -> Iterator[str]:
+    yield from serving(model_dir)
+
+
+def serving(model_dir: Path) -> Iterator[str]:
     """The server on a free loopback port, in a background thread, with an API key and small limits."""
     settings = ServeSettings(model_dir=str(model_dir), port=0, api_key_env="DGPT_TEST_KEY", api_key=KEY, **LIMITS)
     server = uvicorn.Server(uvicorn.Config(create_app(load_pipeline(str(model_dir), "cpu"), settings),
@@ -266,3 +270,36 @@ def test_a_client_that_never_reads_its_events_does_not_hold_up_the_next_batch(mo
         decoder.stop()
         stalled_loop.close()
         live_loop.close()
+
+
+@pytest.fixture(scope="module")
+def block_client(tiny_tokenizer, tmp_path_factory) -> Iterator[openai.OpenAI]:
+    """The server on a random-weight block-causal folder (blocks of 4, up to 16 tokens, no stop
+    token, so every answer has four blocks)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
+    model = build_model(cfg, tiny_tokenizer).eval()
+    info = ModelInfo("sft", answer_canvas=16, answer_padding="eos", context_messages=4, block_size=4)
+    defaults = {"strategy": "confidence", "steps": 4, "max_new_tokens": 16, "temperature": 1.0, "stop_token_ids": []}
+    folder = save_model_folder(model, tiny_tokenizer, tmp_path_factory.mktemp("serve") / "tiny-blocks", defaults, info)
+    for url in serving(folder):
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_a_block_model_streams_one_delta_per_finished_block(block_client, tiny_tokenizer):
+    whole = block_client.chat.completions.create(model="tiny-blocks", messages=QUESTION, seed=3)
+    deltas = [choice.delta.content for chunk in block_client.chat.completions.create(
+        model="tiny-blocks", messages=QUESTION, seed=3, stream=True) for choice in chunk.choices
+        if choice.delta.content]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 16 and 2 <= len(deltas) <= 4  # a block may add no text
+
+
+def test_plain_completions_take_a_list_of_prompts(block_client):
+    prompts = ["the red cat", "one two three four"]
+    reply = block_client.completions.create(model="tiny-blocks", prompt=prompts, max_tokens=8, temperature=0)
+    alone = [block_client.completions.create(model="tiny-blocks", prompt=p, max_tokens=8, temperature=0).choices[0].text
+             for p in prompts]
+    assert [choice.index for choice in reply.choices] == [0, 1]
+    assert [choice.text for choice in reply.choices] == alone
+    assert reply.usage.completion_tokens == 16

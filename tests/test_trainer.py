@@ -125,6 +125,27 @@ def test_nan_loss_aborts_training(tiny_model, tiny_tokenizer, tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
+def test_grouping_by_length_pads_short_examples_less(tiny_model, tiny_tokenizer, tmp_path, sampling):
+    rows = [[7] * (40 if i % 4 == 0 else 4) for i in range(64)]  # one example in four 10x longer
+    cfg = DiffusionConfig(edit_start=1.0)  # no insertions: a batch is as wide as its longest example
+    trainer = DiffusionTrainer(
+        model=tiny_model,
+        args=training_arguments(TrainingConfig(max_steps=8, per_device_batch_size=8, train_sampling=sampling),
+                                tmp_path, disable_tqdm=True),
+        train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
+        data_collator=DiffusionCollator.from_tokenizer(cfg, tiny_tokenizer, 64),
+        diffusion_config=cfg,
+        mask_token_id=special_token_ids(tiny_tokenizer)["mask"],
+    )
+    widths = sorted(batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader())
+    assert len(widths) == 8
+    if sampling == "random":  # a random batch of 8 holds a long example nine times in ten
+        assert widths.count(40) >= 6
+    else:  # groups of two batches sorted by length: the second holds short examples only
+        assert widths.count(4) >= 3
+
+
 def test_trainer_logs_the_loss_parts_and_curriculum(tiny_model, tiny_tokenizer, tmp_path):
     cfg = DiffusionConfig(edit_start=0.5, edit_prob=0.2)
     trainer = DiffusionTrainer(

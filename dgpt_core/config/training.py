@@ -46,6 +46,10 @@ class TrainingConfig(StrictConfig):
     val_t_points: int = Field(8, gt=0)
     """Points of the validation ELBO's fixed t grid; each row gets one seeded mask per point, so a
     validation pass costs about val_max_sequences * val_t_points / per_device_batch_size forwards."""
+    train_sampling: Literal["random", "group_by_length"] = "random"
+    """Order of the training examples: `random`, or `group_by_length` (the transformers Trainer's
+    LengthGroupedSampler: random groups of a few batches, each sorted by length, so long answers
+    share batches and short ones are not padded to them)."""
     dataloader_num_workers: int = Field(0, ge=0)
     """DataLoader worker processes (the collator is safe in workers)."""
     seed: int = 0

@@ -180,6 +180,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides:
         save_steps=cfg.save_steps or cfg.max_steps,
         save_total_limit=cfg.save_total_limit,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        train_sampling_strategy=cfg.train_sampling,
         dataloader_pin_memory=torch.cuda.is_available() and not cfg.use_cpu,
         seed=cfg.seed,
         data_seed=cfg.seed,
