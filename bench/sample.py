@@ -28,6 +28,7 @@ import torch
 
 from dgpt_core.data.skills import check_answer
 from dgpt_core.generation import sampler as sampling
+from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.sampler import SamplerConfig, TokenIds, generate
 from eval.metrics.repetition.repetition import repetition_metrics
 
@@ -213,8 +214,9 @@ EB_GAMMAS = (0.01, 0.1, 1.0)
 """Entropy budgets (nats per step) of the EB-sampler sweep."""
 
 
-def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple[str, SamplerConfig]]:
-    """Sweep point name -> (method, sampler config)."""
+def method_settings(canvas: int, thresholds: Sequence[float], block: int | None = None) -> dict[str, tuple[str, SamplerConfig]]:
+    """Sweep point name -> (method, sampler config); the semi-autoregressive points take blocks of
+    `block` (a block-causal model's trained size, which it requires), else of half the canvas."""
     base = SamplerConfig(temperature=0.0, seed=0, max_new_tokens=canvas)
     grid = sorted({max(1, canvas // 4), max(1, canvas // 2), canvas})
     out: dict[str, tuple[str, SamplerConfig]] = {}
@@ -225,7 +227,7 @@ def method_settings(canvas: int, thresholds: Sequence[float]) -> dict[str, tuple
         out[f"threshold@{tau}"] = ("threshold", base.replace(strategy="threshold", threshold=tau, steps=canvas))
     for gamma in EB_GAMMAS:
         out[f"eb@{gamma}"] = ("eb", base.replace(strategy="eb", eb_gamma=gamma, steps=canvas))
-    block = max(1, canvas // 2)
+    block = block or max(1, canvas // 2)
     out["threshold_block@0.9"] = ("threshold_block", base.replace(strategy="threshold", block_size=block, steps=block))
     out["threshold_block_cache@0.9"] = ("threshold_block_cache",
                                         out["threshold_block@0.9"][1].replace(prefix_cache=True))
@@ -239,7 +241,7 @@ def methods_suite(subject: Subject, sizes: BenchSizes) -> dict[str, Any]:
     prompts, canvas, keys = workload.prompts, workload.canvas, workload.quality_keys
     ids = TokenIds.from_tokenizer(subject.tokenizer)
     settings = {name: (method, workload.sampler(cfg))
-                for name, (method, cfg) in method_settings(canvas, sizes.thresholds).items()}
+                for name, (method, cfg) in method_settings(canvas, sizes.thresholds, trained_block_size(subject.model)).items()}
     outcomes: dict[str, Outcome] = {}
 
     def runner(name: str, cfg: SamplerConfig) -> Callable[[], None]:
