@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dgpt_core.config import WorldConfig
 from dgpt_core.data.world import Person, QAPair, fact_scores, generate_people, person_biographies, test_pairs
-from dgpt_core.models.info import model_info_of
 from dgpt_core.generation.options import trained_block_size
+from dgpt_core.models.info import model_info_of
 
 from .common import BenchSizes, Subject, Workload, encode_chat
 

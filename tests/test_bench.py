@@ -20,7 +20,8 @@ import pytest
 from bench.cli import run_bench
 from bench.common import SIZES
 from bench.report import TARGETS
-from bench.sample import EB_GAMMAS, STEP_METHODS
+from bench.cli import fast_method
+from bench.sample import EB_GAMMAS, STEP_METHODS, method_settings
 from dgpt_core.config import load_run_config
 from eval.report import _fmt
 
@@ -307,3 +308,17 @@ def test_gpu_benchmark_script_smoke(tmp_path):
         assert row["tokens_per_s"] == pytest.approx(SMOKE["sample_batch"] * SMOKE["canvas"] / row["seconds"])
         assert row["ms_per_step"] == pytest.approx(1000 * row["seconds"] / row["nfe"])
     assert sample["confidence"]["nfe"] == SMOKE["canvas"] // 4  # fixed steps: exactly that many forwards
+
+
+def test_a_block_model_is_benchmarked_with_its_own_block_size_and_defaults(tiny_model):
+    from dgpt_core.generation.options import DEFAULTS_KEY, INFO_KEY
+
+    blocks = {name: cfg.block_size for name, (_, cfg) in method_settings(64, (0.9,), block=8).items() if cfg.block_size}
+    assert blocks == {"threshold_block@0.9": 8, "threshold_block_cache@0.9": 8}
+    assert method_settings(64, (0.9,))["threshold_block@0.9"][1].block_size == 32
+    defaults = {"strategy": "threshold", "steps": 8, "max_new_tokens": 64, "temperature": 0.0}
+    setattr(tiny_model.config, DEFAULTS_KEY, defaults)
+    assert fast_method(None, 64, tiny_model).strategy == "threshold" and fast_method(None, 64, tiny_model).steps == 64
+    setattr(tiny_model.config, INFO_KEY, {"kind": "sft", "block_size": 8})
+    assert dataclasses.asdict(fast_method(None, 64, tiny_model)) == dataclasses.asdict(
+        fast_method(None, 64).__class__(**defaults))
