@@ -163,11 +163,10 @@ README_COMMANDS = {
         "dgpt bench --suite sample --model runs/latest/models/sft --out runs/bench --preset ci --reps 1 --no-plots",
     "python -m bench.gpu runs/bench-gpu --smoke": None,  # tests/test_bench.py runs the smoke path
     'dgpt generate runs/latest/models/sft --prompt "Where was Sam Davis born?"': "same",
-    'dgpt generate runs/latest/models/sft --prompt "Tell me about Sam Davis." --strategy confidence+guard '
-    "--max-new-tokens 64 --canvas-blocks 8 --steps 32 --stream": "same",
+    'dgpt generate runs/latest/models/sft --prompt "Tell me about Sam Davis." --stream': "same",
     'dgpt generate runs/latest/models/pretrain --raw --prompt " Sam Davis was born on"': "same",
-    'dgpt generate runs/latest/models/sft --prompt "Who was born on February 21, 1997 in Dallas?" --strategy threshold '
-    "--threshold 0.9 --block-size 16 --steps 8 --prefix-cache": "same",
+    'dgpt generate runs/latest/models/sft --prompt "Who was born on February 21, 1997 in Dallas?" --strategy confidence '
+    "--steps 8 --no-prefix-cache": "same",
     "dgpt chat runs/latest/models/sft": "same",
 }
 
