@@ -119,9 +119,8 @@ class Workload:
     quality_keys: tuple[str, ...]
     """The scores whose means decide equal quality, the headline one first."""
     canvas_blocks: int = 1
-    """`SamplerConfig.canvas_blocks` of every decoding of the workload (long answers of an SFT
-    model: `EvalConfig.long_answer_blocks`; 1 for a block-causal model, as in the eval suite),
-    capped at each setting's steps."""
+    """`SamplerConfig.canvas_blocks` of every decoding of the workload (long answers:
+    `EvalConfig.long_windows`, as in the eval suite), capped at each setting's steps."""
 
     def sampler(self, cfg: SamplerConfig) -> SamplerConfig:
         """`cfg` on this workload: its canvas and windows (at most one window per step)."""

@@ -67,7 +67,7 @@ def bio_workload(subject: Subject, sizes: BenchSizes) -> Workload:
         return {"fact_recall": scores["fact_recall"], "fact_precision": scores["fact_precision"],
                 "exact_match": float(text.strip() in gold[name])}
 
-    windows = 1 if trained_block_size(subject.model) else subject.run.eval.long_answer_blocks  # as the eval suite
+    windows = subject.run.eval.long_windows(trained_block_size(subject.model))
     return Workload("world", _prompts(subject, pairs), long_answer_canvas(subject), scorer,
                     ("fact_recall", "fact_precision", "exact_match"), windows)
 

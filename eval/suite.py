@@ -87,9 +87,8 @@ class _Suite:
         """Canvas of long answers (biography requests)."""
         self.block_size = trained_block_size(self.model)
         """The block size of a block-causal model (None: a full-canvas model)."""
-        self.long_blocks = (lambda steps: 1) if self.block_size else functools.partial(min, cfg.long_answer_blocks)
-        """steps -> canvas_blocks of long answers (cfg.long_answer_blocks, at most one per step; a
-        block-causal model decodes left to right by itself)."""
+        self.long_blocks = functools.partial(min, cfg.long_windows(self.block_size))
+        """steps -> canvas_blocks of long answers (`EvalConfig.long_windows`, at most one per step)."""
         self.samples: dict[str, Any] = {}
         """Generations of the repetition study kept for the report."""
         self.answer_rows: list[dict[str, Any]] = []

@@ -170,6 +170,12 @@ class EvalConfig(StrictConfig):
         (its folder's `long_answer_canvas`; None for other models): see `long_answer_canvas`."""
         return self.long_answer_canvas or trained or DEFAULT_LONG_ANSWER_CANVAS
 
+    def long_windows(self, block_size: int | None) -> int:
+        """canvas_blocks of long answers for a model of `block_size` (`trained_block_size`): 1 for a
+        block-causal model, which decodes left to right by itself, else `long_answer_blocks`. The
+        sampler settings cap it at their steps."""
+        return 1 if block_size else self.long_answer_blocks
+
     def standard_tasks(self) -> list[str]:
         """Requested tasks that are not local (standard lm-eval tasks)."""
         return [t for t in self.tasks if t not in LOCAL_TASKS]

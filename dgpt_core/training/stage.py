@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out_dir) / "stage_result.json").write_text(
             json.dumps({"model_dir": str(result.model_dir), "metrics": result.metrics}, indent=2, default=float)
         )
+    if torch.distributed.is_initialized():
+        # Left to interpreter teardown, gloo's threads can abort the process (SIGABRT, the launcher's
+        # exit code 250) after a stage that finished and saved.
+        torch.distributed.destroy_process_group()
     return 0
 
 
