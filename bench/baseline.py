@@ -20,7 +20,8 @@ Then, beside the diffusion model:
   (`LONG_BATCHES`), timed alternately: `tokens_per_s` of each (answer tokens up to and including
   the stop token), our ratios over AR, each model's quality of those answers and, counted in
   one more untimed pass, its token-forwards per answer and forwards per generated token
-  (`long_answers`).
+  (`long_answers`); for a block-causal model decoding by threshold, the same figures at the lower
+  thresholds of THRESHOLD_CURVE, in the same loop (`long_answers.threshold_curve`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ LONG_BATCHES = (1, 32)
 """Batch sizes of the long-answer tokens/s comparison."""
 BATCH_1_ITEMS = 8
 """Prompts decoded at batch 1 (the workload's first; larger batches decode all of them)."""
+THRESHOLD_CURVE = (0.7, 0.5, 0.3)
+"""Thresholds (tau) of threshold decoding timed beside the measured method, with the exact cache of
+a block-causal model, on the long answers: the speed a lower tau buys and the quality it costs."""
 
 
 def matched_config(shape: ModelConfig, vocab_size: int, target_params: int, ids: TokenIds) -> GPT2Config:
@@ -211,6 +215,9 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
     plain = workload.sampler(fast.replace(prefix_cache=False))
     decoders = {"ar": ar_decoder(ar, ids, canvas), "ours": diffusion_decoder(subject.model, ids, plain),
                 "ours_cache": diffusion_decoder(subject.model, ids, plain.replace(prefix_cache=True))}
+    curve = {f"tau_{tau:g}": plain.replace(prefix_cache=True, threshold=tau) for tau in THRESHOLD_CURVE
+             if plain.strategy == "threshold" and trained_block_size(subject.model) and tau != plain.threshold}
+    decoders.update({key: diffusion_decoder(subject.model, ids, cfg) for key, cfg in curve.items()})
     items = {batch: workload if batch > 1 else dataclasses.replace(workload, prompts=workload.prompts[:BATCH_1_ITEMS])
              for batch in LONG_BATCHES}
     outcomes: dict[str, Outcome] = {}
@@ -223,7 +230,7 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
 
     runs = {f"{k}/{b}": runner(k, b) for b in LONG_BATCHES for k in decoders}
     seconds = alternate(runs, sizes.reps)
-    models = {"ar": ar, "ours": subject.model, "ours_cache": subject.model}
+    models = {key: ar if key == "ar" else subject.model for key in decoders}
     costs: dict[str, dict[str, dict[str, float]]] = {key: {} for key in decoders}
     for name, run in runs.items():  # counted once more, untimed
         key, batch = name.split("/")
@@ -235,7 +242,7 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
     tps = {name: [outcomes[name].tokens / s for s in times] for name, times in seconds.items()}
     largest = max(LONG_BATCHES)
     out: dict[str, Any] = {key: {f"batch_{b}": statistics.median(tps[f"{key}/{b}"]) for b in LONG_BATCHES}
-                           for key in decoders}
+                           for key in ("ar", "ours", "ours_cache")}
     for key in ("ours", "ours_cache"):
         out[f"{key}_vs_ar"] = {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}
     out["long_answers"] = {
@@ -243,7 +250,11 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
         "items": {f"batch_{b}": len(items[b].prompts) for b in LONG_BATCHES},
         "method": describe(plain), "quality_keys": list(workload.quality_keys),
         "block_size": trained_block_size(subject.model),
-        **{key: {**quality(outcomes[f"{key}/{largest}"]), "cost": costs[key]} for key in decoders},
+        **{key: {**quality(outcomes[f"{key}/{largest}"]), "cost": costs[key]} for key in ("ar", "ours", "ours_cache")},
+        "threshold_curve": [
+            {"threshold": cfg.threshold, **quality(outcomes[f"{key}/{largest}"]), "cost": costs[key],
+             "vs_ar_tokens_per_s": {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}}
+            for key, cfg in [("ours_cache", plain), *curve.items()]] if curve else [],
     }
     return out
 

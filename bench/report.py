@@ -219,7 +219,24 @@ def baseline_section(base: dict[str, Any]) -> list[str]:
             "generated token.", "",
             table(["model", *(f"{c} {b.replace('_', ' ')}" for b in batches
                               for c in ("token-forwards / answer", "forwards / token"))], costs), "",
+            *threshold_curve_lines(long, batches),
             f"AR training: {base['ar']['training']['stages']}.", ""]
+
+
+def threshold_curve_lines(long: dict[str, Any], batches: list[str]) -> list[str]:
+    """Threshold decoding of the long answers at each tau of the curve (exact cache): our tokens/s
+    over AR's, forwards per generated token and quality."""
+    curve = long.get("threshold_curve")
+    if not curve:
+        return []
+    scores = [*long["quality_keys"], "loop_rate"]
+    rows = [[point["threshold"], *(point["vs_ar_tokens_per_s"][b] for b in batches),
+             *(point["cost"][b]["forwards_per_token"] for b in batches), *(point[k] for k in scores)]
+            for point in curve]
+    return ["Threshold decoding of the same answers with the exact cache, by threshold tau (same timing loop):", "",
+            table(["tau", *(f"ours / ar tokens/s {b.replace('_', ' ')}" for b in batches),
+                   *(f"forwards / token {b.replace('_', ' ')}" for b in batches), *(k.replace("_", " ") for k in scores)],
+                  rows), ""]
 
 
 def compile_section(compiled: dict[str, Any]) -> list[str]:

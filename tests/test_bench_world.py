@@ -155,3 +155,37 @@ def test_the_cli_passes_run_config_overrides():
     add_bench_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "--preset", "ci", *(a for o in WORLD for a in ("--set", o))])
     assert args.run_overrides == WORLD
+
+
+def test_a_block_model_times_lower_thresholds_in_the_same_loop_as_its_defaults(bench):
+    from bench.baseline import THRESHOLD_CURVE, long_answer_speed, matched_config
+    from bench.cli import fast_method
+    from bench.report import threshold_curve_lines
+    from dgpt_core.generation.options import DEFAULTS_KEY, INFO_KEY
+    from dgpt_core.generation.sampler import TokenIds
+    from transformers import GPT2LMHeadModel
+
+    subject = load_subject(None, "ci", bench, data_dir=bench / "data", run_overrides=WORLD)
+    setattr(subject.model.config, INFO_KEY, {"kind": "sft", "block_size": 8})
+    setattr(subject.model.config, DEFAULTS_KEY, {"strategy": "threshold", "threshold": 0.9, "steps": 8,
+                                                 "max_new_tokens": 16, "temperature": 0.0})
+    ids = TokenIds.from_tokenizer(subject.tokenizer)
+    ar = GPT2LMHeadModel(matched_config(subject.run.model, len(subject.tokenizer), 10**5, ids)).eval()
+    sizes = dataclasses.replace(SIZES_WORLD, world_people=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        long = long_answer_speed(subject, sizes, ar, fast_method(None, 16, subject.model))["long_answers"]
+    finally:
+        torch.set_num_threads(threads)
+    curve = long["threshold_curve"]
+    assert [p["threshold"] for p in curve] == [0.9, *THRESHOLD_CURVE]
+    assert curve[0]["cost"] == long["ours_cache"]["cost"]  # the first point is the measured method itself
+    assert curve[0]["fact_recall"] == long["ours_cache"]["fact_recall"]
+    for point in curve:
+        assert all(unit(point[k]) for k in ("fact_recall", "fact_precision", "loop_rate"))
+        assert all(point["vs_ar_tokens_per_s"][b] > 0 and point["cost"][b]["forwards_per_token"] > 0
+                   for b in ("batch_1", "batch_32"))
+    table = "\n".join(threshold_curve_lines(long, ["batch_1", "batch_32"]))
+    for point in curve:
+        assert f"| {_fmt(point['threshold'])} | {_fmt(point['vs_ar_tokens_per_s']['batch_1'])} |" in table
