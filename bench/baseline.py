@@ -55,6 +55,8 @@ LONG_BATCHES = (1, 32)
 """Batch sizes of the long-answer tokens/s comparison."""
 BATCH_1_ITEMS = 8
 """Prompts decoded at batch 1 (the workload's first; larger batches decode all of them)."""
+COMPARED = ("ar", "ours", "ours_cache")
+"""The long-answer decoders compared: AR with its KV cache, ours without and with the cache."""
 THRESHOLD_CURVE = (0.7, 0.5, 0.3)
 """Thresholds (tau) of threshold decoding timed beside the measured method, with the exact cache of
 a block-causal model, on the long answers: the speed a lower tau buys and the quality it costs."""
@@ -242,7 +244,7 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
     tps = {name: [outcomes[name].tokens / s for s in times] for name, times in seconds.items()}
     largest = max(LONG_BATCHES)
     out: dict[str, Any] = {key: {f"batch_{b}": statistics.median(tps[f"{key}/{b}"]) for b in LONG_BATCHES}
-                           for key in ("ar", "ours", "ours_cache")}
+                           for key in COMPARED}
     for key in ("ours", "ours_cache"):
         out[f"{key}_vs_ar"] = {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}
     out["long_answers"] = {
@@ -250,7 +252,7 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
         "items": {f"batch_{b}": len(items[b].prompts) for b in LONG_BATCHES},
         "method": describe(plain), "quality_keys": list(workload.quality_keys),
         "block_size": trained_block_size(subject.model),
-        **{key: {**quality(outcomes[f"{key}/{largest}"]), "cost": costs[key]} for key in ("ar", "ours", "ours_cache")},
+        **{key: {**quality(outcomes[f"{key}/{largest}"]), "cost": costs[key]} for key in COMPARED},
         "threshold_curve": [
             {"threshold": cfg.threshold, **quality(outcomes[f"{key}/{largest}"]), "cost": costs[key],
              "vs_ar_tokens_per_s": {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}}

@@ -7,6 +7,7 @@ from typing import Any
 
 from eval.report import table, write_json
 
+from .baseline import COMPARED
 from .repetition import render_repetition
 from .sample import QUALITY_TOLERANCE
 
@@ -199,9 +200,9 @@ def baseline_section(base: dict[str, Any]) -> list[str]:
     batches = list(base["ours_vs_ar_tokens_per_s"])
     scores = [*long["quality_keys"], "loop_rate", "nfe"]
     rows = [[key, base[key].get("method", "GPT-2 greedy, KV cache"), *(base[key]["tokens_per_s"][b] for b in batches),
-             *(long[key].get(k) for k in scores)] for key in ("ar", "ours", "ours_cache")]
+             *(long[key].get(k) for k in scores)] for key in COMPARED]
     costs = [[f"{key} forwards", *(long[key]["cost"][b][c] for b in batches for c in ("token_forwards_per_answer", "forwards_per_token"))]
-             for key in ("ar", "ours", "ours_cache") if "cost" in long[key]]
+             for key in COMPARED if "cost" in long[key]]
     model = f"block-causal, blocks of {long['block_size']}" if long.get("block_size") else "full canvas"
     return ["## Autoregressive baseline (GPT-2, same parameter count and data)", "",
             f"Ours: perplexities are ELBO upper bounds; AR: exact. Short answers: ours decodes with "
