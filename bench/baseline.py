@@ -217,8 +217,9 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
     plain = workload.sampler(fast.replace(prefix_cache=False))
     decoders = {"ar": ar_decoder(ar, ids, canvas), "ours": diffusion_decoder(subject.model, ids, plain),
                 "ours_cache": diffusion_decoder(subject.model, ids, plain.replace(prefix_cache=True))}
+    block = trained_block_size(subject.model)
     curve = {f"tau_{tau:g}": plain.replace(prefix_cache=True, threshold=tau) for tau in THRESHOLD_CURVE
-             if plain.strategy == "threshold" and trained_block_size(subject.model) and tau != plain.threshold}
+             if plain.strategy == "threshold" and block and tau != plain.threshold}
     decoders.update({key: diffusion_decoder(subject.model, ids, cfg) for key, cfg in curve.items()})
     items = {batch: workload if batch > 1 else dataclasses.replace(workload, prompts=workload.prompts[:BATCH_1_ITEMS])
              for batch in LONG_BATCHES}
@@ -245,17 +246,19 @@ def long_answer_speed(subject: Subject, sizes: BenchSizes, ar: GPT2LMHeadModel, 
     largest = max(LONG_BATCHES)
     out: dict[str, Any] = {key: {f"batch_{b}": statistics.median(tps[f"{key}/{b}"]) for b in LONG_BATCHES}
                            for key in COMPARED}
+    vs_ar = {key: {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}
+             for key in decoders if key != "ar"}
     for key in ("ours", "ours_cache"):
-        out[f"{key}_vs_ar"] = {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}
+        out[f"{key}_vs_ar"] = vs_ar[key]
     out["long_answers"] = {
         "workload": workload.name, "canvas": canvas,
         "items": {f"batch_{b}": len(items[b].prompts) for b in LONG_BATCHES},
         "method": describe(plain), "quality_keys": list(workload.quality_keys),
-        "block_size": trained_block_size(subject.model),
+        "block_size": block,
         **{key: {**quality(outcomes[f"{key}/{largest}"]), "cost": costs[key]} for key in COMPARED},
         "threshold_curve": [
             {"threshold": cfg.threshold, **quality(outcomes[f"{key}/{largest}"]), "cost": costs[key],
-             "vs_ar_tokens_per_s": {f"batch_{b}": median_ratio(tps[f"{key}/{b}"], tps[f"ar/{b}"]) for b in LONG_BATCHES}}
+             "vs_ar_tokens_per_s": vs_ar[key]}
             for key, cfg in [("ours_cache", plain), *curve.items()]] if curve else [],
     }
     return out

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import run_bench
+from bench.cli import fast_method, run_bench
 from bench.common import SIZES
 from bench.report import TARGETS
-from bench.cli import fast_method
 from bench.sample import EB_GAMMAS, STEP_METHODS, method_settings
 from dgpt_core.config import load_run_config
+from dgpt_core.generation.sampler import SamplerConfig
 from eval.report import _fmt
 
 SMALL = {"reps": 1, "train_vocabs": (1024,), "overhead_vocabs": (1024,), "lengths": (32,), "length_block": 16,
@@ -320,5 +320,4 @@ def test_a_block_model_is_benchmarked_with_its_own_block_size_and_defaults(tiny_
     setattr(tiny_model.config, DEFAULTS_KEY, defaults)
     assert fast_method(None, 64, tiny_model).strategy == "threshold" and fast_method(None, 64, tiny_model).steps == 64
     setattr(tiny_model.config, INFO_KEY, {"kind": "sft", "block_size": 8})
-    assert dataclasses.asdict(fast_method(None, 64, tiny_model)) == dataclasses.asdict(
-        fast_method(None, 64).__class__(**defaults))
+    assert dataclasses.asdict(fast_method(None, 64, tiny_model)) == dataclasses.asdict(SamplerConfig(**defaults))
