@@ -158,12 +158,13 @@ def test_the_cli_passes_run_config_overrides():
 
 
 def test_a_block_model_times_lower_thresholds_in_the_same_loop_as_its_defaults(bench):
+    from transformers import GPT2LMHeadModel
+
     from bench.baseline import THRESHOLD_CURVE, long_answer_speed, matched_config
     from bench.cli import fast_method
     from bench.report import threshold_curve_lines
     from dgpt_core.generation.options import DEFAULTS_KEY, INFO_KEY
     from dgpt_core.generation.sampler import TokenIds
-    from transformers import GPT2LMHeadModel
 
     subject = load_subject(None, "ci", bench, data_dir=bench / "data", run_overrides=WORLD)
     setattr(subject.model.config, INFO_KEY, {"kind": "sft", "block_size": 8})
