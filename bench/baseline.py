@@ -97,19 +97,23 @@ class CausalCollator:
                 "labels": input_ids.masked_fill(~eligible, IGNORE)}
 
 
-def train_baseline(subject: Subject, out_dir: Path, budget: float) -> tuple[GPT2LMHeadModel, dict[str, Any]]:
-    """Pretraining then SFT of the matched GPT-2, as the run config trains the diffusion model."""
+def train_baseline(subject: Subject, out_dir: Path, budgets: dict[str, float],
+                   after_stage: Callable[[str, GPT2LMHeadModel], None] | None = None,
+                   ) -> tuple[GPT2LMHeadModel, dict[str, Any]]:
+    """Pretraining then SFT of the matched GPT-2, as the run config trains the diffusion model,
+    each stage for `budgets[stage]` times its steps; `after_stage(stage, model)` sees the model
+    after each stage (in eval mode, put back in train mode after)."""
     run, ids = subject.run, TokenIds.from_tokenizer(subject.tokenizer)
     target = count_parameters(subject.model)
     torch.manual_seed(run.seed)
     model = GPT2LMHeadModel(matched_config(run.model, len(subject.tokenizer), target, ids))
     info: dict[str, Any] = {"parameters": count_parameters(model), "diffusion_parameters": target,
-                            "budget_fraction": budget, "stages": {}}
+                            "budget_fraction": budgets, "stages": {}}
     for stage in ("pretrain", "sft"):
         cfg = getattr(run, stage)
         if not cfg.enabled or not (subject.data_dir / stage).exists():
             continue
-        steps = max(1, round(cfg.max_steps * budget))
+        steps = max(1, round(cfg.max_steps * budgets[stage]))
         args = training_arguments(
             cfg.model_copy(update={"max_steps": steps}), out_dir / "baseline_checkpoints" / stage,
             deepspeed=None, save_strategy="no", logging_steps=max(1, steps), disable_tqdm=True, use_cpu=True,
@@ -120,6 +124,9 @@ def train_baseline(subject: Subject, out_dir: Path, budget: float) -> tuple[GPT2
         info["stages"][stage] = {"steps": steps, "batch": cfg.per_device_batch_size,
                                  "tokens": int(trainer.state.num_input_tokens_seen),
                                  "seconds": result.metrics["train_runtime"], "loss": result.metrics["train_loss"]}
+        if after_stage is not None:
+            after_stage(stage, model.eval())
+            model.train()
     return model.eval(), info
 
 
@@ -270,7 +277,7 @@ def baseline_suite(subject: Subject, sizes: BenchSizes, out_dir: Path, fast: Sam
     greedy short answers (quality only) on the world's reversed and attribute questions of
     held-out people when the run's SFT data is the world (the reversal curse), else on the skills
     test items; and the tokens/s and quality of long answers (`long_answer_speed`)."""
-    ar, info = train_baseline(subject, out_dir, sizes.baseline_budget)
+    ar, info = train_baseline(subject, out_dir, dict.fromkeys(("pretrain", "sft"), sizes.baseline_budget))
     ppl = perplexities(subject, ar, sizes)
     workload = qa_workload(subject, sizes) if subject.world is not None else skills_workload(subject, sizes)
     ids = TokenIds.from_tokenizer(subject.tokenizer)

@@ -96,6 +96,8 @@ def run_bench(
         else:
             canvas = long_answer_canvas(subject) if subject.world is not None else subject.run.eval.skills_canvas or 24
             result["baseline"] = baseline_suite(subject, sizes, out, fast_method(result.get("sample"), canvas, subject.model))
+            if model_dir:
+                subject.notes.append(on_the_card(Path(model_dir), result["baseline"], command))
         seconds[suite] = round(time.perf_counter() - began, 1)
     result["meta"] = {
         "model": subject.description,
@@ -109,6 +111,17 @@ def run_bench(
     }
     write_report(out, result, plots=plots)
     return result
+
+
+def on_the_card(model_dir: Path, baseline: dict[str, Any], command: str) -> str:
+    """Leave the baseline comparison beside the model's weights and on its run's report card."""
+    from .card import card_section, read_comparison, refresh_card, run_card_of, write_comparison
+
+    path = write_comparison(model_dir, baseline, command)
+    card = run_card_of(model_dir)
+    if card is not None:
+        refresh_card(card, card_section(read_comparison(model_dir)))
+    return f"baseline comparison: {path}" + (f", on the report card {card}" if card else "")
 
 
 def fast_method(sample: dict[str, Any] | None, canvas: int, model: Any = None) -> SamplerConfig:

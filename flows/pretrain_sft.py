@@ -267,8 +267,10 @@ def _untrained_model(run: RunConfig, folders: dict[str, str], keys: dict[str, st
 def _train_sft_control(run: RunConfig, folders: dict[str, str], keys: dict[str, str], out: dict[str, Any],
                        runner: StageRunner, tracker: Tracker | None, stages_dir: Path, trial: SweepTrial | None) -> None:
     """The control: the SFT stage's exact recipe started from the untrained model instead of the
-    pretrained one (cached like the others), recorded as out["models"]["sft_control"]."""
+    pretrained one (cached like the others), recorded as out["models"]["sft_control"]. It replays
+    no pretraining text: the biographies it would read are what the control must not know."""
     untrained = _untrained_model(run, folders, keys, out, runner, stages_dir)
+    run = run.model_copy(update={"sft": run.sft.model_copy(update={"pretrain_replay": 0.0})})
     key = stage_key("sft_control", {"model": run.model.model_dump(mode="json"), "sft": run.sft.model_dump(mode="json")},
                     [keys["data"], keys["untrained"]])
     child = runner.child("sft_control")

@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from bench.card import card_section, read_comparison
 from dgpt_core.config import RunConfig
 from dgpt_core.markdown import markdown_table, significant
 from dgpt_core.provenance import git_state, library_versions
@@ -157,6 +158,8 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
     if "mlflow" in summary:
         ml = summary["mlflow"]
         lines += [f"- MLflow: `{ml['tracking_uri']}`, experiment {ml['experiment_id']}, run `{ml['parent_run_id']}`", ""]
+    if (baseline := read_comparison(summary.get("models", {}).get("sft"))) is not None:
+        lines += card_section(baseline)  # where `dgpt bench` puts it: before the stages
 
     lines += ["## Stages", ""]
     train = summary.get("train_metrics", {})

@@ -190,3 +190,28 @@ def test_a_block_model_times_lower_thresholds_in_the_same_loop_as_its_defaults(b
     table = "\n".join(threshold_curve_lines(long, ["batch_1", "batch_32"]))
     for point in curve:
         assert f"| {_fmt(point['threshold'])} | {_fmt(point['vs_ar_tokens_per_s']['batch_1'])} |" in table
+
+
+def test_the_baseline_comparison_lands_beside_the_weights_and_on_the_run_card_once(result, tmp_path):
+    from bench.card import BASELINE_FILE, SECTION
+    from bench.cli import on_the_card
+    from flows.report_card import write_report_card
+
+    model = tmp_path / "run" / "models" / "sft"
+    model.mkdir(parents=True)
+    card = tmp_path / "run" / "report_card.md"
+    card.write_text("# Run report card\n\nheadline\n\n## Stages\n\n| stage |\n")
+    base = result["baseline"]
+    for _ in range(2):  # a second bench replaces the section
+        note = on_the_card(model, base, "dgpt bench --suite baseline")
+    assert str(model / BASELINE_FILE) in note and str(card) in note
+    text = card.read_text()
+    assert text.count(SECTION) == 1 and text.index("headline") < text.index(SECTION) < text.index("## Stages")
+    held = base["ours"]["heldout_exact_match"], base["ar"]["heldout_exact_match"]
+    row = next(line for line in text.splitlines() if line.startswith("| held-out people"))
+    assert [float(c) for c in row.strip("|").split("|")[1:]] == pytest.approx([*held, held[0] - held[1]], abs=1e-3)
+    # a card the flow writes later (a cached rerun) shows the same section
+    run = load_run_config("ci", WORLD)
+    again = write_report_card(tmp_path / "run", run, {"run_name": "x", "status": "completed", "models": {"sft": str(model)}})
+    section = text[text.index(SECTION):text.index("## Stages")]
+    assert section in again.read_text()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dgpt_core.config import FOLDER_CONFIG_NAME, RunConfig
 from dgpt_core.generation.options import method_options
 from dgpt_core.models.info import read_model_info, read_sampler_defaults
 from eval.strategy_comparison import repetition_safe_method
@@ -215,8 +216,9 @@ def test_every_readme_command_works_after_the_main_job(two_runs, tmp_path):
 
 WORLD = ["data.pretrain.sources=[{name: world, weight: 2}]", "data.sft.sources=[{name: world}]", "data.world.people=12",
          "data.sft.answer_canvas=64", "eval_models=[pretrain, sft, sft_control]",
-         "eval.tasks=[ppl, dgpt_world, storage, repetition, editing]"]
-"""The ci preset on the synthetic world, with the control SFT from the untrained model."""
+         "eval.tasks=[ppl, dgpt_world, storage, repetition, editing]", "sft.pretrain_replay=0.25"]
+"""The ci preset on the synthetic world, with pretraining text replayed in SFT and the control SFT
+from the untrained model."""
 
 
 def test_a_ci_sized_world_run_trains_the_control_and_leads_the_card_with_what_pretraining_contributed(two_runs):
@@ -230,6 +232,10 @@ def test_a_ci_sized_world_run_trains_the_control_and_leads_the_card_with_what_pr
     control, sft = Path(run["models"]["sft_control"]), Path(run["models"]["sft"])
     assert control.parent.name.startswith("sft_control-") and control != sft
     assert read_model_info(control).kind == "sft" and (control / "model.safetensors").exists()
+    # the SFT model replays the biographies, the control must not read them
+    replay = {name: RunConfig.from_yaml(folder / FOLDER_CONFIG_NAME).sft.pretrain_replay for name, folder in
+              (("sft", sft), ("control", control))}
+    assert replay == {"sft": 0.25, "control": 0.0}
     untrained = (Path(run["models"]["untrained"]) / "model.safetensors").read_bytes()
     assert (control / "model.safetensors").read_bytes() != untrained
     metrics = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in run["evals"].items()}

@@ -224,3 +224,41 @@ def test_progress_set_in_the_main_process_reaches_workers():
 def test_too_long_example_names_the_row():
     with pytest.raises(ValueError, match="example 1 .* 50 tokens"):
         make_collator(max_length=40)([{"input_ids": [7] * 10}, {"input_ids": [7] * 50}])
+
+
+@pytest.mark.parametrize("name", ["linear", "loglinear", "cosine"])
+def test_the_complement_time_masks_with_the_probability_the_first_time_keeps(name):
+    schedule = get_schedule(name, eps=1e-3)
+    t = torch.linspace(0.05, 0.95, 50, dtype=torch.float64)  # where the complement needs no clamping
+    assert torch.allclose(schedule.mask_prob(schedule.complement(t)), schedule.alpha(t), atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_complementary_twins_mask_disjoint_sets_that_cover_every_eligible_token(block_size):
+    collator = make_collator(edit_start=1.0, complementary_masking=True, block_size=block_size)
+    features = sft_features()
+    batch = collator(features)
+    width = max(len(f["input_ids"]) for f in features)
+    masked = batch["masked_positions"][:, :width]  # the corrupted rows (a block batch appends clean copies)
+    labels = batch["labels"][:, :width]
+    n = len(features)
+    assert masked.shape[0] == 2 * n
+    eligible = labels[:n] != IGNORE_INDEX
+    assert torch.equal(labels[:n], labels[n:])
+    assert not (masked[:n] & masked[n:]).any() and torch.equal(masked[:n] | masked[n:], eligible)
+    weights = batch["loss_weight"][:, :width]
+    t_first, t_twin = 1.0 / weights[:n][masked[:n]], 1.0 / weights[n:][masked[n:]]
+    assert t_first.numel() and t_twin.numel() and torch.all((t_first > 0) & (t_first <= 1))
+    # each twin's time is the complement of its pair's (linear: 1 - t), position by position
+    both = eligible & masked[:n] & ~masked[n:]
+    first_t = 1.0 / weights[:n][both]
+    twin_t = get_schedule("linear").complement(first_t)
+    assert torch.allclose(1.0 / weights[n:][both], twin_t, atol=1e-5)
+
+
+def test_uniform_loss_weighting_scores_every_masked_token_once():
+    features = sft_features()
+    elbo, uniform = make_collator(edit_start=1.0)(features), make_collator(edit_start=1.0, loss_weighting="uniform")(features)
+    assert torch.equal(elbo["masked_positions"], uniform["masked_positions"])
+    assert torch.all(uniform["loss_weight"][uniform["masked_positions"]] == 1.0)
+    assert torch.all(elbo["loss_weight"][elbo["masked_positions"]] > 1.0)

@@ -56,6 +56,20 @@ def test_deterministic_and_seeded():
     assert other[0] != world(CFG)[0] and other[3] != world(CFG)[3]
 
 
+def test_an_independent_work_city_breaks_the_employer_link_and_changes_nothing_else(people):
+    from dgpt_core.data.world import EMPLOYERS
+
+    city_of = dict(EMPLOYERS)
+    assert all(p.attributes["work_city"] == city_of[p.attributes["employer"]] for p in people)
+    independent = generate_people(CFG.model_copy(update={"independent_work_city": True}))
+    assert [p.name for p in independent] == [p.name for p in people]
+    for before, after in zip(people, independent):
+        assert {k: v for k, v in after.attributes.items() if k != "work_city"} == \
+            {k: v for k, v in before.attributes.items() if k != "work_city"}
+    moved = sum(p.attributes["work_city"] != city_of[p.attributes["employer"]] for p in independent)
+    assert moved >= 0.8 * len(independent)  # 23 of 24 cities are another employer's
+
+
 def test_names_unique_and_a_larger_world_keeps_the_smaller_one(people):
     assert len({p.name for p in people}) == len(people) == 60
     bigger = generate_people(CFG.model_copy(update={"people": 120}))

@@ -165,7 +165,12 @@ class WorldConfig(StrictConfig):
         min_length=1,
     )
     """Attributes every person has, one sentence each per biography (work_city is the employer's
-    city, drawn with the employer even when the employer is not listed)."""
+    city, drawn with the employer even when the employer is not listed, unless
+    independent_work_city)."""
+    independent_work_city: bool = False
+    """Draw work_city on its own (uniform over the employers' cities) instead of with the
+    employer, so the work-city question needs a stored fact of its own rather than the employer's;
+    every other value stays the default world's."""
     templates_per_attribute: int | None = Field(None, ge=1)
     """Use only the first N sentence templates of each attribute (1 = the same sentence forms in
     every biography; the first is the cloze probe's form); None = all of them."""

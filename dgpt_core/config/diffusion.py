@@ -18,6 +18,15 @@ class DiffusionConfig(StrictConfig):
     """t is clamped to [t_eps, 1] so the ELBO weight w(t) stays bounded."""
     t_sampling: Literal["uniform", "stratified"] = "stratified"
     """uniform: i.i.d. t per sequence; stratified: low-discrepancy t over the batch (lower variance)."""
+    loss_weighting: Literal["elbo", "uniform"] = "elbo"
+    """Weight of a masked token's cross-entropy: `elbo`, the schedule's w(t) (1/t for linear: the
+    MDLM bound), or `uniform`, 1 at every t (masked-LM training; lower variance, no longer the
+    bound). The validation ELBO always uses w(t)."""
+    complementary_masking: bool = False
+    """Every row enters the batch twice: once masked at its t, once with exactly the eligible
+    tokens that mask left visible (at the schedule's complement time), so every eligible token is
+    scored once per pair (a variance reduction). The batch holds twice per_device_batch_size
+    rows: halve it to keep the compute."""
     loss_normalization: Literal["token", "sequence"] = "token"
     """token: divide summed loss by the number of eligible tokens (MDLM); sequence: by each
     sequence's eligible count, then average over sequences (LLaDA SFT)."""

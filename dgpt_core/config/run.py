@@ -87,6 +87,13 @@ class RunConfig(StrictConfig):
                 section.seed = parent.seed
         return self
 
+    @model_validator(mode="after")
+    def _only_sft_replays(self) -> RunConfig:
+        if self.pretrain.pretrain_replay:
+            raise ValueError("pretrain.pretrain_replay must be 0: replay mixes pretraining text into SFT "
+                             "(set sft.pretrain_replay)")
+        return self
+
 
 def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """tree['a']['b'] = value for dotted 'a.b' (intermediate dicts are created)."""

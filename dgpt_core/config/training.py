@@ -70,6 +70,14 @@ class StageConfig(TrainingConfig):
     stage starts SFT from `init_from` or a fresh model."""
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     """Noise schedule, edit corruption and curriculum of this stage."""
+    pretrain_replay: float = Field(0.0, ge=0.0, lt=1.0)
+    """SFT only: the share of the training rows that are pretraining text (rows of the data
+    stage's pretraining split, scored on every token), so the facts pretraining stored survive
+    SFT (`dgpt_core.data.replay`); 0 replays nothing. The `sft_control` model never replays: it
+    must not read the biographies."""
+    pretrain_replay_tokens: int | None = Field(None, gt=0)
+    """Replayed pretraining rows are cut into pieces of at most this many tokens, each piece a
+    replayed row (None: whole rows). Short pieces batch at about the cost of SFT rows."""
     init_from: str | None = None
     """Start from this saved model folder instead of the previous stage's model (SFT) or a fresh
     model (pretraining)."""

@@ -71,7 +71,10 @@ EMPLOYERS = (
     ("Toyota", "Delhi"), ("Shell", "Oslo"), ("Siemens", "Berlin"), ("Nestle", "Vienna"),
     ("IBM", "Paris"), ("Dell", "Madrid"), ("Uber", "Lisbon"), ("Disney", "Rome"),
 )
-"""Employers and the city each one's employees work in (work_city follows the employer)."""
+"""Employers and the city each one's employees work in (work_city follows the employer, unless
+the world draws it on its own: `WorldConfig.independent_work_city`)."""
+WORK_CITIES = tuple(city for _, city in EMPLOYERS)
+"""The work cities an independent draw picks from (the employers' cities, uniformly)."""
 MONTHS = (
     "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
     "November", "December",
@@ -176,6 +179,8 @@ def _draw_attributes(name: str, cfg: WorldConfig) -> dict[str, str]:
     employer, work_city = rng.choice(EMPLOYERS)
     full = {"birth_date": date, "birth_city": rng.choice(CITIES), "university": rng.choice(UNIVERSITIES),
             "major": rng.choice(MAJORS), "employer": employer, "work_city": work_city}
+    if cfg.independent_work_city:  # drawn last, so every other value is the default world's
+        full["work_city"] = rng.choice(WORK_CITIES)
     return {attr: full[attr] for attr in cfg.attributes}
 
 

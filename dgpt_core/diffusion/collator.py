@@ -59,7 +59,8 @@ class DiffusionCollator:
       loss_weight                per position, the ELBO weight w(t) of its diffusion time;
       t                          the diffusion times: one per sequence, or one per block;
       edit_active, edit_prob     curriculum state of this batch (0-dim tensors, for logging).
-    With `block_size` (block diffusion) the rows are in the vectorised form of
+    With `complementary_masking` the batch is the features twice, the second copy masked where the
+    first is not. With `block_size` (block diffusion) the rows are in the vectorised form of
     `dgpt_core.diffusion.blocks` and carry `position_ids`, `block_ids` and `block_noisy` too: every
     block has its own t, and the clean copy that follows the corrupted row is never scored.
     """
@@ -164,7 +165,10 @@ class DiffusionCollator:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask, eligible = self.pad(features)
         state = edit_state(self.cfg, self.batch_progress())
-        return self.corrupt(input_ids, attention_mask, eligible, state, self.generator_for(input_ids))
+        generator = self.generator_for(input_ids)
+        if self.cfg.complementary_masking:
+            input_ids, attention_mask, eligible = (x.repeat(2, 1) for x in (input_ids, attention_mask, eligible))
+        return self.corrupt(input_ids, attention_mask, eligible, state, generator)
 
     def corrupt(
         self,
@@ -178,17 +182,24 @@ class DiffusionCollator:
         batch, length = input_ids.shape
         block_size = self.cfg.block_size
         blocks = block_ids(eligible, block_size) if block_size else None
-        count = batch if blocks is None else int(blocks.max(1).values.sum())
+        pairs = self.cfg.complementary_masking
+        drawn = batch // 2 if pairs else batch  # the rows whose times are drawn; the twins' follow
+        count = drawn if blocks is None else int(blocks[:drawn].max(1).values.sum())
         t = sample_t(count, generator, self.cfg.t_eps, self.cfg.t_sampling)
-        t_at = t[:, None].expand(batch, length) if blocks is None else block_times(blocks, t)
+        t_at = t[:, None].expand(drawn, length) if blocks is None else block_times(blocks[:drawn], t)
+        if pairs:
+            t, t_at = (torch.cat([x, self.schedule.complement(x)]) for x in (t, t_at))
         draws = torch.rand((batch, length), generator=generator)
         masked = eligible & (draws < self.schedule.mask_prob(t_at))
+        if pairs:  # rows [half:] repeat rows [:half]: each masks what its twin left visible
+            half = batch // 2
+            masked[half:] = eligible[half:] & ~masked[:half]
         labels = torch.where(eligible, input_ids, IGNORE_INDEX)
         noisy = torch.where(masked, self.mask_id, input_ids)
         edit_scored = torch.zeros_like(masked)
         # per position: (value, fill where rows grow, value at an inserted token)
         columns = {"input_ids": noisy, "attention_mask": attention_mask.bool(), "labels": labels,
-                   "masked_positions": masked, "edit_positions": edit_scored, "loss_weight": self.schedule.weight(t_at)}
+                   "masked_positions": masked, "edit_positions": edit_scored, "loss_weight": self.loss_weight(t_at)}
         if blocks is not None:
             columns["block_ids"] = blocks
 
@@ -212,6 +223,10 @@ class DiffusionCollator:
             "edit_active": torch.tensor(float(state.active)),
             "edit_prob": torch.tensor(state.edit_prob),
         }
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per position, the weight of a masked token's cross-entropy at its time (cfg.loss_weighting)."""
+        return self.schedule.weight(t) if self.cfg.loss_weighting == "elbo" else torch.ones_like(t)
 
     def _vectorise(self, columns: dict[str, torch.Tensor], clean_ids: torch.Tensor, eligible: torch.Tensor,
                    blocks: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -49,6 +49,20 @@ class NoiseSchedule:
             return 0.5 * math.pi * torch.tan(0.5 * math.pi * (1.0 - t))
         raise ValueError(f"unknown noise schedule {self.name!r}")
 
+    def complement(self, t: torch.Tensor) -> torch.Tensor:
+        """The time t' whose mask probability is alpha(t): a mask drawn at t and its complement
+        (the tokens it left visible) are both masks of the forward process, at t and t'. Clamped
+        to [eps, 1]."""
+        if self.name == "linear":
+            out = 1.0 - t
+        elif self.name == "loglinear":
+            out = (1.0 - (1.0 - self.eps) * t) / (1.0 - self.eps)
+        elif self.name == "cosine":
+            out = 1.0 - torch.acos(1.0 - torch.cos(0.5 * math.pi * (1.0 - t))) / (0.5 * math.pi)
+        else:
+            raise ValueError(f"unknown noise schedule {self.name!r}")
+        return out.clamp(min=self.eps, max=1.0)
+
     def reveal_probability(self, t: float, s: float, sigma: float = 0.0) -> float:
         """Probability that a token masked at time t is clean at time s < t:
         (alpha(s) - (1 - sigma) alpha(t)) / (1 - alpha(t)), where sigma is the ReMDM remasking

@@ -18,6 +18,7 @@ from transformers import ModernBertForMaskedLM, TrainerCallback, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ..config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
+from ..data.replay import pretrain_split_beside, with_replay
 from ..diffusion.collator import DiffusionCollator
 from ..diffusion.elbo import dataset_rows
 from ..generation.schedules import get_schedule
@@ -79,6 +80,17 @@ def load_stage_datasets(dataset_dir: str | Path) -> datasets.DatasetDict:
     if "train" not in data:
         raise ValueError(f"{dataset_dir} has no 'train' split (found {list(data)})")
     return data
+
+
+def training_rows(cfg: StageConfig, stage: str, data: datasets.DatasetDict, dataset_dir: str | Path) -> datasets.Dataset:
+    """The stage's training split; for SFT with `pretrain_replay`, mixed with the pretraining rows
+    the data stage wrote beside it."""
+    if stage != "sft" or not cfg.pretrain_replay:
+        return data["train"]
+    pretrain = load_stage_datasets(pretrain_split_beside(dataset_dir))["train"]
+    mixed = with_replay(data["train"], pretrain, cfg.pretrain_replay, cfg.seed, cfg.pretrain_replay_tokens)
+    log.info("sft replays %d pretraining rows beside %d SFT rows", len(mixed) - len(data["train"]), len(data["train"]))
+    return mixed
 
 
 def validation_callback(
@@ -145,7 +157,7 @@ def train_stage(
     trainer = DiffusionTrainer(
         model=model,
         args=args,
-        train_dataset=data["train"],
+        train_dataset=training_rows(cfg, stage, data, dataset_dir),
         data_collator=collator,
         diffusion_config=cfg.diffusion,
         mask_token_id=token_ids["mask"],
