@@ -1,7 +1,8 @@
 """The GPT-2 baseline measured on the synthetic world as the eval suite measures ours: storage on
 every cloze probe (greedy, the value's gold length: `eval.storage`'s probe) and exact match on
 every question of the eval's test sets (`dgpt_core.data.world.test_pairs`), greedy with the KV
-cache on the trained answer canvas."""
+cache on the trained answer canvas; the biography requests of held-out people on the eval's
+long-answer canvas, scored by the facts they state (`fact_scores`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from typing import Any
 import torch
 from transformers import GPT2LMHeadModel
 
-from dgpt_core.data.world import cloze_probes, generate_people, test_pairs
+from dgpt_core.data.world import cloze_probes, fact_scores, generate_people, test_pairs
 from dgpt_core.generation.sampler import TokenIds
 from eval.storage import encode_probe, score_predictions
 
 from .baseline import ar_decoder
 from .common import Subject, Workload, encode_chat
 from .sample import decode_items
-from .world import short_answer_canvas
+from .world import long_answer_canvas, short_answer_canvas
 
 BATCH = 64
 
@@ -65,3 +66,22 @@ def ar_exact_match(model: GPT2LMHeadModel, subject: Subject) -> dict[str, dict[s
                                subject.tokenizer)
         out[name] = {"exact_match": outcome.scores["exact_match"], "n": len(pairs)}
     return out
+
+
+def ar_biographies(model: GPT2LMHeadModel, subject: Subject) -> dict[str, float]:
+    """Mean fact recall and precision of `model`'s biographies of the held-out people."""
+    cfg = subject.world
+    assert cfg is not None, "the run's data is not the world"
+    people = {p.name: p for p in generate_people(cfg)}
+    pairs = test_pairs(cfg)["bio"]
+    prompts = [encode_chat(subject.tokenizer, [{"role": "user", "content": p.question}]) for p in pairs]
+
+    def scorer(index: int, text: str) -> dict[str, float]:
+        scores = fact_scores(text, people[pairs[index].person])
+        return {"bio_fact_recall": scores["fact_recall"], "bio_fact_precision": scores["fact_precision"]}
+
+    canvas = long_answer_canvas(subject)
+    decoder = ar_decoder(model, TokenIds.from_tokenizer(subject.tokenizer), canvas)
+    outcome = decode_items(Workload("world", prompts, canvas, scorer, ("bio_fact_recall",)), BATCH, decoder,
+                           subject.tokenizer)
+    return {key: outcome.scores[key] for key in ("bio_fact_recall", "bio_fact_precision")}

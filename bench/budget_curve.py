@@ -10,11 +10,13 @@ preset's steps):
   ours-x<m>-seed<s> --set seed=<s> --set pretrain.max_steps=<N> --set eval_models=[pretrain, sft]`
   (the seed varies the world too: `data.world.seed` follows it), without the control. Its figures
   come from its eval: storage (cloze) of the pretrained and of the SFT model, exact match of
-  held-out people, train people and reversed questions with the SFT folder's own defaults.
+  held-out people, train people and reversed questions, and the fact recall and precision of
+  held-out people's biographies, all with the SFT folder's own defaults.
 - `ar`: the parameter-matched GPT-2 of `dgpt bench --suite baseline` (`bench.baseline`), trained
   on the data of the same seed's `ours` run (pretraining for <N> steps, then the same SFT),
   decoded greedily with its KV cache: the same figures on the same items (every cloze probe at
-  its gold length, every question of the eval's test sets).
+  its gold length, every question of the eval's test sets, the biography requests on the eval's
+  long-answer canvas).
 
 A finished point is written to OUT/points/<model>-x<m>-seed<s>.json and skipped by a later call,
 so a stopped curve resumes where it stopped. OUT/curve.json, curve.md and curve.png (each metric
@@ -47,9 +49,12 @@ METRICS = {
     "heldout": "held-out people: attribute exact match",
     "train": "train people: attribute exact match",
     "reversal": "reversed questions (held-out people): exact match",
+    "bio_fact_recall": "biographies of held-out people: fact recall",
+    "bio_fact_precision": "biographies of held-out people: fact precision",
 }
 """The figures of every point, with their labels."""
 QA_SETS = ("heldout", "train", "reversal")
+BIO = ("bio_fact_recall", "bio_fact_precision")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,13 +98,13 @@ def ours_point(args: argparse.Namespace, multiple: float, seed: int, steps: int)
     return {"command": shlex.join(command), "data_model": summary["models"]["sft"],
             "pretrain_tokens": summary["train_metrics"]["pretrain"]["tokens_seen"],
             "storage_pretrained": evals["pretrain"]["storage"]["cloze_accuracy"],
-            "storage_sft": evals["sft"]["storage"]["cloze_accuracy"], **{k: world[k] for k in QA_SETS},
+            "storage_sft": evals["sft"]["storage"]["cloze_accuracy"], **{k: world[k] for k in (*QA_SETS, *BIO)},
             "items": {k: int(world[f"n_{k}"]) for k in QA_SETS if f"n_{k}" in world}}
 
 
 def ar_point(args: argparse.Namespace, multiple: float, seed: int) -> dict[str, Any]:
     """Train the matched GPT-2 on the data of the seed's `ours` run and measure it."""
-    from .ar_world import ar_exact_match, ar_storage
+    from .ar_world import ar_biographies, ar_exact_match, ar_storage
     from .baseline import train_baseline
     from .common import load_subject
 
@@ -117,9 +122,11 @@ def ar_point(args: argparse.Namespace, multiple: float, seed: int) -> dict[str, 
     work = Path(args.out) / "ar" / point_name("ar", multiple, seed)
     model, info = train_baseline(subject, work, {"pretrain": multiple, "sft": 1.0}, after_stage=after)
     matches = ar_exact_match(model, subject)
+    bio = ar_biographies(model, subject)
     return {"data_model": data_model, "training": info, "pretrain_tokens": info["stages"]["pretrain"]["tokens"],
             "storage_pretrained": storage["pretrain"], "storage_sft": storage["sft"],
-            **{k: v["exact_match"] for k, v in matches.items()}, "items": {k: v["n"] for k, v in matches.items()}}
+            **{k: v["exact_match"] for k, v in matches.items()}, **bio,
+            "items": {k: v["n"] for k, v in matches.items()}}
 
 
 def reads_per_person(tokens: int, data_model: str, preset: str) -> float:
