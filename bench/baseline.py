@@ -1,7 +1,8 @@
 """The baseline users would pick instead: a GPT-2 causal LM with our parameter count.
 
 It is trained through the transformers Trainer on the same prepared data as the diffusion run
-(the pretraining split, then the SFT split with the loss on the answer canvas only), for the same
+(the pretraining split, then the SFT split with the loss on the answer canvas only, mixed with
+the pretraining text the SFT stage replays), for the same
 steps, batch sizes and learning-rate schedules as the run config (times `baseline_budget`).
 Then, beside the diffusion model:
 
@@ -42,7 +43,7 @@ from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.sampler import SamplerConfig, TokenIds, cut_at_stop, left_pad
 from dgpt_core.generation.schedules import get_schedule
 from dgpt_core.models.backbone import count_parameters
-from dgpt_core.training.stage import load_stage_datasets
+from dgpt_core.training.stage import load_stage_datasets, training_rows
 from dgpt_core.training.trainer import training_arguments
 from eval.ppl import answer_rows, ppl_bound, text_rows
 
@@ -100,7 +101,8 @@ class CausalCollator:
 def train_baseline(subject: Subject, out_dir: Path, budgets: dict[str, float],
                    after_stage: Callable[[str, GPT2LMHeadModel], None] | None = None,
                    ) -> tuple[GPT2LMHeadModel, dict[str, Any]]:
-    """Pretraining then SFT of the matched GPT-2, as the run config trains the diffusion model,
+    """Pretraining then SFT of the matched GPT-2 on the rows the diffusion model trains on (SFT with
+    the same replayed pretraining text), as the run config trains the diffusion model,
     each stage for `budgets[stage]` times its steps; `after_stage(stage, model)` sees the model
     after each stage (in eval mode, put back in train mode after)."""
     run, ids = subject.run, TokenIds.from_tokenizer(subject.tokenizer)
@@ -118,10 +120,10 @@ def train_baseline(subject: Subject, out_dir: Path, budgets: dict[str, float],
             cfg.model_copy(update={"max_steps": steps}), out_dir / "baseline_checkpoints" / stage,
             deepspeed=None, save_strategy="no", logging_steps=max(1, steps), disable_tqdm=True, use_cpu=True,
         )
-        data = load_stage_datasets(subject.data_dir / stage)["train"]
+        data = training_rows(cfg, stage, load_stage_datasets(subject.data_dir / stage), subject.data_dir / stage)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=CausalCollator(ids.pad))
         result = trainer.train()
-        info["stages"][stage] = {"steps": steps, "batch": cfg.per_device_batch_size,
+        info["stages"][stage] = {"steps": steps, "batch": cfg.per_device_batch_size, "rows": len(data),
                                  "tokens": int(trainer.state.num_input_tokens_seen),
                                  "seconds": result.metrics["train_runtime"], "loss": result.metrics["train_loss"]}
         if after_stage is not None:

@@ -189,7 +189,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), sharex=True)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.6), sharex=True)
+    spread = len({round(r["reads_per_person"]) for r in summary["rows"]}) > 1  # a log axis needs two x values
     for ax, (key, label) in zip(axes, METRICS.items()):
         for model, style in (("ours", "o-"), ("ar", "s--")):
             rows = [r for r in summary["rows"] if r["model"] == model]
@@ -200,7 +201,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
             err = [[m - r[key]["min"] for m, r in zip(mean, rows)], [r[key]["max"] - m for m, r in zip(mean, rows)]]
             ax.errorbar(x, mean, yerr=err, fmt=style, capsize=3, label=LABELS[model])
         ax.set_title(label, fontsize=8)
-        ax.set_xscale("log")
+        if spread:
+            ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("reads per person")
     axes[0].legend(fontsize=7)

@@ -151,7 +151,9 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
              f"- pretrain: {run.pretrain.max_steps} steps x batch {run.pretrain.per_device_batch_size}, "
              f"lr {run.pretrain.learning_rate}, edit stage from {run.pretrain.diffusion.edit_start:.0%}",
              f"- SFT: {run.sft.max_steps} steps x batch {run.sft.per_device_batch_size}, lr {run.sft.learning_rate}, "
-             f"answer padding `{run.data.sft.answer_padding}` (canvas {run.data.sft.answer_canvas})", ""]
+             f"answer padding `{run.data.sft.answer_padding}` (canvas {run.data.sft.answer_canvas})"
+             + (f", {run.sft.pretrain_replay:.0%} of the rows replaying pretraining text" if run.sft.pretrain_replay else ""),
+             ""]
     evals = summary.get("evals", {})
     metrics_by_model = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in evals.items()}
     lines += world_headline(metrics_by_model)

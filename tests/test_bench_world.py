@@ -21,8 +21,8 @@ from dgpt_core.data.world import CITIES, biographies, generate_people, test_pair
 from eval.report import _fmt
 
 WORLD = ["data.sft.sources=[{name: world}]", "data.pretrain.sources=[{name: world}]", "data.world.people=12",
-         "data.sft.answer_canvas=64"]
-"""Run config overrides that switch the ci preset to the world."""
+         "data.sft.answer_canvas=64", "sft.pretrain_replay=0.25"]
+"""Run config overrides that switch the ci preset to the world, with pretraining text replayed in SFT."""
 SMALL = {"reps": 1, "overhead_vocabs": (), "lengths": (32,), "length_block": 16, "thresholds": (0.9,),
          "batch_size": 64, "baseline_budget": 0.1, "ppl_sequences": 2, "world_people": 2}
 """Bench sizes: two held-out people, one threshold, no overhead measurement."""
@@ -215,3 +215,12 @@ def test_the_baseline_comparison_lands_beside_the_weights_and_on_the_run_card_on
     again = write_report_card(tmp_path / "run", run, {"run_name": "x", "status": "completed", "models": {"sft": str(model)}})
     section = text[text.index(SECTION):text.index("## Stages")]
     assert section in again.read_text()
+
+
+def test_the_baseline_sft_replays_the_pretraining_text_the_diffusion_sft_replays(result, bench):
+    import datasets
+
+    sft_rows = len(datasets.load_from_disk(str(bench / "data" / "sft"))["train"])
+    stages = result["baseline"]["ar"]["training"]["stages"]
+    assert stages["sft"]["rows"] == sft_rows + round(sft_rows * 0.25 / 0.75)
+    assert stages["pretrain"]["rows"] == len(datasets.load_from_disk(str(bench / "data" / "pretrain"))["train"])
