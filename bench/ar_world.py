@@ -55,8 +55,9 @@ def ar_exact_match(model: GPT2LMHeadModel, subject: Subject) -> dict[str, dict[s
     canvas = short_answer_canvas(subject)
     decoder = ar_decoder(model, TokenIds.from_tokenizer(subject.tokenizer), canvas)
     out = {}
+    sets = test_pairs(cfg)
     for name in ("heldout", "train", "reversal"):
-        pairs = test_pairs(cfg)[name]
+        pairs = sets[name]
         prompts = [encode_chat(subject.tokenizer, [{"role": "user", "content": p.question}]) for p in pairs]
 
         def scorer(index: int, text: str, pairs: list = pairs) -> dict[str, float]:

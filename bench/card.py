@@ -34,9 +34,9 @@ def comparison(baseline: dict[str, Any], command: str) -> dict[str, Any]:
             "command": command}
 
 
-def write_comparison(model_dir: str | Path, baseline: dict[str, Any], command: str) -> Path:
+def write_comparison(model_dir: str | Path, comp: dict[str, Any]) -> Path:
     path = Path(model_dir) / BASELINE_FILE
-    path.write_text(json.dumps(comparison(baseline, command), indent=2))
+    path.write_text(json.dumps(comp, indent=2))
     return path
 
 

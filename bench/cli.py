@@ -115,12 +115,13 @@ def run_bench(
 
 def on_the_card(model_dir: Path, baseline: dict[str, Any], command: str) -> str:
     """Leave the baseline comparison beside the model's weights and on its run's report card."""
-    from .card import card_section, read_comparison, refresh_card, run_card_of, write_comparison
+    from .card import card_section, comparison, refresh_card, run_card_of, write_comparison
 
-    path = write_comparison(model_dir, baseline, command)
+    comp = comparison(baseline, command)
+    path = write_comparison(model_dir, comp)
     card = run_card_of(model_dir)
     if card is not None:
-        refresh_card(card, card_section(read_comparison(model_dir)))
+        refresh_card(card, card_section(comp))
     return f"baseline comparison: {path}" + (f", on the report card {card}" if card else "")
 
 

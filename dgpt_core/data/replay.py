@@ -39,6 +39,21 @@ def pieces(rows: list[list[int]], tokens: int | None) -> list[list[int]]:
     return [list(r[i : i + tokens]) for r in rows for i in range(0, len(r), tokens)]
 
 
+def replayed_pieces(pretrain: datasets.Dataset, count: int, tokens: int | None) -> list[list[int]]:
+    """The first `count` pieces of `pretrain`'s rows in order, cycling through them when more are
+    needed; only the rows that supply pieces are read (a production pretraining split is large)."""
+    out: list[list[int]] = []
+    while len(out) < count:
+        before = len(out)
+        for row in pretrain:
+            out += pieces([row["input_ids"]], tokens)
+            if len(out) >= count:
+                break
+        if len(out) == before:
+            raise ValueError("SFT replay: the pretraining split has no tokens")
+    return out[:count]
+
+
 def with_replay(sft: datasets.Dataset, pretrain: datasets.Dataset, fraction: float, seed: int,
                 tokens: int | None = None) -> datasets.Dataset:
     """`sft` plus `replay_count(len(sft), fraction)` pieces of pretraining rows (each row cut into
@@ -51,10 +66,7 @@ def with_replay(sft: datasets.Dataset, pretrain: datasets.Dataset, fraction: flo
     count = replay_count(len(sft), fraction)
     if count == 0:
         return sft
-    cut = pieces(pretrain.shuffle(seed=seed)["input_ids"], tokens)
-    if not cut:
-        raise ValueError("SFT replay: the pretraining split has no rows")
-    rows = [cut[i % len(cut)] for i in range(count)]
+    rows = replayed_pieces(pretrain.shuffle(seed=seed), count, tokens)
     extra = {name: [""] * count for name in sft.column_names if name not in ("input_ids", "eligible_mask", "source")}
     replay = datasets.Dataset.from_dict({
         "input_ids": rows, "eligible_mask": [[1] * len(r) for r in rows],

@@ -191,9 +191,8 @@ class DiffusionCollator:
             t, t_at = (torch.cat([x, self.schedule.complement(x)]) for x in (t, t_at))
         draws = torch.rand((batch, length), generator=generator)
         masked = eligible & (draws < self.schedule.mask_prob(t_at))
-        if pairs:  # rows [half:] repeat rows [:half]: each masks what its twin left visible
-            half = batch // 2
-            masked[half:] = eligible[half:] & ~masked[:half]
+        if pairs:  # rows [drawn:] repeat rows [:drawn]: each masks what its twin left visible
+            masked[drawn:] = eligible[drawn:] & ~masked[:drawn]
         labels = torch.where(eligible, input_ids, IGNORE_INDEX)
         noisy = torch.where(masked, self.mask_id, input_ids)
         edit_scored = torch.zeros_like(masked)
