@@ -1,7 +1,8 @@
 # Sourced by scripts/run.sh and scripts/test.sh: make sure an environment with the project exists.
 # - uses the active virtualenv, else creates/uses ./.venv
-# - installs torch first (TORCH_SPEC, default the CPU build torch==2.13.0; set e.g.
-#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" on CUDA machines)
+# - installs with uv (with pip where uv cannot be installed), torch first (TORCH_SPEC, default
+#   the CPU build torch==2.13.0; on CUDA machines set e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
 # - installs the project (editable, with dev extras) when pyproject.toml changed since the last install
 # - exports the offline / quiet environment and keeps caches inside the project
 set -euo pipefail
@@ -18,16 +19,28 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 
 PIP="python -m pip --disable-pip-version-check -q"
+# uv installs the same resolution as pip several times faster; it does not read pip's config, so
+# the wheel folders pip is told to look in (the CPU torch file of this machine) are handed to it
+if python -m uv --version >/dev/null 2>&1 || $PIP install uv >/dev/null 2>&1; then
+  LINKS="${PIP_FIND_LINKS:-$(python -m pip config get global.find-links 2>/dev/null || true)}"
+  INSTALL="python -m uv pip install -q"
+  for link in $LINKS; do INSTALL="$INSTALL --find-links $link"; done
+else
+  echo "[bootstrap] uv is not installable here: installing with pip"
+  INSTALL="$PIP install"
+fi
 if ! python -c "import torch" >/dev/null 2>&1; then
   echo "[bootstrap] installing ${TORCH_SPEC:=torch==2.13.0}"
   # shellcheck disable=SC2086
-  $PIP install $TORCH_SPEC 2> >(grep -v "^WARNING: Location" >&2)
+  $INSTALL $TORCH_SPEC 2> >(grep -v "^WARNING: Location" >&2)
 fi
 STAMP="$VIRTUAL_ENV/.diffusiongpt-installed"
 WANT="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[bootstrap] installing diffusiongpt and its dependencies"
-  $PIP install -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
+  # the torch installed above stays: no dependency may swap it for another build
+  python -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$VIRTUAL_ENV/.torch-constraint.txt"
+  $INSTALL --constraint "$VIRTUAL_ENV/.torch-constraint.txt" -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
   echo "$WANT" > "$STAMP"
 fi
 
