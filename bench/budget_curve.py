@@ -2,7 +2,8 @@
 models against the pretraining budget, on the synthetic world.
 
     python -m bench.budget_curve --out runs/budget_curve [--multiples 1 2 4] [--seeds 0 1]
-        [--models ours ar] [--preset tiny] [--set KEY=VALUE ...] [--report-only]
+        [--models ours ar] [--preset tiny] [--set KEY=VALUE ...] [--import-points CURVE_JSON ...]
+        [--report-only]
 
 For every seed and every budget (multiples of the preset's `pretrain.max_steps`; SFT keeps the
 preset's steps):
@@ -23,6 +24,9 @@ so a stopped curve resumes where it stopped. OUT/curve.json, curve.md and curve.
 against reads per person, both models on one plot, the mean over seeds with min-max bars) are
 rewritten from every point there after each point. "Reads per person" is how many biographies
 of each person pretraining read (pretraining tokens / (people x mean biography tokens)).
+`--import-points` copies the points of another curve.json (a curve measured over several
+sessions or machines; `docs/budget_curve.json` holds the measured one) into OUT/points, where
+they count as finished; a point already in OUT/points is kept.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="run config override of every point (both models train on its data)")
+    parser.add_argument("--import-points", nargs="+", default=[], type=Path, metavar="CURVE_JSON",
+                        help="take the points of these curve.json files as finished")
     parser.add_argument("--report-only", action="store_true", help="only rewrite curve.json/md/png from the points")
     return parser.parse_args(argv)
 
@@ -142,6 +148,22 @@ def reads_per_person(tokens: int, data_model: str, preset: str) -> float:
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + the end-of-text token
                for person in generate_people(cfg) for text in biographies(person, cfg)]
     return tokens / (cfg.people * sum(lengths) / len(lengths))
+
+
+def import_points(sources: list[Path], points_dir: Path) -> int:
+    """Write every point of the curve.json files `sources` that `points_dir` lacks; how many were new."""
+    added = 0
+    for source in sources:
+        try:
+            points = json.loads(source.read_text())["points"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"budget curve: {source} is not a curve.json with points ({error})") from None
+        for point in points:
+            path = points_dir / f"{point_name(point['model'], point['multiple'], point['seed'])}.json"
+            if not path.exists():
+                path.write_text(json.dumps(point, indent=2))
+                added += 1
+    return added
 
 
 def summarise(out: Path) -> dict[str, Any]:
@@ -228,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / "points").mkdir(parents=True, exist_ok=True)
     command = "python -m bench.budget_curve " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.import_points:
+        print(f"imported {import_points(args.import_points, out / 'points')} points", flush=True)
     if not args.report_only:
         base_steps = load_run_config(args.preset, args.overrides).pretrain.max_steps
         for seed in args.seeds:

@@ -36,3 +36,26 @@ def test_both_models_at_two_budgets_and_a_resumed_curve(tmp_path):
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "points").iterdir()} == stamps
     text = (tmp_path / "curve.md").read_text()
     assert "GPT-2" in text and "diffusion (ours)" in text and (tmp_path / "curve.png").stat().st_size > 0
+
+
+def _point(model: str, multiple: float, seed: int, value: float) -> dict:
+    return {"model": model, "multiple": multiple, "seed": seed, "steps": round(750 * multiple),
+            "reads_per_person": 2000.0 * multiple, "seconds": 1.0, **{k: value for k in METRICS}}
+
+
+def test_imported_points_join_the_curve_and_never_replace_a_measured_one(tmp_path):
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"points": [_point("ours", 1, 0, 0.2), _point("ours", 1, 1, 0.4),
+                                                _point("ar", 2, 0, 0.9)]}))
+    out = tmp_path / "curve"
+    (out / "points").mkdir(parents=True)
+    (out / "points" / "ours-x1-seed1.json").write_text(json.dumps(_point("ours", 1, 1, 0.6)))
+    assert main(["--out", str(out), "--import-points", str(elsewhere), "--report-only"]) == 0
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["ar-x2-seed0.json", "ours-x1-seed0.json",
+                                                                   "ours-x1-seed1.json"]
+    rows = {(r["model"], r["multiple"]): r for r in json.loads((out / "curve.json").read_text())["rows"]}
+    assert rows["ours", 1]["heldout"] == {"mean": pytest.approx(0.4), "min": 0.2, "max": 0.6, "values": [0.2, 0.6]}
+    assert rows["ar", 2]["seeds"] == [0] and rows["ar", 2]["heldout"]["mean"] == 0.9
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(SystemExit, match="broken.json is not a curve.json"):
+        main(["--out", str(out), "--import-points", str(tmp_path / "broken.json"), "--report-only"])
