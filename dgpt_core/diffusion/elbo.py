@@ -36,8 +36,10 @@ class Variant:
 
     row: int
     masked: torch.Tensor
-    """Absolute positions replaced by the mask token."""
+    """Absolute positions replaced by the mask token and scored."""
     coeff: float
+    hidden: torch.Tensor | None = None
+    """Context positions also replaced by the mask token, not scored (d1's random prompt mask)."""
 
 
 def stable_seed(*parts: object) -> int:
@@ -76,6 +78,54 @@ def elbo_variants(
     return out
 
 
+def masked_token_nll(
+    model: torch.nn.Module,
+    rows: Sequence[Row],
+    variants: Sequence[Variant],
+    mask_id: int,
+    pad_id: int,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p at every masked position of every variant given the rest of its row, in one forward
+    (float64, on the model's device, differentiable), and (variant, position) of each, row-major.
+    A block-causal model (`block_size`) scores each block of a row's targets given the clean
+    earlier ones (`blocks.masked_logits`)."""
+    device = next(model.parameters()).device
+    width = max(len(rows[v.row].ids) for v in variants)
+    ids = torch.full((len(variants), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(variants), width), dtype=torch.long)
+    positions = torch.zeros((len(variants), width), dtype=torch.bool)
+    eligible = torch.zeros_like(positions)
+    for i, v in enumerate(variants):
+        row = rows[v.row]
+        ids[i, : len(row.ids)] = torch.as_tensor(row.ids, dtype=torch.long)
+        attn[i, : len(row.ids)] = 1
+        positions[i, v.masked] = True
+        eligible[i, row.targets] = True
+    targets = ids[positions]
+    clean = ids.clone()
+    ids[positions] = mask_id
+    for i, v in enumerate(variants):
+        if v.hidden is not None:
+            ids[i, v.hidden] = mask_id
+    logits = masked_logits(model, ids.to(device), clean.to(device), attn.to(device), eligible.to(device),
+                           positions.to(device), block_size, pad_id)
+    return token_nll(logits, targets.to(device), mask_id).double(), positions.nonzero().to(device)
+
+
+def variant_nll(
+    model: torch.nn.Module,
+    rows: Sequence[Row],
+    variants: Sequence[Variant],
+    mask_id: int,
+    pad_id: int,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Per variant, the summed -log p at its masked positions (`masked_token_nll`, summed)."""
+    nll, where = masked_token_nll(model, rows, variants, mask_id, pad_id, block_size)
+    return torch.zeros(len(variants), dtype=torch.float64, device=nll.device).index_add(0, where[:, 0], nll)
+
+
 @torch.no_grad()
 def score_variants(
     model: torch.nn.Module,
@@ -86,36 +136,16 @@ def score_variants(
     batch_size: int,
     block_size: int | None = None,
 ) -> list[float]:
-    """Per row, the sum over its variants of coeff * (sum of -log p at the masked positions). A
-    block-causal model (`block_size`) scores each block of a row's targets given the clean earlier
-    ones (`blocks.masked_logits`), so the sum bounds -log p(targets | context) block by block. The
-    model runs in eval mode; its train/eval mode is restored afterwards."""
+    """Per row, the sum over its variants of coeff * (sum of -log p at the masked positions), so
+    for a block-causal model the sum bounds -log p(targets | context) block by block. The model
+    runs in eval mode, `batch_size` variants per forward; its train/eval mode is restored after."""
     totals = torch.zeros(len(rows), dtype=torch.float64)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(variants), batch_size):
             chunk = variants[start : start + batch_size]
-            width = max(len(rows[v.row].ids) for v in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            positions = torch.zeros((len(chunk), width), dtype=torch.bool)
-            eligible = torch.zeros_like(positions)
-            for i, v in enumerate(chunk):
-                row = rows[v.row]
-                ids[i, : len(row.ids)] = torch.as_tensor(row.ids, dtype=torch.long)
-                attn[i, : len(row.ids)] = 1
-                positions[i, v.masked] = True
-                eligible[i, row.targets] = True
-            targets = ids[positions]
-            clean = ids.clone()
-            ids[positions] = mask_id
-            logits = masked_logits(model, ids.to(device), clean.to(device), attn.to(device), eligible.to(device),
-                                   positions.to(device), block_size, pad_id)
-            nll = token_nll(logits, targets.to(device), mask_id).double().cpu()
-            which = positions.nonzero(as_tuple=True)[0]
-            per_variant = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, nll)
+            per_variant = variant_nll(model, rows, chunk, mask_id, pad_id, block_size).cpu()
             coeff = torch.tensor([v.coeff for v in chunk], dtype=torch.float64)
             rows_idx = torch.tensor([v.row for v in chunk], dtype=torch.long)
             totals.index_add_(0, rows_idx, per_variant * coeff)

@@ -1,0 +1,11 @@
+"""Reinforcement learning after SFT: the answer log-likelihood estimates of a diffusion model
+(`likelihood`: exact for short answers, d1's one-step estimate, the ELBO)."""
+
+from .. import lazy_exports
+
+_EXPORTS = {
+    "answer_rows": "likelihood", "exact_logp": "likelihood", "enumerated_elbo": "likelihood",
+    "one_step_logp": "likelihood", "elbo_logp": "likelihood",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
