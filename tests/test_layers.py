@@ -15,7 +15,7 @@ LAYER = {"dgpt_core": 0, "eval": 1, "deploy": 1, "tasks": 2, "bench": 2, "flows"
 """Layer of each top-level package; a package may import its own layer's peers only if listed here."""
 LIBRARY_LAYER = {
     "generation": 0, "cli_errors": 1, "hub": 1, "markdown": 1, "provenance": 1, "config": 2, "models": 3, "data": 4,
-    "diffusion": 5, "training": 6, "_cli": 7,
+    "diffusion": 5, "training": 6, "rlhf": 7, "_cli": 8,
 }
 """Layer of each package (and top-level module) of dgpt_core: each imports only from lower layers and
 from itself (and `lazy_exports` from the package root); the exported `generation` from nothing else."""

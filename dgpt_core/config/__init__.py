@@ -13,6 +13,7 @@ _EXPORTS = {
     "SourceSpec": "data", "TokenizerConfig": "data", "WorldConfig": "data",
     "EvalConfig": "evaluation",
     "PublishConfig": "publish",
+    "RLConfig": "rl",
     "SweepConfig": "sweep",
     "FOLDER_CONFIG_NAME": "run", "PRESET_DIR": "run", "RunConfig": "run", "TrackingConfig": "run",
     "add_config_arguments": "run", "available_presets": "run", "load_run_config": "run", "parse_override": "run",
