@@ -20,10 +20,11 @@ fi
 
 PIP="python -m pip --disable-pip-version-check -q"
 # uv installs the same resolution as pip several times faster; it does not read pip's config, so
-# the wheel folders pip is told to look in (the CPU torch file of this machine) are handed to it
+# the wheel folders pip is told to look in (the CPU torch file of this machine) are handed to it;
+# it compiles the bytecode at install time as pip does (else every first import compiles it)
 if python -m uv --version >/dev/null 2>&1 || $PIP install uv >/dev/null 2>&1; then
   LINKS="${PIP_FIND_LINKS:-$(python -m pip config get global.find-links 2>/dev/null || true)}"
-  INSTALL="python -m uv pip install -q"
+  INSTALL="python -m uv pip install -q --compile-bytecode"
   for link in $LINKS; do INSTALL="$INSTALL --find-links $link"; done
 else
   echo "[bootstrap] uv is not installable here: installing with pip"
