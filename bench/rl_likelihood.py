@@ -6,7 +6,8 @@ SFT model and the world's held-out questions (issue 30).
 For each held-out question (the eval's test set) the candidates are the gold answer and the same
 attribute's values of other people (as the SFT rows end them: the value, <|im_end|>, then
 <|endoftext|> up to the end of its block, or of the answer canvas for a full-canvas model). Each
-candidate is scored by `exact_logp`, `enumerated_elbo` and d1's `one_step_logp` (prompt unmasked),
+candidate is scored exactly and by the closed-form ELBO (`exact_and_elbo`) and by d1's
+`one_step_logp` (prompt unmasked),
 and the script reports:
 - the bias of each estimate on the gold answers (estimate - exact, nats per answer);
 - the mean Spearman correlation between each estimate and the exact value over a question's
@@ -28,7 +29,8 @@ from scipy.stats import spearmanr
 from dgpt_core.data.world import test_pairs
 from dgpt_core.generation.options import trained_block_size
 from dgpt_core.generation.sampler import TokenIds
-from dgpt_core.rlhf.likelihood import answer_rows, enumerated_elbo, exact_logp, one_step_logp
+from dgpt_core.rlhf.grpo import answer_target
+from dgpt_core.rlhf.likelihood import answer_rows, exact_and_elbo, one_step_logp
 
 from .common import encode_chat, load_subject
 
@@ -45,20 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def answer_tokens(tokenizer: Any, value: str, ids: TokenIds, pad_to: int) -> list[int]:
-    """The value as an SFT row ends it: its tokens, <|im_end|>, then <|endoftext|> up to a multiple
-    of `pad_to` tokens."""
-    tokens = [*tokenizer(" " + value.strip(), add_special_tokens=False)["input_ids"], ids.im_end]
-    return tokens + [ids.eos] * (-len(tokens) % pad_to)
-
-
 @torch.no_grad()
 def measure(model: Any, tokenizer: Any, world: Any, questions: int, candidates: int, canvas: int) -> dict[str, Any]:
     ids = TokenIds.from_tokenizer(tokenizer)
     block = trained_block_size(model)
-    pairs = test_pairs(world)["heldout"][:questions]
+    sets = test_pairs(world)
+    pairs = sets["heldout"][:questions]
     values: dict[str, list[str]] = {}
-    for pair in test_pairs(world)["heldout"] + test_pairs(world)["train"]:
+    for pair in sets["heldout"] + sets["train"]:
         values.setdefault(pair.attribute, []).append(pair.answer)
     kw = {"mask_id": ids.mask, "pad_id": ids.pad, "block_size": block}
     bias: dict[str, list[float]] = {k: [] for k in ESTIMATES if k != "exact"}
@@ -69,12 +65,13 @@ def measure(model: Any, tokenizer: Any, world: Any, questions: int, candidates: 
         others = sorted({v for v in values[pair.attribute] if v.strip() != pair.answer.strip()})
         chosen = [pair.answer] + others[: candidates - 1]
         prompt = encode_chat(tokenizer, [{"role": "user", "content": pair.question}])
-        answers = [answer_tokens(tokenizer, v, ids, block or canvas) for v in chosen]
+        answers = [answer_target(tokenizer(" " + v.strip(), add_special_tokens=False)["input_ids"], True, ids,
+                                 block or canvas) for v in chosen]
         rows = answer_rows([prompt] * len(answers), answers)
-        scores = {"exact": exact_logp(model, rows, **kw), "elbo": enumerated_elbo(model, rows, **kw),
+        exact, elbo = exact_and_elbo(model, rows, **kw)
+        scores = {"exact": exact, "elbo": elbo,
                   "one_step": one_step_logp(model, rows, prompt_mask_prob=0.0,
                                             generator=torch.Generator().manual_seed(n), **kw)}
-        exact = scores["exact"]
         gold_first.append(float(int(exact.argmax()) == 0))
         for key in bias:
             bias[key].append(float(scores[key][0] - exact[0]))

@@ -96,18 +96,18 @@ def masked_token_nll(
     attn = torch.zeros((len(variants), width), dtype=torch.long)
     positions = torch.zeros((len(variants), width), dtype=torch.bool)
     eligible = torch.zeros_like(positions)
+    hidden = torch.zeros_like(positions)
     for i, v in enumerate(variants):
         row = rows[v.row]
         ids[i, : len(row.ids)] = torch.as_tensor(row.ids, dtype=torch.long)
         attn[i, : len(row.ids)] = 1
         positions[i, v.masked] = True
         eligible[i, row.targets] = True
+        if v.hidden is not None:
+            hidden[i, v.hidden] = True
     targets = ids[positions]
     clean = ids.clone()
-    ids[positions] = mask_id
-    for i, v in enumerate(variants):
-        if v.hidden is not None:
-            ids[i, v.hidden] = mask_id
+    ids[positions | hidden] = mask_id
     logits = masked_logits(model, ids.to(device), clean.to(device), attn.to(device), eligible.to(device),
                            positions.to(device), block_size, pad_id)
     return token_nll(logits, targets.to(device), mask_id).double(), positions.nonzero().to(device)
@@ -124,6 +124,22 @@ def variant_nll(
     """Per variant, the summed -log p at its masked positions (`masked_token_nll`, summed)."""
     nll, where = masked_token_nll(model, rows, variants, mask_id, pad_id, block_size)
     return torch.zeros(len(variants), dtype=torch.float64, device=nll.device).index_add(0, where[:, 0], nll)
+
+
+def weighted_row_nll(
+    model: torch.nn.Module,
+    rows: Sequence[Row],
+    variants: Sequence[Variant],
+    mask_id: int,
+    pad_id: int,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Per row (len(rows),), the sum over its variants of coeff * their summed -log p, in one
+    forward (differentiable)."""
+    nll = variant_nll(model, rows, variants, mask_id, pad_id, block_size)
+    coeff = torch.tensor([v.coeff for v in variants], dtype=torch.float64, device=nll.device)
+    which = torch.tensor([v.row for v in variants], device=nll.device)
+    return torch.zeros(len(rows), dtype=torch.float64, device=nll.device).index_add(0, which, nll * coeff)
 
 
 @torch.no_grad()
@@ -144,11 +160,8 @@ def score_variants(
     model.eval()
     try:
         for start in range(0, len(variants), batch_size):
-            chunk = variants[start : start + batch_size]
-            per_variant = variant_nll(model, rows, chunk, mask_id, pad_id, block_size).cpu()
-            coeff = torch.tensor([v.coeff for v in chunk], dtype=torch.float64)
-            rows_idx = torch.tensor([v.row for v in chunk], dtype=torch.long)
-            totals.index_add_(0, rows_idx, per_variant * coeff)
+            totals += weighted_row_nll(model, rows, variants[start : start + batch_size], mask_id, pad_id,
+                                       block_size).cpu()
     finally:
         model.train(was_training)
     return totals.tolist()

@@ -5,7 +5,7 @@ policy optimisation on verifiable rewards (`grpo`)."""
 from .. import lazy_exports
 
 _EXPORTS = {
-    "answer_rows": "likelihood", "exact_logp": "likelihood", "enumerated_elbo": "likelihood",
+    "answer_rows": "likelihood", "exact_and_elbo": "likelihood",
     "one_step_logp": "likelihood", "elbo_logp": "likelihood",
     "Reward": "grpo", "Rollout": "grpo", "answer_target": "grpo", "group_advantages": "grpo", "grpo_loss": "grpo",
     "grpo_step": "grpo", "rollout": "grpo",

@@ -87,7 +87,8 @@ class Rollout:
     tokens: torch.Tensor
     """Trained tokens per answer (float64)."""
     old_logp: list[torch.Tensor]
-    """Per inner step: the rollout-time policy's estimate on that step's masks."""
+    """Per inner step after the first: the rollout-time policy's estimate on that step's masks (at
+    the first the weights have not moved, so the policy's own estimate, detached, is it)."""
     ref_logp: list[torch.Tensor]
     """Per inner step: the reference model's estimate on that step's masks."""
     seeds: list[int]
@@ -111,7 +112,7 @@ def rollout(policy: torch.nn.Module, reference: torch.nn.Module, prompts: Sequen
                                dtype=torch.float64)
         rows = answer_rows(batch, targets)
         seeds = [seed * 1_000 + k for k in range(cfg.inner_steps)]
-        old = [estimate_logp(policy, rows, cfg, ids, s, schedule) for s in seeds]
+        old = [estimate_logp(policy, rows, cfg, ids, s, schedule) for s in seeds[1:]]
         ref = [estimate_logp(reference, rows, cfg, ids, s, schedule) for s in seeds]
     finally:
         policy.train(was_training)
@@ -133,7 +134,8 @@ def grpo_step(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: to
     loss = torch.zeros(())
     for k, mask_seed in enumerate(batch.seeds):
         logp = estimate_logp(policy, batch.rows, cfg, ids, mask_seed, schedule)
-        loss, parts = grpo_loss(logp, batch.old_logp[k], batch.ref_logp[k], advantages, tokens, cfg)
+        old = logp.detach() if k == 0 else batch.old_logp[k - 1]
+        loss, parts = grpo_loss(logp, old, batch.ref_logp[k], advantages, tokens, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)

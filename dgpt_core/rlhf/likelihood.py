@@ -14,9 +14,9 @@ and the ELBO is MDLM's E_t[ w(t) * sum over masked i of log p(x_i | x_t) ]. A bl
 both factorise over blocks and only the inside of a block is averaged over orders (REFERENCE.md
 section 8).
 
-- `exact_logp`: log p(x) by dynamic programming over the subsets of each block (2^size
-  conditionals per block), and `enumerated_elbo`, the ELBO in closed form from the same table;
-  for tests and measurements on short answers.
+- `exact_and_elbo`: log p(x) by dynamic programming over the subsets of each block (2^size
+  conditionals per block), and the ELBO in closed form from the same table; for tests and
+  measurements on short answers.
 - `one_step_logp`: d1's estimate (diffu-GRPO): every answer token scored in one forward with the
   whole answer (each block) masked and the prompt masked at random. Biased: the tokens of a block
   are scored as if independent given the prompt. One scored copy per row.
@@ -33,11 +33,11 @@ from collections.abc import Sequence
 import torch
 
 from ..diffusion.blocks import block_ids
-from ..diffusion.elbo import Row, Variant, elbo_variants, masked_token_nll, variant_nll
+from ..diffusion.elbo import Row, Variant, elbo_variants, masked_token_nll, variant_nll, weighted_row_nll
 from ..generation.schedules import NoiseSchedule
 
 MAX_EXACT_BLOCK = 12
-"""The longest block `exact_logp` enumerates (2^12 scored copies)."""
+"""The longest block `exact_and_elbo` enumerates (2^12 scored copies)."""
 
 
 def answer_rows(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> list[Row]:
@@ -117,22 +117,16 @@ def _block_elbo(table: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _per_row(tables: list[list[torch.Tensor]], reduce) -> torch.Tensor:
-    return torch.stack([torch.stack([reduce(t) for t in row]).sum() if row else torch.zeros((), dtype=torch.float64)
-                        for row in tables])
-
-
-def exact_logp(model: torch.nn.Module, rows: Sequence[Row], *, mask_id: int, pad_id: int,
-               block_size: int | None) -> torch.Tensor:
-    """log p(answer | prompt) under the model's reverse process, exactly (blocks of at most
-    MAX_EXACT_BLOCK tokens)."""
-    return _per_row(conditionals(model, rows, mask_id=mask_id, pad_id=pad_id, block_size=block_size), _block_exact)
-
-
-def enumerated_elbo(model: torch.nn.Module, rows: Sequence[Row], *, mask_id: int, pad_id: int,
-                    block_size: int | None) -> torch.Tensor:
-    """The ELBO of log p(answer | prompt) in closed form (what `elbo_logp` estimates)."""
-    return _per_row(conditionals(model, rows, mask_id=mask_id, pad_id=pad_id, block_size=block_size), _block_elbo)
+def exact_and_elbo(model: torch.nn.Module, rows: Sequence[Row], *, mask_id: int, pad_id: int,
+                   block_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, log p(answer | prompt) under the model's reverse process, exactly, and its ELBO in
+    closed form (what `elbo_logp` estimates), both from one `conditionals` table (blocks of at
+    most MAX_EXACT_BLOCK tokens)."""
+    tables = conditionals(model, rows, mask_id=mask_id, pad_id=pad_id, block_size=block_size)
+    empty = torch.zeros((), dtype=torch.float64)
+    exact = [torch.stack([_block_exact(t) for t in row]).sum() if row else empty for row in tables]
+    elbo = [torch.stack([_block_elbo(t) for t in row]).sum() if row else empty for row in tables]
+    return torch.stack(exact), torch.stack(elbo)
 
 
 def one_step_logp(model: torch.nn.Module, rows: Sequence[Row], *, mask_id: int, pad_id: int,
@@ -142,7 +136,8 @@ def one_step_logp(model: torch.nn.Module, rows: Sequence[Row], *, mask_id: int, 
     clean). A fresh prompt mask on every call, drawn from `generator`."""
     variants = []
     for r, row in enumerate(rows):
-        context = torch.as_tensor([p for p in range(len(row.ids)) if p not in set(row.targets)], dtype=torch.long)
+        targets = set(row.targets)
+        context = torch.as_tensor([p for p in range(len(row.ids)) if p not in targets], dtype=torch.long)
         drop = torch.rand(len(context), generator=generator) < prompt_mask_prob
         variants.append(Variant(r, torch.as_tensor(row.targets, dtype=torch.long), 1.0, context[drop]))
     return -variant_nll(model, rows, variants, mask_id, pad_id, block_size)
@@ -155,10 +150,6 @@ def elbo_logp(model: torch.nn.Module, rows: Sequence[Row], seeds: Sequence[int],
     w(t) / (t_points * mask_draws). The same seeds give the same masks (a policy and its
     reference model scored on the same masks: coupled estimates)."""
     variants = elbo_variants(rows, seeds, schedule, t_points, mask_draws)
-    out = torch.zeros(len(rows), dtype=torch.float64, device=next(model.parameters()).device)
     if not variants:
-        return out
-    nll = variant_nll(model, rows, variants, mask_id, pad_id, block_size)
-    coeff = torch.tensor([v.coeff for v in variants], dtype=torch.float64, device=out.device)
-    which = torch.tensor([v.row for v in variants], device=out.device)
-    return out.index_add(0, which, -(nll * coeff))
+        return torch.zeros(len(rows), dtype=torch.float64, device=next(model.parameters()).device)
+    return -weighted_row_nll(model, rows, variants, mask_id, pad_id, block_size)
