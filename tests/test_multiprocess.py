@@ -44,6 +44,12 @@ class Case(NamedTuple):
 
 CASES = [Case("zero2", "pretrain"), Case("zero3", "sft")]
 LAUNCHERS = ["torchrun", "deepspeed"]
+DEFAULT_RUNS = [(Case("zero2", "pretrain"), "deepspeed"), (Case("zero3", "sft"), "torchrun")]
+"""The launched runs of the default test run (MLflow reporting and resume use them); the other two
+pairings of ZeRO stage and launcher are `slow`."""
+RUN_PARAMS = [pytest.param(case, launcher, id=f"{case.zero}-{launcher}",
+                           marks=() if (case, launcher) in DEFAULT_RUNS else pytest.mark.slow)
+              for case in CASES for launcher in LAUNCHERS]
 LOGGED = ("loss", "masked_loss", "edit_loss", "mean_t", "edit_prob", "edit_stage", "grad_norm", "learning_rate")
 """Per-step log entries that must agree (not tokens_per_second, a timing)."""
 
@@ -164,8 +170,7 @@ def test_a_deepspeed_config_name_is_never_looked_up_in_the_working_directory(tmp
             resolve_deepspeed(path)
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-@pytest.mark.parametrize("case", CASES, ids=[case.zero for case in CASES])
+@pytest.mark.parametrize(("case", "launcher"), RUN_PARAMS)
 def test_two_processes_train_like_one_accumulating_two_micro_batches(train, case, launcher):
     reference, launched = train(case, None), train(case, launcher)
 
@@ -202,7 +207,7 @@ assert "deepspeed" not in sys.modules
 
 
 def test_the_launched_runs_models_load_in_a_fresh_process_without_deepspeed(train):
-    folders = [str(train(case, launcher) / "model") for case in CASES for launcher in LAUNCHERS]
+    folders = [str(train(case, launcher) / "model") for case, launcher in DEFAULT_RUNS]
     subprocess.run([sys.executable, "-c", LOAD_CHECK, *folders], check=True, timeout=300)
 
 
