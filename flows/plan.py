@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-FLOW_STAGES = ("data", "pretrain", "sft", "eval", "publish")
-UPSTREAM = {"data": (), "pretrain": ("data",), "sft": ("data", "pretrain"), "eval": ("data", "pretrain", "sft"),
-            "publish": ("sft", "eval")}
+FLOW_STAGES = ("data", "pretrain", "sft", "rl", "eval", "publish")
+UPSTREAM = {"data": (), "pretrain": ("data",), "sft": ("data", "pretrain"), "rl": ("data", "pretrain", "sft"),
+            "eval": ("data", "pretrain", "sft", "rl"), "publish": ("sft", "rl", "eval")}
 
 
 def plan_stages(from_stage: str | None, only: list[str] | None, refresh: list[str] | None) -> tuple[list[str], set[str]]:

@@ -180,6 +180,10 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
             _train_sft_control(run, folders, keys, out, runner, tracker, stages_dir, trial)
         step_done()
 
+    if "rl" in to_run and run.rl.enabled and "sft" in out["models"]:
+        _train_rl(run, folders, keys, out, runner, tracker, stages_dir, trial)
+        step_done()
+
     if "eval" in to_run:
         if "untrained" in run.eval_models:
             _untrained_model(run, folders, keys, out, runner, stages_dir)
@@ -194,7 +198,7 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                             out_dir=str(stages_dir / key), cfg=cfg)
             out["evals"][name] = {k: result[k] for k in ("metrics_path", "report_path", "out_dir")}
             keys[f"eval-{name}"] = key
-            if name == "sft":
+            if name in ("sft", "rl"):
                 _adopt_eval_sampler_defaults(out["models"][name], run.eval, result["metrics"])
             if name == "pretrain":
                 _adopt_open_ended_defaults(out["models"][name], run.eval, result["metrics"])
@@ -208,14 +212,15 @@ def _run_stages(run: RunConfig, config_path: str, root: Path, to_run: list[str],
                 tracker.log_tables(child, read_wide_tables(result["out_dir"]))
         step_done()
 
-    final_model = out["models"].get("sft") or out["models"].get("pretrain")
+    final_stage = next((s for s in ("rl", "sft", "pretrain") if s in out["models"]), None)
+    final_model = out["models"].get(final_stage) if final_stage else None
     if tracker and final_model and trial is None:  # a sweep registers only its best trial's model
-        name, version = tracker.log_text_diffusion_model(runner.child("sft"), Path(final_model))
+        name, version = tracker.log_text_diffusion_model(runner.child(final_stage), Path(final_model))
         out["registered_model"] = {"name": name, "version": version, "alias": run.tracking.model_alias}
 
     if "publish" in to_run and final_model:
         eval_dirs = {name: paths["out_dir"] for name, paths in out["evals"].items() if name != "untrained"}
-        upstream = [keys.get("sft", keys.get("pretrain", "")), *(keys.get(f"eval-{n}", "") for n in sorted(eval_dirs))]
+        upstream = [keys.get(final_stage, ""), *(keys.get(f"eval-{n}", "") for n in sorted(eval_dirs))]
         # the token's presence decides dry run vs upload, so it is part of the key (never its value)
         has_token = bool(os.environ.get(run.publish.token_env))
         key = stage_key("publish", {"publish": run.publish.model_dump(mode="json"), "token": has_token}, upstream)
@@ -282,6 +287,25 @@ def _train_sft_control(run: RunConfig, folders: dict[str, str], keys: dict[str, 
     keys["sft_control"] = key
     out["models"]["sft_control"] = result["model_dir"]
     out.setdefault("train_metrics", {})["sft_control"] = result["metrics"]
+    if tracker:
+        tracker.log_metrics(child, {"final": result["metrics"]})
+
+
+def _train_rl(run: RunConfig, folders: dict[str, str], keys: dict[str, str], out: dict[str, Any],
+              runner: StageRunner, tracker: Tracker | None, stages_dir: Path, trial: SweepTrial | None) -> None:
+    """The RL stage: GRPO of the SFT model (cached on the rl section and the SFT model's key),
+    recorded as out["models"]["rl"]; its MLflow child run carries the reward, KL and length curves."""
+    key = stage_key("rl", {"model": run.model.model_dump(mode="json"), "rl": run.rl.model_dump(mode="json"),
+                           "world": run.data.world.model_dump(mode="json"),
+                           "skills": run.data.skills.model_dump(mode="json")}, [keys["data"], keys["sft"]])
+    child = runner.child("rl")
+    result = runner("rl", "rl", train_task, key=key, stage="rl", run=run, dataset_dir=folders["sft"],
+                    tokenizer_dir=folders["tokenizer"], out_dir=str(stages_dir / key),
+                    init_model_dir=out["models"]["sft"], tracking_env=tracker.stage_env(child) if tracker else {},
+                    resume="rl" not in runner.forced, **_trial_training(trial, pruned=False))
+    keys["rl"] = key
+    out["models"]["rl"] = result["model_dir"]
+    out.setdefault("train_metrics", {})["rl"] = result["metrics"]
     if tracker:
         tracker.log_metrics(child, {"final": result["metrics"]})
 

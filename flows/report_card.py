@@ -105,6 +105,38 @@ def world_headline(metrics_by_model: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+RL_ROWS = (("dgpt_world", "heldout", "held-out people: attribute exact match"),
+           ("dgpt_world", "train", "train people: attribute exact match"),
+           ("dgpt_world", "reversal", "reversed questions: exact match"),
+           ("dgpt_world", "bio_fact_recall", "biographies of held-out people: facts stated (recall)"),
+           ("dgpt_world", "bio_fact_precision", "biographies of held-out people: fact precision"),
+           ("dgpt_skills", "exact_match", "held-out skills: exact match"))
+"""(benchmark, figure, label) of the SFT vs SFT + RL table."""
+
+
+def rl_section(metrics_by_model: dict[str, dict[str, Any]], train: dict[str, Any]) -> list[str]:
+    """"SFT vs SFT + RL": every eval figure of `RL_ROWS` of both models by decoding method, and the
+    stage's reward at its first and last logged step."""
+    sft, rl = (metrics_by_model.get(k, {}).get("benchmarks", {}) for k in ("sft", "rl"))
+    if not rl:
+        return []
+    rows = []
+    for bench, key, label in RL_ROWS:
+        for strategy, inner in rl.get(bench, {}).items():
+            after = inner.get(key) if isinstance(inner, dict) else None
+            before = sft.get(bench, {}).get(strategy, {}).get(key)
+            if isinstance(after, int | float):
+                gain = after - before if isinstance(before, int | float) else None
+                rows.append([f"{label} ({strategy})", before, after, gain])
+    stage = train.get("rl", {})
+    lines = ["## SFT vs SFT + RL", ""]
+    if "reward_first" in stage:
+        lines += [f"RL stage: {stage.get('steps')} updates on {stage.get('prompts')} train prompts; mean group reward "
+                  f"{significant(stage['reward_first'])} at the first logged step, {significant(stage['reward_last'])} "
+                  "at the last (curves in the stage's MLflow run).", ""]
+    return lines + [markdown_table(["metric", "SFT", "SFT + RL", "difference"], rows, fmt=significant), ""]
+
+
 def _hardware() -> str:
     try:
         import torch
@@ -153,10 +185,14 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
              f"- SFT: {run.sft.max_steps} steps x batch {run.sft.per_device_batch_size}, lr {run.sft.learning_rate}, "
              f"answer padding `{run.data.sft.answer_padding}` (canvas {run.data.sft.answer_canvas})"
              + (f", {run.sft.pretrain_replay:.0%} of the rows replaying pretraining text" if run.sft.pretrain_replay else ""),
+             *([f"- RL: {run.rl.max_steps} GRPO updates x {run.rl.per_device_batch_size} prompts x {run.rl.group_size} "
+                f"answers, lr {run.rl.learning_rate}, task `{run.rl.task}`, estimator `{run.rl.estimator}`"]
+               if run.rl.enabled else []),
              ""]
     evals = summary.get("evals", {})
     metrics_by_model = {name: json.loads(Path(paths["metrics_path"]).read_text()) for name, paths in evals.items()}
     lines += world_headline(metrics_by_model)
+    lines += rl_section(metrics_by_model, summary.get("train_metrics", {}))
     if "mlflow" in summary:
         ml = summary["mlflow"]
         lines += [f"- MLflow: `{ml['tracking_uri']}`, experiment {ml['experiment_id']}, run `{ml['parent_run_id']}`", ""]

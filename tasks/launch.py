@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from dgpt_core.cli_errors import ConfigError
-from dgpt_core.config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
+from dgpt_core.config import FOLDER_CONFIG_NAME, LaunchedTrainingConfig, RunConfig
+from dgpt_core.rlhf.stage import train_rl_stage
 from dgpt_core.training.launch import TORCHRUN_ENV, launch_error, launcher_command, write_deepspeed_env
 from dgpt_core.training.stage import train_stage
 
 log = logging.getLogger(__name__)
+
+STAGE_MODULES = {"pretrain": "dgpt_core.training.stage", "sft": "dgpt_core.training.stage", "rl": "dgpt_core.rlhf.stage"}
+"""The entry point a launched process of each training stage runs."""
 
 
 @contextlib.contextmanager
@@ -58,13 +62,17 @@ def run_training_stage(
     `trial_env` is the environment of a sweep trial's stage (Optuna pruning, see
     dgpt_core.training.pruning); `in_subprocess` trains even one process through the launcher, so that
     concurrent trials of one sweep process never share a process's seeds and environment."""
-    cfg: StageConfig = getattr(run, stage)
+    cfg: LaunchedTrainingConfig = getattr(run, stage)
     report_to = "mlflow" if tracking_env else "none"
     if cfg.num_processes * cfg.num_nodes == 1 and not in_subprocess:
         with patched_env({**tracking_env, **(trial_env or {})}):
             try:
-                result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir, init_model_dir=init_model_dir,
-                                     resume=resume, report_to=report_to)
+                if stage == "rl":
+                    result = train_rl_stage(run, tokenizer_dir, out_dir, init_model_dir, resume=resume,
+                                            report_to=report_to)
+                else:
+                    result = train_stage(run, stage, dataset_dir, tokenizer_dir, out_dir,
+                                         init_model_dir=init_model_dir, resume=resume, report_to=report_to)
             finally:
                 _end_active_mlflow_runs()
         return {"model_dir": str(result.model_dir), "metrics": result.metrics}
@@ -73,8 +81,9 @@ def run_training_stage(
                           "use launcher=deepspeed with a hostfile, or run `dgpt train-node` on every node")
 
     run_config_path = run.save_yaml(Path(out_dir) / FOLDER_CONFIG_NAME)
-    module_args = ["--run-config", str(run_config_path), "--stage", stage, "--dataset-dir", dataset_dir,
-                   "--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--report-to", report_to]
+    module_args = ["--tokenizer-dir", tokenizer_dir, "--out-dir", out_dir, "--report-to", report_to,
+                   "--run-config", str(run_config_path),
+                   *(["--stage", stage, "--dataset-dir", dataset_dir] if stage != "rl" else [])]
     if resume:
         module_args.append("--resume")
     if init_model_dir:
@@ -82,7 +91,7 @@ def run_training_stage(
     env = {**os.environ, **tracking_env, **(trial_env or {})}
     with tempfile.TemporaryDirectory(prefix=f"dgpt-{stage}-launch-") as scratch:
         log_dir = Path(scratch) / "torchrun"
-        cmd = launcher_command(cfg, module_args, log_dir=log_dir)
+        cmd = launcher_command(cfg, module_args, log_dir=log_dir, module=STAGE_MODULES[stage])
         if cfg.launcher == "torchrun":
             env.update(TORCHRUN_ENV)
         elif cfg.num_nodes > 1:

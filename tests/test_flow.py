@@ -269,4 +269,4 @@ def test_the_global_seed_reaches_every_training_stage(two_runs):
         assert reseeded["models"][stage] != first["models"][stage]
         assert reseeded["train_metrics"][stage]["train_loss"] != first["train_metrics"][stage]["train_loss"]
     config = (root / "seed1" / "run_config.yaml").read_text()
-    assert config.count("seed: 1") == 9 and "seed: 0" not in config
+    assert config.count("seed: 1") == 10 and "seed: 0" not in config

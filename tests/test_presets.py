@@ -117,18 +117,18 @@ def _seeds(config: RunConfig) -> dict[str, int]:
     return {"data": config.data.seed, "skills": config.data.skills.seed, "world": config.data.world.seed,
             "pretrain": config.pretrain.seed,
             "pretrain.diffusion": config.pretrain.diffusion.seed, "sft": config.sft.seed,
-            "sft.diffusion": config.sft.diffusion.seed, "eval": config.eval.seed}
+            "sft.diffusion": config.sft.diffusion.seed, "rl": config.rl.seed, "eval": config.eval.seed}
 
 
 def test_unset_seeds_follow_the_global_seed_and_an_explicit_one_wins():
     assert set(_seeds(load_run_config("ci", ["seed=5"])).values()) == {5}
     config = load_run_config("ci", ["seed=5", "sft.seed=2", "data.skills.seed=9", "data.world.seed=7"])
     assert _seeds(config) == {"data": 5, "skills": 9, "world": 7, "pretrain": 5, "pretrain.diffusion": 5, "sft": 2,
-                              "sft.diffusion": 2, "eval": 5}, "a collator follows its stage"
+                              "sft.diffusion": 2, "rl": 5, "eval": 5}, "a collator follows its stage"
     config = load_run_config("ci", ["seed=5", "sft.diffusion.seed=3"])
     assert (config.sft.seed, config.sft.diffusion.seed) == (5, 3)
     assert RunConfig.model_validate(config.model_dump()) == config
-    assert [section.seed for section, _ in config.seed_inheritance()] == [5, 5, 5, 5, 5, 5, 3, 5]
+    assert [section.seed for section, _ in config.seed_inheritance()] == [5, 5, 5, 5, 5, 5, 3, 5, 5]
 
 
 def test_a_preset_file_with_its_own_seeds(tmp_path):
@@ -137,7 +137,7 @@ def test_a_preset_file_with_its_own_seeds(tmp_path):
     config = load_run_config(path)
     assert config.preset == "mine"
     assert _seeds(config) == {"data": 4, "skills": 4, "world": 4, "pretrain": 4, "pretrain.diffusion": 4, "sft": 9,
-                              "sft.diffusion": 9, "eval": 4}
+                              "sft.diffusion": 9, "rl": 4, "eval": 4}
     assert _seeds(load_run_config(path, ["seed=1"]))["pretrain"] == 1
 
 

@@ -53,7 +53,7 @@ def test_an_answer_is_trained_as_the_sft_rows_end_it():
 def test_grpo_raises_the_reward_of_a_toy_task_within_a_few_dozen_steps(estimator):
     policy = tiny_modernbert().train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    cfg = RLConfig(prompts_per_step=4, group_size=8, learning_rate=3e-3, estimator=estimator, kl_coef=0.01,
+    cfg = RLConfig(per_device_batch_size=4, group_size=8, learning_rate=3e-3, estimator=estimator, kl_coef=0.01,
                    inner_steps=2, elbo_t_points=2)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)
     sampler = SamplerConfig(strategy="random", steps=3, max_new_tokens=3, stop_token_ids=[])

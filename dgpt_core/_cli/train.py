@@ -1,6 +1,7 @@
-"""`dgpt train`: data stages, pretraining and SFT in one process, then a few sample chats.
+"""`dgpt train`: data stages, pretraining, SFT and (with rl in --stages) the RL stage in one
+process, then a few sample chats.
 
-    dgpt train --preset tiny [--set sft.max_steps=500 ...] [--output-dir DIR] [--stages pretrain,sft]
+    dgpt train --preset tiny [--set sft.max_steps=500 ...] [--output-dir DIR] [--stages pretrain,sft,rl]
 
 The orchestrated flow (`dgpt run`, Prefect) adds caching, tracking, eval and publishing around
 the same stage functions; this command is the plain path, e.g. for a notebook-like quick run.
@@ -25,7 +26,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="run folder (default: <output_dir>/<preset>)")
-    parser.add_argument("--stages", default="pretrain,sft", help="comma-separated subset of pretrain,sft")
+    parser.add_argument("--stages", default="pretrain,sft",
+                        help="comma-separated subset of pretrain,sft,rl (rl trains the SFT model, enabled or not)")
     parser.add_argument("--samples", type=int, default=4,
                         help="held-out prompts to answer at the end (world questions about held-out people, or skills)")
     parser.set_defaults(func=run_train)
@@ -37,14 +39,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     run = load_run_config(args.preset, args.overrides)  # a bad config fails before torch is imported
     from ..data.stages import prepare_all
+    from ..rlhf.stage import train_rl_stage
     from ..training.stage import TRAINING_STAGES, train_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     root = Path(args.output_dir or Path(run.output_dir) / run.preset)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(TRAINING_STAGES))
+    stages = (*TRAINING_STAGES, "rl")
+    unknown = sorted(set(wanted) - set(stages))
     if unknown:
-        raise UsageError(f"unknown stages {unknown}; choose from {list(TRAINING_STAGES)}")
+        raise UsageError(f"unknown stages {unknown}; choose from {list(stages)}")
+    if "rl" in wanted and "sft" not in wanted and not run.sft.init_from:
+        raise UsageError("--stages rl trains an SFT model: add sft, or set sft.init_from to an SFT model folder")
     run.save_yaml(root / "run_config.yaml")
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -61,6 +67,13 @@ def run_train(args: argparse.Namespace) -> int:
         timings[stage] = time.perf_counter() - start
         model_dir = result.model_dir
         print(f"{stage}: {json.dumps({k: result.metrics.get(k) for k in ('train_loss', 'val_elbo', 'steps')})}")
+    if "rl" in wanted:
+        print("\n=== rl ===", file=sys.stderr)
+        start = time.perf_counter()
+        result = train_rl_stage(run, folders["tokenizer"], root / "rl", model_dir or run.sft.init_from)
+        timings["rl"] = time.perf_counter() - start
+        model_dir = result.model_dir
+        print(f"rl: {json.dumps({k: result.metrics.get(k) for k in ('reward_first', 'reward_last', 'steps')})}")
 
     if model_dir is not None and args.samples and "sft" in folders:
         show_samples(model_dir, held_out_questions(run, folders["sft"])[: args.samples])

@@ -8,7 +8,7 @@ _EXPORTS = {
     "StrictConfig": "base",
     "ModelConfig": "model",
     "DiffusionConfig": "diffusion",
-    "StageConfig": "training", "TrainingConfig": "training",
+    "LaunchedTrainingConfig": "training", "StageConfig": "training", "TrainingConfig": "training",
     "DataConfig": "data", "PretrainDataConfig": "data", "SFTDataConfig": "data", "SkillsConfig": "data",
     "SourceSpec": "data", "TokenizerConfig": "data", "WorldConfig": "data",
     "EvalConfig": "evaluation",

@@ -16,6 +16,7 @@ from .diffusion import DiffusionConfig
 from .evaluation import EvalConfig
 from .model import ModelConfig
 from .publish import PublishConfig
+from .rl import RLConfig
 from .training import StageConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -61,13 +62,16 @@ class RunConfig(StrictConfig):
     """Pretraining on packed plain text (every token eligible)."""
     sft: StageConfig = Field(default_factory=lambda: StageConfig(diffusion=DiffusionConfig(edit_start=0.0)))
     """Chat SFT (only the final assistant answer and its padding eligible)."""
+    rl: RLConfig = Field(default_factory=RLConfig)
+    """Reinforcement learning of the SFT model on verifiable rewards (GRPO; off by default)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """The eval suite run on the pipeline's models."""
-    eval_models: list[Literal["untrained", "pretrain", "sft", "sft_control"]] = Field(
-        default_factory=lambda: ["untrained", "pretrain", "sft"])
+    eval_models: list[Literal["untrained", "pretrain", "sft", "sft_control", "rl"]] = Field(
+        default_factory=lambda: ["untrained", "pretrain", "sft", "rl"])
     """Models the eval stage scores: the freshly initialised model (a floor), the pretrained
-    model, the SFT model, and `sft_control`: the same SFT started from the untrained model
-    (trained by the flow's SFT stage when listed here; what SFT reaches without pretraining)."""
+    model, the SFT model, `sft_control`: the same SFT started from the untrained model (trained
+    by the flow's SFT stage when listed here; what SFT reaches without pretraining), and `rl`:
+    the SFT model after the RL stage (when rl.enabled)."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow tracking."""
     publish: PublishConfig = Field(default_factory=PublishConfig)
@@ -78,7 +82,7 @@ class RunConfig(StrictConfig):
         data and stage seeds follow the global seed, the skills, world and collator seeds theirs."""
         return [(self.data, self), (self.data.skills, self.data), (self.data.world, self.data), (self.pretrain, self),
                 (self.pretrain.diffusion, self.pretrain), (self.sft, self), (self.sft.diffusion, self.sft),
-                (self.eval, self)]
+                (self.rl, self), (self.eval, self)]
 
     @model_validator(mode="after")
     def _seeds_follow_the_global_seed(self) -> RunConfig:

@@ -62,25 +62,10 @@ class TrainingConfig(StrictConfig):
     """Force CPU even when CUDA is available (needed for DeepSpeed on CPU)."""
 
 
-class StageConfig(TrainingConfig):
-    """A training stage (pretraining or SFT): the loop settings plus its diffusion objective."""
+class LaunchedTrainingConfig(TrainingConfig):
+    """The loop settings plus how the stage's processes are launched (one in-process, or torchrun /
+    the deepspeed launcher on one or several nodes)."""
 
-    enabled: bool = True
-    """Run this stage; a disabled SFT stage publishes the pretrained model, a disabled pretraining
-    stage starts SFT from `init_from` or a fresh model."""
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
-    """Noise schedule, edit corruption and curriculum of this stage."""
-    pretrain_replay: float = Field(0.0, ge=0.0, lt=1.0)
-    """SFT only: the share of the training rows that are pretraining text (rows of the data
-    stage's pretraining split, scored on every token), so the facts pretraining stored survive
-    SFT (`dgpt_core.data.replay`); 0 replays nothing. The `sft_control` model never replays: it
-    must not read the biographies."""
-    pretrain_replay_tokens: int | None = Field(None, gt=0)
-    """Replayed pretraining rows are cut into pieces of at most this many tokens, each piece a
-    replayed row (None: whole rows). Short pieces batch at about the cost of SFT rows."""
-    init_from: str | None = None
-    """Start from this saved model folder instead of the previous stage's model (SFT) or a fresh
-    model (pretraining)."""
     num_processes: int = Field(1, gt=0)
     """Training processes per node (GPUs, or CPU processes with use_cpu); 1 trains in-process."""
     num_nodes: int = Field(1, gt=0)
@@ -103,8 +88,29 @@ class StageConfig(TrainingConfig):
     the others before it fails, so a rank that died or hangs ends the job instead of stalling it."""
 
     @model_validator(mode="after")
-    def _restarts_need_torchrun(self) -> StageConfig:
+    def _restarts_need_torchrun(self) -> LaunchedTrainingConfig:
         if self.max_restarts and self.launcher != "torchrun":
             raise ValueError(f"max_restarts={self.max_restarts} needs launcher=torchrun (the deepspeed launcher "
                              "does not restart processes)")
         return self
+
+
+class StageConfig(LaunchedTrainingConfig):
+    """A training stage (pretraining or SFT): the loop settings plus its diffusion objective."""
+
+    enabled: bool = True
+    """Run this stage; a disabled SFT stage publishes the pretrained model, a disabled pretraining
+    stage starts SFT from `init_from` or a fresh model."""
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    """Noise schedule, edit corruption and curriculum of this stage."""
+    pretrain_replay: float = Field(0.0, ge=0.0, lt=1.0)
+    """SFT only: the share of the training rows that are pretraining text (rows of the data
+    stage's pretraining split, scored on every token), so the facts pretraining stored survive
+    SFT (`dgpt_core.data.replay`); 0 replays nothing. The `sft_control` model never replays: it
+    must not read the biographies."""
+    pretrain_replay_tokens: int | None = Field(None, gt=0)
+    """Replayed pretraining rows are cut into pieces of at most this many tokens, each piece a
+    replayed row (None: whole rows). Short pieces batch at about the cost of SFT rows."""
+    init_from: str | None = None
+    """Start from this saved model folder instead of the previous stage's model (SFT) or a fresh
+    model (pretraining)."""

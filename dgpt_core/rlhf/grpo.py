@@ -66,10 +66,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 def estimate_logp(model: torch.nn.Module, rows: Sequence[Row], cfg: RLConfig, ids: TokenIds, seed: int,
-                  schedule: NoiseSchedule) -> torch.Tensor:
-    """log p(answer | prompt) of every row by `cfg.estimator`, its random masks drawn from `seed`
-    (the same seed, the same masks)."""
-    kw = {"mask_id": ids.mask, "pad_id": ids.pad, "block_size": trained_block_size(model)}
+                  schedule: NoiseSchedule, block_size: int | None) -> torch.Tensor:
+    """log p(answer | prompt) of every row by `cfg.estimator` for a model trained with
+    `block_size`, its random masks drawn from `seed` (the same seed, the same masks)."""
+    kw = {"mask_id": ids.mask, "pad_id": ids.pad, "block_size": block_size}
     if cfg.estimator == "one_step":
         return one_step_logp(model, rows, prompt_mask_prob=cfg.prompt_mask_prob,
                              generator=torch.Generator().manual_seed(seed), **kw)
@@ -106,14 +106,15 @@ def rollout(policy: torch.nn.Module, reference: torch.nn.Module, prompts: Sequen
     try:
         batch = [p for p in prompts for _ in range(cfg.group_size)]
         result = generate(policy, batch, ids, sampler.replace(temperature=cfg.temperature, seed=seed))
-        pad_to = trained_block_size(policy) or 1
+        block_size = trained_block_size(policy)
+        pad_to = block_size or 1
         targets = [answer_target(a, s, ids, pad_to) for a, s in zip(result.answers, result.stopped)]
         rewards = torch.tensor([reward(i // cfg.group_size, a) for i, a in enumerate(result.answers)],
                                dtype=torch.float64)
         rows = answer_rows(batch, targets)
         seeds = [seed * 1_000 + k for k in range(cfg.inner_steps)]
-        old = [estimate_logp(policy, rows, cfg, ids, s, schedule) for s in seeds[1:]]
-        ref = [estimate_logp(reference, rows, cfg, ids, s, schedule) for s in seeds]
+        old = [estimate_logp(policy, rows, cfg, ids, s, schedule, block_size) for s in seeds[1:]]
+        ref = [estimate_logp(reference, rows, cfg, ids, s, schedule, block_size) for s in seeds]
     finally:
         policy.train(was_training)
     return Rollout(rows, rewards, group_advantages(rewards, cfg.group_size, cfg.scale_advantages),
@@ -132,8 +133,9 @@ def grpo_step(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: to
     advantages, tokens = batch.advantages.to(device), batch.tokens.to(device)
     parts: dict[str, float] = {}
     loss = torch.zeros(())
+    block_size = trained_block_size(policy)
     for k, mask_seed in enumerate(batch.seeds):
-        logp = estimate_logp(policy, batch.rows, cfg, ids, mask_seed, schedule)
+        logp = estimate_logp(policy, batch.rows, cfg, ids, mask_seed, schedule, block_size)
         old = logp.detach() if k == 0 else batch.old_logp[k - 1]
         loss, parts = grpo_loss(logp, old, batch.ref_logp[k], advantages, tokens, cfg)
         optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cli_errors import ConfigError, DgptError, one_line
-from ..config import StageConfig
+from ..config import LaunchedTrainingConfig
 from .stage import free_port
 
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -31,15 +31,16 @@ on CUDA): an ssh session starts with a bare environment."""
 
 
 def torchrun_command(
-    cfg: StageConfig,
+    cfg: LaunchedTrainingConfig,
     module_args: list[str],
     *,
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "dgpt",
     log_dir: str | Path | None = None,
+    module: str = "dgpt_core.training.stage",
 ) -> list[str]:
-    """This node's torchrun running `python -m dgpt_core.training.stage` on cfg.num_processes processes,
+    """This node's torchrun running `python -m <module>` (a stage's entry point) on cfg.num_processes processes,
     restarting them up to cfg.max_restarts times (run it with TORCHRUN_ENV). One node: a
     standalone rendezvous on a free loopback port; several: the c10d rendezvous at
     `rdzv_endpoint` (host:port every node reaches), where all nodes' torchruns with the same
@@ -55,11 +56,12 @@ def torchrun_command(
                 "--rdzv_id", rdzv_id]
     else:
         cmd.append("--standalone")
-    return [*cmd, "-m", "dgpt_core.training.stage", *module_args]
+    return [*cmd, "-m", module, *module_args]
 
 
-def deepspeed_command(cfg: StageConfig, module_args: list[str]) -> list[str]:
-    """The deepspeed launcher running `python -m dgpt_core.training.stage` on cfg.num_processes processes
+def deepspeed_command(cfg: LaunchedTrainingConfig, module_args: list[str],
+                      module: str = "dgpt_core.training.stage") -> list[str]:
+    """The deepspeed launcher running `python -m <module>` on cfg.num_processes processes
     of each of cfg.num_nodes hosts. Several nodes: the first num_nodes hosts of cfg.hostfile,
     each started over ssh (pdsh) in this working directory with this Python; rank 0's address
     and port are cfg.rdzv_endpoint, else the first host's `hostname -I` and port 29500."""
@@ -73,14 +75,16 @@ def deepspeed_command(cfg: StageConfig, module_args: list[str]) -> list[str]:
             cmd += ["--master_addr", host, "--master_port", port]
     else:
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return [*cmd, "--module", "dgpt_core.training.stage", *module_args]
+    return [*cmd, "--module", module, *module_args]
 
 
-def launcher_command(cfg: StageConfig, module_args: list[str], log_dir: str | Path | None = None) -> list[str]:
-    """The command of cfg.launcher for this stage (torchrun: this node's part of it)."""
+def launcher_command(cfg: LaunchedTrainingConfig, module_args: list[str], log_dir: str | Path | None = None,
+                     module: str = "dgpt_core.training.stage") -> list[str]:
+    """The command of cfg.launcher running the stage entry point `module` (torchrun: this node's part of it)."""
     if cfg.launcher == "deepspeed":
-        return deepspeed_command(cfg, module_args)
-    return torchrun_command(cfg, module_args, nnodes=cfg.num_nodes, rdzv_endpoint=cfg.rdzv_endpoint, log_dir=log_dir)
+        return deepspeed_command(cfg, module_args, module)
+    return torchrun_command(cfg, module_args, nnodes=cfg.num_nodes, rdzv_endpoint=cfg.rdzv_endpoint, log_dir=log_dir,
+                            module=module)
 
 
 def write_deepspeed_env(path: str | Path, env: Mapping[str, str]) -> Path:

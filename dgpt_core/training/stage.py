@@ -17,7 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import ModernBertForMaskedLM, TrainerCallback, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ..config import FOLDER_CONFIG_NAME, RunConfig, StageConfig
+from ..config import FOLDER_CONFIG_NAME, LaunchedTrainingConfig, RunConfig, StageConfig
 from ..data.replay import pretrain_split_beside, with_replay
 from ..diffusion.collator import DiffusionCollator
 from ..diffusion.elbo import dataset_rows
@@ -188,6 +188,28 @@ def train_stage(
     return StageResult(model_dir=model_dir, metrics=metrics)
 
 
+def join_process_group(cfg: LaunchedTrainingConfig) -> int:
+    """In a launched process of several: join the process group with the stage's ddp_timeout.
+    Returns torchrun's restart count (above 0 the stage resumes from its last complete checkpoint)."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # Every process group waits ddp_timeout at most. TrainingArguments passes no timeout on the
+        # CPU, and DeepSpeed creates its ZeRO groups without one, so both get torch's default.
+        timeout = timedelta(seconds=cfg.ddp_timeout)
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        cuda = torch.cuda.is_available() and not cfg.use_cpu
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:
+        log.info("torchrun restart %d: the stage resumes from its last complete checkpoint", restart)
+    return restart
+
+
 @record  # a rank's exception goes to the error file torchrun names, read back by the launching process
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one training process, for `deepspeed` / `torchrun` launches:
@@ -201,9 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     with the stage's ddp_timeout.
     """
     import argparse
-    from datetime import timedelta
-
-    import torch.distributed.distributed_c10d as c10d
 
     parser = argparse.ArgumentParser(prog="python -m dgpt_core.training.stage", description=main.__doc__)
     parser.add_argument("--run-config", required=True, help="resolved RunConfig YAML")
@@ -219,19 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = RunConfig.from_yaml(args.run_config)
-    cfg: StageConfig = getattr(run, args.stage)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        # Every process group waits ddp_timeout at most. TrainingArguments passes no timeout on the
-        # CPU, and DeepSpeed creates its ZeRO groups without one, so both get torch's default.
-        timeout = timedelta(seconds=cfg.ddp_timeout)
-        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-        cuda = torch.cuda.is_available() and not cfg.use_cpu
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart:
-        log.info("torchrun restart %d: %s resumes from its last complete checkpoint", restart, args.stage)
+    restart = join_process_group(getattr(run, args.stage))
     result = train_stage(
         run, args.stage, args.dataset_dir, args.tokenizer_dir, args.out_dir,
         init_model_dir=args.init_model_dir, resume=args.resume or restart > 0, report_to=args.report_to,

@@ -41,7 +41,7 @@ class _SessionStartCallback(TrainerCallback):
     """Once the engine is set up and any checkpoint is loaded: starts the throughput clock and
     records the step this training session starts from."""
 
-    def __init__(self, trainer: DiffusionTrainer):
+    def __init__(self, trainer: StageTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -218,27 +218,16 @@ def call_as_forward(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
             module.forward = own
 
 
-class DiffusionTrainer(Trainer):
-    """Trainer whose loss is the ELBO-weighted masked loss plus the edit loss.
+class StageTrainer(Trainer):
+    """The HF Trainer as every training stage of the project runs it: checkpoints marked complete
+    before older ones are rotated away (what resuming after `kill -9` relies on), a NaN/inf loss
+    or gradient norm raised instead of skipped, and `train_loss` the mean over the steps this
+    session ran (after a resume: since the checkpoint). Subclasses define the loss."""
 
-    The loss of each micro-batch is divided by the normaliser of the whole gradient-accumulation
-    window (and of all processes), so 2 x batch 4 gives the same update as 1 x batch 8.
-    Logs per step: loss, masked_loss, edit_loss, mean_t, edit_prob, edit_stage, tokens_per_second;
-    at the end train_loss, the mean loss over the steps this session ran (after a resume: since
-    the checkpoint).
-    """
-
-    def __init__(self, *args: Any, diffusion_config: DiffusionConfig, mask_token_id: int, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.diffusion_config = diffusion_config
-        self.mask_token_id = mask_token_id
-        self.model_accepts_loss_kwargs = True
-        self.loss_is_scaled_for_ga = True
-        if isinstance(self.data_collator, DiffusionCollator):
-            self.add_callback(CurriculumCallback(self.data_collator))
         self.add_callback(_SessionStartCallback(self))
         self._session_start_step = 0
-        self._reset_log_accumulators()
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's save with the marker written before older checkpoints are rotated away
@@ -260,6 +249,49 @@ class DiffusionTrainer(Trainer):
 
     def _start_session(self) -> None:
         self._session_start_step = self.state.global_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.state.global_step}; "
+                "lower the learning rate, check the data, or use fp32/bf16 instead of fp16"
+            )
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteLossError(f"non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step}")
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:  # this session's mean; transformers 5.0 divides by global_step
+            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step - self._session_start_step, 1)
+        super().log(logs, start_time)
+
+
+class DiffusionTrainer(StageTrainer):
+    """Trainer whose loss is the ELBO-weighted masked loss plus the edit loss.
+
+    The loss of each micro-batch is divided by the normaliser of the whole gradient-accumulation
+    window (and of all processes), so 2 x batch 4 gives the same update as 1 x batch 8.
+    Logs per step: loss, masked_loss, edit_loss, mean_t, edit_prob, edit_stage, tokens_per_second;
+    at the end train_loss, the mean loss over the steps this session ran (after a resume: since
+    the checkpoint).
+    """
+
+    def __init__(self, *args: Any, diffusion_config: DiffusionConfig, mask_token_id: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.diffusion_config = diffusion_config
+        self.mask_token_id = mask_token_id
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        if isinstance(self.data_collator, DiffusionCollator):
+            self.add_callback(CurriculumCallback(self.data_collator))
+        self._reset_log_accumulators()
+
+    def _start_session(self) -> None:
+        super()._start_session()
         self._reset_log_accumulators()
 
     def _reset_log_accumulators(self) -> None:
@@ -313,20 +345,6 @@ class DiffusionTrainer(Trainer):
         self._micro_steps += 1
         self._tokens += int(inputs["attention_mask"].sum())
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.state.global_step}; "
-                "lower the learning rate, check the data, or use fp32/bf16 instead of fp16"
-            )
-        return loss
-
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteLossError(f"non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step}")
-        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._micro_steps:
             keys = ("masked_loss", "edit_loss", "mean_t", "edit_prob", "edit_stage")
@@ -345,8 +363,6 @@ class DiffusionTrainer(Trainer):
             elapsed = time.perf_counter() - self._log_clock
             logs["tokens_per_second"] = round(tokens / max(elapsed, 1e-9), 1)
             self._reset_log_accumulators()
-        if "train_loss" in logs:  # this session's mean; transformers 5.0 divides by global_step
-            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step - self._session_start_step, 1)
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
