@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = RunConfig.from_yaml(args.run_config)
-    restart = join_process_group(run.rl)
+    restart = join_process_group(run.rl, "rl")
     result = train_rl_stage(run, args.tokenizer_dir, args.out_dir, args.init_model_dir,
                             resume=args.resume or restart > 0, report_to=args.report_to)
     if int(os.environ.get("RANK", "0")) == 0:

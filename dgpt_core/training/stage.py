@@ -188,7 +188,7 @@ def train_stage(
     return StageResult(model_dir=model_dir, metrics=metrics)
 
 
-def join_process_group(cfg: LaunchedTrainingConfig) -> int:
+def join_process_group(cfg: LaunchedTrainingConfig, stage: str) -> int:
     """In a launched process of several: join the process group with the stage's ddp_timeout.
     Returns torchrun's restart count (above 0 the stage resumes from its last complete checkpoint)."""
     from datetime import timedelta
@@ -206,7 +206,7 @@ def join_process_group(cfg: LaunchedTrainingConfig) -> int:
         torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart:
-        log.info("torchrun restart %d: the stage resumes from its last complete checkpoint", restart)
+        log.info("torchrun restart %d: %s resumes from its last complete checkpoint", restart, stage)
     return restart
 
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = RunConfig.from_yaml(args.run_config)
-    restart = join_process_group(getattr(run, args.stage))
+    restart = join_process_group(getattr(run, args.stage), args.stage)
     result = train_stage(
         run, args.stage, args.dataset_dir, args.tokenizer_dir, args.out_dir,
         init_model_dir=args.init_model_dir, resume=args.resume or restart > 0, report_to=args.report_to,
