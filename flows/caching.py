@@ -23,6 +23,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "pretrain": ("dgpt_core", "tasks/launch.py"),
     "sft": ("dgpt_core", "tasks/launch.py"),
     "sft_control": ("dgpt_core", "tasks/launch.py"),
+    "rl": ("dgpt_core", "tasks/launch.py"),
     "eval": ("dgpt_core", "eval"),
     "publish": ("dgpt_core", "deploy"),
 }

@@ -118,7 +118,7 @@ def rl_section(metrics_by_model: dict[str, dict[str, Any]], train: dict[str, Any
     """"SFT vs SFT + RL": every eval figure of `RL_ROWS` of both models by decoding method, and the
     stage's reward at its first and last logged step."""
     sft, rl = (metrics_by_model.get(k, {}).get("benchmarks", {}) for k in ("sft", "rl"))
-    if not rl:
+    if not rl and "rl" not in train:
         return []
     rows = []
     for bench, key, label in RL_ROWS:
@@ -134,7 +134,9 @@ def rl_section(metrics_by_model: dict[str, dict[str, Any]], train: dict[str, Any
         lines += [f"RL stage: {stage.get('steps')} updates on {stage.get('prompts')} train prompts; mean group reward "
                   f"{significant(stage['reward_first'])} at the first logged step, {significant(stage['reward_last'])} "
                   "at the last (curves in the stage's MLflow run).", ""]
-    return lines + [markdown_table(["metric", "SFT", "SFT + RL", "difference"], rows, fmt=significant), ""]
+    if rows:
+        lines += [markdown_table(["metric", "SFT", "SFT + RL", "difference"], rows, fmt=significant), ""]
+    return lines
 
 
 def _hardware() -> str:

@@ -2,7 +2,7 @@
 name says its stage, and one training step through our trainer (`train_stage`, CPU accelerator)
 runs under it with that stage actually in force, and gives the same loss and the same updated
 weights as the same step without DeepSpeed; the same again with block-causal training
-(`diffusion.block_size`). New JSON files in the folder are covered automatically.
+(`diffusion.block_size`), and one RL (GRPO) update. New JSON files in the folder are covered automatically.
 
 Configs that offload the optimizer to the CPU use DeepSpeedCPUAdam, whose C++ op is JIT-compiled on
 first use (measured: 220 s on 2 CPU cores, then ~5-10 s per run from the torch extensions cache), so
@@ -226,3 +226,55 @@ def test_one_block_diffusion_step_on_cpu(path, inputs, block_reference, tmp_path
     for key in got:
         torch.testing.assert_close(got[key], ref_weights[key], rtol=1e-4, atol=1e-5, msg=key)
     assert trained_block_size(ModernBertForMaskedLM.from_pretrained(result.model_dir)) == 8
+
+
+RL_STEP = ["rl.max_steps=1", "rl.task=skills", "rl.max_prompts=2", "rl.per_device_batch_size=2", "rl.group_size=2",
+           "rl.learning_rate=1e-3", "rl.logging_steps=1", "rl.save_steps=null", "rl.use_cpu=true"]
+
+
+def distinct_characters(_item, text: str) -> float:
+    """A reward the untrained model's answers differ in (the skills' exact match is 0 for all of them,
+    so every group would be flat and the update zero)."""
+    return len(set(text)) / 10
+
+
+def rl_step(inputs: dict[str, Path], out: Path, deepspeed: str | None, probe: OptimizerProbe | None = None):
+    from dgpt_core.rlhf.stage import train_rl_stage
+
+    run = load_run_config("ci", [*TINY, *RL_STEP, f"rl.deepspeed={deepspeed or 'null'}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dgpt_core.rlhf.stage.reward", distinct_characters)
+        return train_rl_stage(run, inputs["tokenizer"], out, inputs["init"], callbacks=[probe] if probe else None,
+                              show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def rl_reference(inputs, tmp_path_factory):
+    from accelerate.state import AcceleratorState
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+        AcceleratorState._reset_state(reset_partial_state=True)
+        result = rl_step(inputs, tmp_path_factory.mktemp("plain_rl"), None)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return result.metrics, weights(result.model_dir)
+
+
+@pytest.mark.parametrize("path", [_case(p) for p in CONFIGS])
+def test_one_rl_step_on_cpu(path, inputs, rl_reference, tmp_path):
+    """One GRPO update under every ZeRO config: the rollout is sampled from the (possibly
+    partitioned) policy, and reward, loss and updated weights equal the plain update's."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    ref_metrics, ref_weights = rl_reference
+    probe = OptimizerProbe()
+    result = rl_step(inputs, tmp_path / path.stem, path.stem, probe)
+    unset_hf_deepspeed_config()
+    assert zero_in_force(probe.optimizer) == (_zero(path)["stage"], _offloads(path))
+    assert result.metrics["steps"] == 1
+    assert result.metrics["reward_last"] == ref_metrics["reward_last"]
+    assert result.metrics["train_loss"] == pytest.approx(ref_metrics["train_loss"], rel=1e-5, abs=1e-7)
+    got, init = weights(result.model_dir), weights(inputs["init"])
+    assert max(float((got[k] - init[k]).abs().max()) for k in got) > 1e-5, "the update changed nothing"
+    for key in got:
+        torch.testing.assert_close(got[key], ref_weights[key], rtol=1e-4, atol=1e-5, msg=key)

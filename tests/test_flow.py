@@ -258,6 +258,53 @@ def test_a_ci_sized_world_run_trains_the_control_and_leads_the_card_with_what_pr
     assert all(again["cache_hit"].values()) and again["models"] == run["models"]
 
 
+RL = [*WORLD, "rl.enabled=true", "rl.max_steps=4", "rl.save_steps=2", "rl.per_device_batch_size=4", "rl.group_size=4",
+      "rl.learning_rate=1e-4", "eval_models=[sft, rl]", "eval.tasks=[ppl]"]
+"""A four-step RL stage on the train people's questions, from the cached SFT model of the world run
+above. That model answers none of them right, so every group is flat and the weights stay the SFT
+model's: this test is the stage's place in the flow (cache, resume, report); that GRPO learns is
+tests/test_rl_grpo.py, and that an update moves the weights under every ZeRO config is
+tests/test_deepspeed_configs.py."""
+
+
+def rl_log(stage_dir: Path, step: int) -> list[dict]:
+    state = json.loads((stage_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return [{k: v for k, v in entry.items() if k not in ("epoch", "grad_norm")} for entry in state["log_history"]
+            if "reward" in entry]
+
+
+def test_the_rl_stage_trains_on_the_cached_sft_model_is_cached_and_resumes_after_a_kill(two_runs):
+    from flows.pretrain_sft import pretrain_sft
+    from tasks.stage_folders import STAGE_MARKER
+
+    root, _, _ = two_runs
+    run = pretrain_sft(preset="ci", output_dir=str(root), run_name="rl", overrides=RL)
+    assert run["status"] == "completed"
+    assert {s: run["cache_hit"][s] for s in ("data", "pretrain", "sft", "rl")} == {
+        "data": True, "pretrain": True, "sft": True, "rl": False}
+    sft, rl = Path(run["models"]["sft"]), Path(run["models"]["rl"])
+    assert rl.parent.name.startswith("rl-")
+    assert read_sampler_defaults(rl) == read_sampler_defaults(sft)
+    assert run["train_metrics"]["rl"]["steps"] == 4 and "reward_last" in run["train_metrics"]["rl"]
+    assert set(run["evals"]) == {"sft", "rl"}
+    assert "SFT vs SFT + RL" in Path(run["report_card"]).read_text()
+    logged = rl_log(rl.parent, 4)
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+
+    again = pretrain_sft(preset="ci", output_dir=str(root), run_name="rl-again", overrides=RL)
+    assert again["cache_hit"]["rl"] and again["models"]["rl"] == run["models"]["rl"]
+
+    # what a kill -9 after step 3 leaves: no stage marker, and no complete checkpoint past step 2
+    (rl.parent / STAGE_MARKER).unlink()
+    shutil.rmtree(rl.parent / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(rl)
+    resumed = pretrain_sft(preset="ci", output_dir=str(root), run_name="rl-resumed", overrides=RL)
+    assert not resumed["cache_hit"]["rl"] and resumed["models"]["rl"] == run["models"]["rl"]
+    assert resumed["train_metrics"]["rl"]["steps"] == 4
+    assert rl_log(rl.parent, 4) == logged  # the resumed steps sample (answer lengths) and score as the first run did
+    assert read_model_info(rl).kind == read_model_info(sft).kind
+
+
 # runs last: it moves `latest` and the registry alias
 def test_the_global_seed_reaches_every_training_stage(two_runs):
     from flows.pretrain_sft import pretrain_sft
