@@ -157,6 +157,7 @@ README_COMMANDS = {
     "dgpt prepare --preset tiny": "dgpt prepare --preset ci",
     "dgpt run --preset tiny --set sft.max_steps=500": "dgpt run --preset ci --set sft.max_steps=4",
     "dgpt train --preset tiny": "dgpt train --preset ci --set pretrain.max_steps=2 --set sft.max_steps=2 --samples 1",
+    "dgpt run --preset tiny --set rl.enabled=true": None,  # the flow with rl.enabled: the rl stage test below
     "dgpt eval runs/latest/models/sft --limit 50 --out runs/eval-sft":
         "dgpt eval runs/latest/models/sft --limit 2 --out runs/eval-sft --strategies confidence --steps-grid",
     "dgpt publish runs/latest/models/sft --repo-id you/name": "same",
