@@ -203,12 +203,18 @@ def write_report_card(run_dir: Path, run: RunConfig, summary: dict[str, Any]) ->
 
     lines += ["## Stages", ""]
     train = summary.get("train_metrics", {})
+    # the training loop's peak memory (dgpt_core.training.memory), GPU columns only where a GPU trained
+    memory = [("peak_rss_mb", "peak RSS (MiB)"), ("gpu_peak_allocated_mb", "GPU peak allocated (MiB)"),
+              ("gpu_peak_reserved_mb", "GPU peak reserved (MiB)")]
+    memory = [(key, label) for key, label in memory if any(key in m for m in train.values())]
     rows = []
     for stage, seconds in summary.get("wall_time_s", {}).items():
         metrics = train.get(stage, {})
         rows.append([stage, seconds, summary.get("cache_hit", {}).get(stage), metrics.get("parameters"),
-                     metrics.get("tokens_seen"), metrics.get("train_loss"), metrics.get("val_elbo")])
-    lines += [markdown_table(["stage", "wall time (s)", "cache hit", "parameters", "tokens seen", "final train loss",
+                     metrics.get("trainable_parameters"), metrics.get("tokens_seen"), metrics.get("tokens_per_second"),
+                     *(metrics.get(key) for key, _ in memory), metrics.get("train_loss"), metrics.get("val_elbo")])
+    lines += [markdown_table(["stage", "wall time (s)", "cache hit", "parameters", "trained parameters", "tokens seen",
+                              "tokens/s", *(label for _, label in memory), "final train loss",
                               "validation ELBO (nats/token)"], rows, fmt=significant), ""]
 
     if evals:

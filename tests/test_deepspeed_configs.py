@@ -278,3 +278,28 @@ def test_one_rl_step_on_cpu(path, inputs, rl_reference, tmp_path):
     assert max(float((got[k] - init[k]).abs().max()) for k in got) > 1e-5, "the update changed nothing"
     for key in got:
         torch.testing.assert_close(got[key], ref_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_one_rl_step_with_lora_under_zero2_trains_the_adapter_alone(inputs, tmp_path):
+    """The RL stage with a LoRA adapter under ZeRO-2: the update reaches the adapter only, and the
+    adapter folder loads as base + adapter."""
+    from dgpt_core.models.adapters import is_adapter_folder
+    from dgpt_core.rlhf.stage import train_rl_stage
+
+    run = load_run_config("ci", [*TINY, *RL_STEP, "rl.deepspeed=zero2", "rl.adapter.method=lora",
+                                 "rl.adapter.save=adapter", "rl.learning_rate=1e-2"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dgpt_core.rlhf.stage.reward", distinct_characters)
+        result = train_rl_stage(run, inputs["tokenizer"], tmp_path / "rl", inputs["init"], show_progress=False)
+    assert 0 < result.metrics["trainable_parameters"] < result.metrics["parameters"] / 5
+    assert is_adapter_folder(result.model_dir)
+    got = ModernBertForMaskedLM.from_pretrained(result.model_dir).state_dict()  # base + the adapter's layers
+    for key, value in weights(inputs["init"]).items():
+        name = key if key in got else key.replace(".weight", ".base_layer.weight")
+        torch.testing.assert_close(got[name].float(), value, rtol=0, atol=0, msg=key)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in got.items()), "the update reached the adapter"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    adapted = ModernBertForMaskedLM.from_pretrained(result.model_dir).eval()
+    plain = ModernBertForMaskedLM.from_pretrained(inputs["init"]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(adapted(input_ids=ids).logits, plain(input_ids=ids).logits)

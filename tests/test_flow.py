@@ -138,6 +138,10 @@ def test_mlflow_has_parent_and_child_runs_metrics_artifacts_and_the_registered_m
     loss_curve = client.get_metric_history(by_name["pretrain"].info.run_id, "loss")
     assert len(loss_curve) >= 2, "training curves are logged per step"
     assert {"masked_loss", "edit_loss", "tokens_per_second"} <= set(by_name["pretrain"].data.metrics)
+    # the stage's peak memory and throughput, also on the card
+    assert {"final/peak_rss_mb", "final/tokens_per_second", "final/trainable_parameters"} <= set(
+        by_name["sft"].data.metrics)
+    assert "peak RSS (MiB)" in Path(first["report_card"]).read_text()
     assert any(k.startswith("eval/sft/") for k in parent.data.metrics)
     parent_artifacts = {a.path for a in client.list_artifacts(ml["parent_run_id"])}
     assert {"run_config.yaml", "report_card.md", "summary.json"} <= parent_artifacts

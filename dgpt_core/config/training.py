@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from .adapter import AdapterConfig
 from .base import StrictConfig
 from .diffusion import DiffusionConfig
 
@@ -32,6 +33,11 @@ class TrainingConfig(StrictConfig):
     """Gradient clipping norm."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision; bf16 works on CPU and CUDA, fp16 only on CUDA."""
+    gradient_checkpointing: bool = False
+    """Keep only each ModernBERT layer's input from the forward and recompute the layer inside the
+    backward (transformers' per-layer checkpointing, non-reentrant): activation memory falls from
+    every layer's to one layer's plus the layer inputs, for about one more forward of compute per
+    step. Forwards without gradients (validation, RL rollouts) are not affected."""
     logging_steps: int = Field(10, gt=0)
     """Log metrics every N optimizer steps."""
     save_steps: int | None = None
@@ -86,6 +92,9 @@ class LaunchedTrainingConfig(TrainingConfig):
     ddp_timeout: int = Field(1800, gt=0)
     """Launched runs: seconds a process waits at a collective (gradient all-reduce, barrier) for
     the others before it fails, so a rank that died or hangs ends the job instead of stalling it."""
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    """A peft adapter (LoRA, ...) trained instead of every weight of the starting model (SFT and RL;
+    a stage that adapts needs a model to start from), and whether its folder is merged."""
 
     @model_validator(mode="after")
     def _restarts_need_torchrun(self) -> LaunchedTrainingConfig:

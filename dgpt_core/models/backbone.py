@@ -69,10 +69,12 @@ def load_pretrained_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBas
 
 
 def unwrap(model: torch.nn.Module) -> ModernBertForMaskedLM:
-    """The ModernBertForMaskedLM inside a DeepSpeed engine / DDP wrapper / compiled module."""
+    """The ModernBertForMaskedLM inside a DeepSpeed engine / DDP wrapper / compiled module / peft
+    model (with the adapter's layers in it)."""
     while hasattr(model, "module"):
         model = model.module
-    return getattr(model, "_orig_mod", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 BLOCK_INPUTS = ("position_ids", "block_ids", "block_noisy")
@@ -113,6 +115,8 @@ def logits_at(
     return lm.decoder(lm.head(hidden[positions]))
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the model; a ZeRO-3 partitioned parameter counts its full size (ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap(model).parameters())
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of the model (an adapter's included), or only those that train; a ZeRO-3
+    partitioned parameter counts its full size (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap(model).parameters()
+               if p.requires_grad or not trainable_only)

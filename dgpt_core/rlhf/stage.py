@@ -22,10 +22,12 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from ..config import FOLDER_CONFIG_NAME, RunConfig
 from ..generation.options import SamplerConfig, TokenIds
 from ..generation.schedules import get_schedule
+from ..models.adapters import attach_adapter, load_merged_model, save_adapted_folder
 from ..models.backbone import count_parameters
 from ..models.export import save_model_folder
 from ..models.info import model_info_of, read_sampler_defaults
 from ..models.tokenizer import load_tokenizer
+from ..training.memory import PeakMemory
 from ..training.stage import StageResult, single_process_env
 from ..training.trainer import remove_checkpoints, resumable_checkpoint, training_arguments
 from .tasks import kinds_of, reward, task_items
@@ -55,7 +57,7 @@ def train_rl_stage(
     tokenizer = load_tokenizer(tokenizer_dir)
     items = task_items(cfg, run.data, tokenizer)
     # the reference is loaded before the TrainingArguments: under ZeRO-3 it stays whole (not partitioned)
-    reference = ModernBertForMaskedLM.from_pretrained(init_model_dir)
+    reference = load_merged_model(init_model_dir)
     checkpoint_dir = out_dir / "checkpoints"
     args = training_arguments(cfg, checkpoint_dir, report_to=report_to, disable_tqdm=not show_progress,
                               eval_strategy="no", include_num_input_tokens_seen="no")
@@ -67,7 +69,10 @@ def train_rl_stage(
             if args.should_save and (stale := remove_checkpoints(checkpoint_dir)):
                 log.info("rl starts from scratch: removed %s", [p.name for p in stale])
     set_seed(cfg.seed)
-    model = ModernBertForMaskedLM.from_pretrained(init_model_dir)
+    model = load_merged_model(init_model_dir)
+    adapting = cfg.adapter.method != "none"
+    if adapting:
+        model = attach_adapter(model, cfg.adapter)
     info = model_info_of(reference)
     token_ids = TokenIds.from_tokenizer(tokenizer)
     log.info("rl: %d prompts (%s), %d answers per prompt", len(items), ", ".join(kinds_of(items)), cfg.group_size)
@@ -86,9 +91,11 @@ def train_rl_stage(
         sampler=SamplerConfig.of_model(reference),
         schedule=get_schedule(info.schedule, info.t_eps) if info else get_schedule("linear"),
     )
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics: dict[str, Any] = dict(output.metrics)
-    metrics.update(parameters=count_parameters(model), steps=trainer.state.global_step, prompts=len(items),
+    with PeakMemory() as memory:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics: dict[str, Any] = {**output.metrics, **memory.metrics()}
+    metrics.update(parameters=count_parameters(model), trainable_parameters=count_parameters(model, trainable_only=True),
+                   steps=trainer.state.global_step, prompts=len(items),
                    world_size=trainer.args.world_size)
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     if rewards:
@@ -101,8 +108,12 @@ def train_rl_stage(
         if trainer.is_world_process_zero():
             model = ModernBertForMaskedLM.from_pretrained(model_dir)
     if trainer.is_world_process_zero():
-        save_model_folder(model, tokenizer, model_dir, sampler_defaults=read_sampler_defaults(init_model_dir),
-                          info=info)
+        if adapting:
+            save_adapted_folder(model, tokenizer, model_dir, init_model_dir, cfg.adapter.save,
+                                sampler_defaults=read_sampler_defaults(init_model_dir), info=info)
+        else:
+            save_model_folder(model, tokenizer, model_dir, sampler_defaults=read_sampler_defaults(init_model_dir),
+                              info=info)
         run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
         (model_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -19,6 +19,7 @@ import torch
 from ..config.rl import RLConfig
 from ..generation.options import SamplerConfig, TokenIds, trained_block_size
 from ..generation.schedules import NoiseSchedule
+from ..models.backbone import unwrap
 from ..training.trainer import StageTrainer, call_as_forward
 from .grpo import Rollout, estimate_logp, grpo_loss, rollout
 
@@ -67,7 +68,7 @@ class GRPOTrainer(StageTrainer):
             def score(i: int, answer: list[int]) -> float:
                 return self.reward(indices[i], answer)
 
-            self._rollout = rollout(self.accelerator.unwrap_model(model), self.reference,
+            self._rollout = rollout(unwrap(model), self.reference,
                                     [self.prompts[i] for i in indices], score, self.rl, self.token_ids, self.sampler,
                                     self._rollout_seed(), self.schedule)
             self._record_rollout(self._rollout, [self.kinds[i] for i in indices for _ in range(group)])

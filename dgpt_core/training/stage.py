@@ -22,10 +22,12 @@ from ..data.replay import pretrain_split_beside, with_replay
 from ..diffusion.collator import DiffusionCollator
 from ..diffusion.elbo import dataset_rows
 from ..generation.schedules import get_schedule
+from ..models.adapters import attach_adapter, load_merged_model, save_adapted_folder
 from ..models.backbone import build_model, count_parameters
 from ..models.export import save_model_folder
 from ..models.info import ModelInfo, context_messages_of, info_for_stage
 from ..models.tokenizer import load_tokenizer, special_token_ids
+from .memory import PeakMemory
 from .pruning import pruning_callbacks
 from .trainer import (
     DiffusionTrainer,
@@ -47,8 +49,12 @@ class StageResult:
     model_dir: Path
     """The saved model folder (loads with pipeline("text-diffusion", trust_remote_code=True))."""
     metrics: dict[str, Any]
-    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters and, with a
-    validation split, val_elbo (the validation ELBO in nats per eligible token)."""
+    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, the training
+    loop's peak memory (`memory.PeakMemory`: peak_rss_mb, and gpu_peak_allocated_mb /
+    gpu_peak_reserved_mb where CUDA is available) and, for pretraining and SFT, tokens_per_second (the
+    non-padding input tokens of this session per second of train_runtime, which includes validation
+    and checkpoint saving) and, with a validation split, val_elbo (the validation ELBO in nats per
+    eligible token)."""
 
 
 def free_port() -> int:
@@ -151,7 +157,13 @@ def train_stage(
     set_seed(cfg.seed)
     start = init_model_dir or cfg.init_from
     # built after TrainingArguments so a ZeRO-3 config creates the parameters inside zero.Init
-    model = ModernBertForMaskedLM.from_pretrained(start) if start else build_model(run.model, tokenizer)
+    model = load_merged_model(start) if start else build_model(run.model, tokenizer)
+    adapting = cfg.adapter.method != "none"
+    if adapting:
+        if not start:
+            raise ValueError(f"{stage}.adapter.method={cfg.adapter.method} needs a model to adapt: "
+                             f"{stage} starts from a fresh model (set {stage}.init_from)")
+        model = attach_adapter(model, cfg.adapter)
     collator = DiffusionCollator.from_tokenizer(cfg.diffusion, tokenizer, run.model.max_seq_len)
     token_ids = special_token_ids(tokenizer)
     trainer = DiffusionTrainer(
@@ -164,11 +176,14 @@ def train_stage(
         callbacks=[*(callbacks or []), *pruning_callbacks()],
     )
     validation = validation_callback(trainer, cfg, data.get("validation"), token_ids["pad"])
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics: dict[str, Any] = dict(output.metrics)
+    with PeakMemory() as memory:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics: dict[str, Any] = {**output.metrics, **memory.metrics()}
     metrics["parameters"] = count_parameters(model)
+    metrics["trainable_parameters"] = count_parameters(model, trainable_only=True)
     metrics["steps"] = trainer.state.global_step
     metrics["tokens_seen"] = trainer.state.num_input_tokens_seen
+    metrics["tokens_per_second"] = round(trainer.session_tokens / max(output.metrics["train_runtime"], 1e-9), 1)
     metrics["world_size"] = trainer.args.world_size
     if validation is not None:
         metrics["val_elbo"] = validation.last
@@ -180,7 +195,11 @@ def train_stage(
         if trainer.is_world_process_zero():  # the only writer; other ranks would race its save
             model = ModernBertForMaskedLM.from_pretrained(model_dir)
     if trainer.is_world_process_zero():
-        save_model_folder(model, tokenizer, model_dir, info=stage_model_info(run, stage, data["train"], token_ids))
+        info = stage_model_info(run, stage, data["train"], token_ids)
+        if adapting:
+            save_adapted_folder(model, tokenizer, model_dir, start, cfg.adapter.save, info=info)
+        else:
+            save_model_folder(model, tokenizer, model_dir, info=info)
         run.save_yaml(model_dir / FOLDER_CONFIG_NAME)
         (model_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -159,6 +159,12 @@ def join_deepspeed_comm(args: TrainingArguments) -> None:
         comm.init_distributed(dist_backend=args.distributed_state.backend, auto_mpi_discovery=False)
 
 
+CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                              if name in TrainingArguments.__dataclass_fields__)
+"""The TrainingArguments field of per-layer activation (gradient) checkpointing: later transformers
+5.x releases renamed `gradient_checkpointing`, which stays as a deprecated alias that warns."""
+
+
 def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
     """TrainingArguments from the typed config, with the settings the diffusion trainer relies on;
     with DeepSpeed, deepspeed.comm joins the process group (`join_deepspeed_comm`)."""
@@ -191,6 +197,10 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, **overrides:
         report_to="none",
         include_num_input_tokens_seen="non_padding",
     )
+    if cfg.gradient_checkpointing:
+        # non-reentrant, torch's recommended variant: the reentrant one needs an input that requires grad
+        kwargs[CHECKPOINTING_ARGUMENT] = True
+        kwargs[f"{CHECKPOINTING_ARGUMENT}_kwargs"] = {"use_reentrant": False}
     kwargs.update(overrides)
     args = TrainingArguments(**kwargs)
     if args.deepspeed:
@@ -228,6 +238,7 @@ class StageTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.add_callback(_SessionStartCallback(self))
         self._session_start_step = 0
+        self._session_start_tokens = 0
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's save with the marker written before older checkpoints are rotated away
@@ -249,6 +260,13 @@ class StageTrainer(Trainer):
 
     def _start_session(self) -> None:
         self._session_start_step = self.state.global_step
+        self._session_start_tokens = self.state.num_input_tokens_seen
+
+    @property
+    def session_tokens(self) -> int:
+        """Input tokens the Trainer counted (`include_num_input_tokens_seen`; all processes) since
+        this training session started (after a resume: since the checkpoint)."""
+        return self.state.num_input_tokens_seen - self._session_start_tokens
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
