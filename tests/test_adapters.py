@@ -30,6 +30,8 @@ from tests.tiny_models import IDS, PROMPTS, tiny_modernbert
 from .conftest import structured_corpus
 
 METHODS = ["lora", "dora", "loha", "lokr", "ia3"]
+FOLDER_METHODS = [pytest.param(m, marks=[pytest.mark.slow] if m in ("dora", "loha", "lokr") else []) for m in METHODS]
+"""LoRA and IA3 save and load by default; the other methods' folders run with -m slow."""
 
 
 def trained(method: str, steps: int = 3) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -63,7 +65,7 @@ def test_only_the_adapter_trains_and_the_base_weights_stay(method):
         assert not torch.allclose(adapted(input_ids=ids).logits, tiny_modernbert()(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FOLDER_METHODS)
 def test_merged_and_adapter_folders_load_as_the_adapted_model(method, tiny_tokenizer, tmp_path):
     adapted, _ = trained(method)
     base_dir = tmp_path / "base"

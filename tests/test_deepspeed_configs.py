@@ -260,7 +260,13 @@ def rl_reference(inputs, tmp_path_factory):
     return result.metrics, weights(result.model_dir)
 
 
-@pytest.mark.parametrize("path", [_case(p) for p in CONFIGS])
+def _rl_case(path: Path):
+    """ZeRO-2 and ZeRO-3 by default (the stages the flow's presets use); ZeRO-1 and the offloads slow."""
+    slow = _offloads(path) or _zero(path)["stage"] == 1
+    return pytest.param(path, marks=[pytest.mark.slow] if slow else [], id=path.stem)
+
+
+@pytest.mark.parametrize("path", [_rl_case(p) for p in CONFIGS])
 def test_one_rl_step_on_cpu(path, inputs, rl_reference, tmp_path):
     """One GRPO update under every ZeRO config: the rollout is sampled from the (possibly
     partitioned) policy, and reward, loss and updated weights equal the plain update's."""
