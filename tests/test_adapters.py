@@ -122,10 +122,10 @@ def test_a_config_without_an_adapter_attaches_none():
 # --------------------------------------------------------------------------- a training stage with an adapter
 
 STAGE = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
-         "model.max_seq_len=64", "pretrain.max_steps=6", "pretrain.per_device_batch_size=4", "pretrain.warmup_ratio=0",
-         "pretrain.logging_steps=1", "pretrain.save_steps=2", "pretrain.save_total_limit=3", "pretrain.deepspeed=null",
-         "pretrain.val_max_sequences=4", "pretrain.val_t_points=2", "pretrain.learning_rate=1e-2",
-         "pretrain.adapter.method=lora", "pretrain.adapter.rank=4"]
+         "model.max_seq_len=64", "sft.max_steps=6", "sft.per_device_batch_size=4", "sft.warmup_ratio=0",
+         "sft.logging_steps=1", "sft.save_steps=2", "sft.save_total_limit=3", "sft.deepspeed=null",
+         "sft.val_max_sequences=4", "sft.val_t_points=2", "sft.learning_rate=1e-2",
+         "sft.adapter.method=lora", "sft.adapter.rank=4"]
 
 
 class TrainedWeights(TrainerCallback):
@@ -142,8 +142,10 @@ def stage_inputs(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapter_stage")
     tiny_tokenizer.save_pretrained(root / "tokenizer")
     texts = structured_corpus(40)
-    splits = {name: datasets.Dataset.from_dict({"input_ids": [tiny_tokenizer.encode(t) for t in part]})
-              for name, part in (("train", texts[:32]), ("validation", texts[32:]))}
+    rows = [tiny_tokenizer.encode(t) for t in texts]
+    answer_only = [[0] * (len(r) // 2) + [1] * (len(r) - len(r) // 2) for r in rows]  # the second half scored
+    splits = {name: datasets.Dataset.from_dict({"input_ids": rows[part], "eligible_mask": answer_only[part]})
+              for name, part in (("train", slice(0, 32)), ("validation", slice(32, None)))}
     datasets.DatasetDict(splits).save_to_disk(str(root / "data"))
     torch.manual_seed(0)
     save_model_folder(build_model(load_run_config("ci", STAGE).model, tiny_tokenizer), tiny_tokenizer, root / "init")
@@ -152,7 +154,7 @@ def stage_inputs(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
 
 def adapter_stage(inputs: dict[str, Path], out: Path, *overrides: str, resume: bool = False,
                   callbacks: list | None = None):
-    return train_stage(load_run_config("ci", [*STAGE, *overrides]), "pretrain", inputs["data"], inputs["tokenizer"],
+    return train_stage(load_run_config("ci", [*STAGE, *overrides]), "sft", inputs["data"], inputs["tokenizer"],
                        out, init_model_dir=inputs["init"], resume=resume, callbacks=callbacks, show_progress=False)
 
 
@@ -161,13 +163,13 @@ def logged_losses(out: Path, step: int = 6) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def test_a_stage_with_lora_trains_the_adapter_alone_and_resumes_exactly(stage_inputs, tmp_path):
-    """The stage's optimizer moves the adapter only (the base weights are the starting folder's,
+def test_lora_sft_trains_the_adapter_alone_and_resumes_exactly(stage_inputs, tmp_path):
+    """SFT with a LoRA adapter: the optimizer moves the adapter only (the base weights are the starting folder's,
     bit for bit); a run resumed from its step-4 checkpoint logs the uninterrupted run's losses and
     saves the same model; the adapter folder loads as the merged one."""
     final = TrainedWeights()
     out = tmp_path / "lora"
-    result = adapter_stage(stage_inputs, out, "pretrain.adapter.save=adapter", callbacks=[final])
+    result = adapter_stage(stage_inputs, out, "sft.adapter.save=adapter", callbacks=[final])
     metrics = result.metrics
     assert 0 < metrics["trainable_parameters"] < metrics["parameters"] / 5
     initial = ModernBertForMaskedLM.from_pretrained(stage_inputs["init"]).state_dict()
@@ -182,7 +184,7 @@ def test_a_stage_with_lora_trains_the_adapter_alone_and_resumes_exactly(stage_in
     # what a kill after step 5 leaves: the last complete checkpoint is step 4
     shutil.rmtree(out / "checkpoints" / "checkpoint-6")
     assert (out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").exists()  # the adapter alone
-    resumed = adapter_stage(stage_inputs, out, "pretrain.adapter.save=adapter", resume=True)
+    resumed = adapter_stage(stage_inputs, out, "sft.adapter.save=adapter", resume=True)
     assert resumed.metrics["steps"] == 6 and logged_losses(out) == pytest.approx(losses, rel=1e-6)
 
     merged = adapter_stage(stage_inputs, tmp_path / "merged")
@@ -196,7 +198,7 @@ def test_a_stage_with_lora_trains_the_adapter_alone_and_resumes_exactly(stage_in
 
 
 def test_a_fresh_model_cannot_be_adapted(stage_inputs, tmp_path):
-    run = load_run_config("ci", STAGE)
+    run = load_run_config("ci", [*(o.replace("sft.", "pretrain.") for o in STAGE)])
     with pytest.raises(ValueError, match="needs a model to adapt"):
         train_stage(run, "pretrain", stage_inputs["data"], stage_inputs["tokenizer"], tmp_path, show_progress=False)
 
