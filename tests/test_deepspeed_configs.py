@@ -298,6 +298,7 @@ def test_one_rl_step_with_lora_under_zero2_trains_the_adapter_alone(inputs, tmp_
         mp.setattr("dgpt_core.rlhf.stage.reward", distinct_characters)
         result = train_rl_stage(run, inputs["tokenizer"], tmp_path / "rl", inputs["init"], show_progress=False)
     assert 0 < result.metrics["trainable_parameters"] < result.metrics["parameters"] / 5
+    assert result.metrics["tokens_per_second"] > 0 and result.metrics["peak_rss_mb"] > 0
     assert is_adapter_folder(result.model_dir)
     got = ModernBertForMaskedLM.from_pretrained(result.model_dir).state_dict()  # base + the adapter's layers
     for key, value in weights(inputs["init"]).items():

@@ -97,6 +97,8 @@ def train_rl_stage(
     metrics.update(parameters=count_parameters(model), trainable_parameters=count_parameters(model, trainable_only=True),
                    steps=trainer.state.global_step, prompts=len(items),
                    world_size=trainer.args.world_size)
+    # the answers' trained tokens (end-of-text padding of their last block included), per second
+    metrics["tokens_per_second"] = round(trainer.session_answer_tokens / max(output.metrics["train_runtime"], 1e-9), 1)
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     if rewards:
         metrics.update(reward_first=rewards[0], reward_last=rewards[-1])

@@ -52,6 +52,7 @@ class GRPOTrainer(StageTrainer):
         self._rollout: Rollout | None = None
         self._micro_batch = (-1, 0)
         self._window: dict[str, list[float]] = defaultdict(list)
+        self.session_answer_tokens = 0  # trained answer tokens of this session's rollouts, this process
 
     def _rollout_seed(self) -> int:
         step, micro = self._micro_batch
@@ -89,6 +90,7 @@ class GRPOTrainer(StageTrainer):
         return (loss, None) if return_outputs else loss
 
     def _record_rollout(self, batch: Rollout, kinds: list[str]) -> None:
+        self.session_answer_tokens += int(batch.tokens.sum())
         flat = batch.rewards.view(-1, self.rl.group_size)
         self._window["reward"].append(float(batch.rewards.mean()))
         self._window["answer_tokens"].append(batch.answer_tokens)

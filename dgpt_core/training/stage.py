@@ -51,9 +51,9 @@ class StageResult:
     metrics: dict[str, Any]
     """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, the training
     loop's peak memory (`memory.PeakMemory`: peak_rss_mb, and gpu_peak_allocated_mb /
-    gpu_peak_reserved_mb where CUDA is available) and, for pretraining and SFT, tokens_per_second (the
+    gpu_peak_reserved_mb where CUDA is available), tokens_per_second (pretraining and SFT: the
     non-padding input tokens of this session per second of train_runtime, which includes validation
-    and checkpoint saving) and, with a validation split, val_elbo (the validation ELBO in nats per
+    and checkpoint saving; RL: the trained answer tokens of this session's rollouts per second) and, with a validation split, val_elbo (the validation ELBO in nats per
     eligible token)."""
 
 
