@@ -33,6 +33,11 @@ class AdapterConfig(StrictConfig):
     adapter_model.safetensors) and a link to its base's weights, which transformers, the
     text-diffusion pipeline and dgpt serve load as base + adapter; the base folder must stay."""
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the stage trains an adapter (any method but `none`)."""
+        return self.method != "none"
+
     @model_validator(mode="after")
     def _folder_loads_back(self) -> AdapterConfig:
         if self.method == "dora" and self.save == "adapter":

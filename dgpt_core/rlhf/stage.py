@@ -70,7 +70,7 @@ def train_rl_stage(
                 log.info("rl starts from scratch: removed %s", [p.name for p in stale])
     set_seed(cfg.seed)
     model = load_merged_model(init_model_dir)
-    adapting = cfg.adapter.method != "none"
+    adapting = cfg.adapter.enabled
     if adapting:
         model = attach_adapter(model, cfg.adapter)
     info = model_info_of(reference)

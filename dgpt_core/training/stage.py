@@ -49,12 +49,13 @@ class StageResult:
     model_dir: Path
     """The saved model folder (loads with pipeline("text-diffusion", trust_remote_code=True))."""
     metrics: dict[str, Any]
-    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters, the training
-    loop's peak memory (`memory.PeakMemory`: peak_rss_mb, and gpu_peak_allocated_mb /
-    gpu_peak_reserved_mb where CUDA is available), tokens_per_second (pretraining and SFT: the
-    non-padding input tokens of this session per second of train_runtime, which includes validation
-    and checkpoint saving; RL: the trained answer tokens of this session's rollouts per second) and, with a validation split, val_elbo (the validation ELBO in nats per
-    eligible token)."""
+    """Final training metrics: train_loss, runtime, steps, tokens seen, parameters and
+    trainable_parameters, the training loop's peak memory (`memory.PeakMemory`: peak_rss_mb, and
+    gpu_peak_allocated_mb / gpu_peak_reserved_mb where CUDA is available), tokens_per_second
+    (pretraining and SFT: the non-padding input tokens of this session per second of
+    train_runtime, which includes validation and checkpoint saving; RL: the trained answer tokens
+    of this session's rollouts per second) and, with a validation split, val_elbo (the validation
+    ELBO in nats per eligible token)."""
 
 
 def free_port() -> int:
@@ -158,7 +159,7 @@ def train_stage(
     start = init_model_dir or cfg.init_from
     # built after TrainingArguments so a ZeRO-3 config creates the parameters inside zero.Init
     model = load_merged_model(start) if start else build_model(run.model, tokenizer)
-    adapting = cfg.adapter.method != "none"
+    adapting = cfg.adapter.enabled
     if adapting:
         if not start:
             raise ValueError(f"{stage}.adapter.method={cfg.adapter.method} needs a model to adapt: "
